@@ -1,0 +1,89 @@
+// Torch binding of the CUDA segment-means kernels (csrc/cuda/landmarks_kernel.cu).
+// Builds the segment tables with a few torch ops on the device, then launches.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "../lara_ops.h"
+#include "landmarks_kernel.h"
+
+namespace lara {
+namespace {
+
+cuda::DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kDouble: return cuda::DType::kFloat64;
+    case at::kFloat: return cuda::DType::kFloat32;
+    case at::kHalf: return cuda::DType::kFloat16;
+    case at::kBFloat16: return cuda::DType::kBFloat16;
+    default: TORCH_CHECK(false, "lara_kernels: unsupported dtype ", t);
+  }
+}
+
+// order (B, L), start (B, C + 1), seg (B, L); see landmarks_kernel.h.
+struct Tables {
+  at::Tensor order, start, seg;
+};
+
+Tables segment_tables(const c10::optional<at::Tensor>& padding, const at::Tensor& c_eff, int64_t B, int64_t L,
+                      int64_t C, const at::TensorOptions& opts) {
+  const auto lopts = opts.dtype(at::kLong);
+  at::Tensor valid = padding.has_value() ? padding->logical_not() : at::ones({B, L}, opts.dtype(at::kBool));
+  at::Tensor n_valid = valid.sum(-1);                                      // (B,)
+  TORCH_CHECK((c_eff <= n_valid).all().item<bool>() && (c_eff >= 0).all().item<bool>() &&
+                  (c_eff <= C).all().item<bool>(),
+              "lara_kernels::landmarks: c_eff must lie in [0, min(num_segments, valid length)]");
+  at::Tensor pos = valid.to(at::kLong).cumsum(-1) - 1;
+  at::Tensor denom = n_valid.clamp_min(1).unsqueeze(1);
+  at::Tensor seg = at::where(valid & (c_eff.unsqueeze(1) > 0), at::div(pos * c_eff.unsqueeze(1), denom, "floor"),
+                             at::full({B, L}, -1, lopts));
+  at::Tensor order = std::get<1>(at::sort(padding.has_value() ? padding->to(at::kByte) : at::zeros({B, L}, lopts),
+                                          /*stable=*/true, /*dim=*/-1, /*descending=*/false))
+                         .contiguous();
+  at::Tensor c = at::arange(C + 1, lopts).unsqueeze(0);                  // (1, C+1)
+  at::Tensor ce = c_eff.unsqueeze(1).clamp_min(1);
+  at::Tensor st = at::div(c * n_valid.unsqueeze(1) + ce - 1, ce, "floor");
+  st = at::where(c <= c_eff.unsqueeze(1), st, n_valid.unsqueeze(1));
+  st = at::where(c_eff.unsqueeze(1) > 0, st, at::zeros_like(st)).contiguous();  // no segments at all
+  return {order, st, seg.contiguous()};
+}
+
+}  // namespace
+
+at::Tensor landmarks_cuda(const at::Tensor& x, const c10::optional<at::Tensor>& padding, const at::Tensor& c_eff,
+                          int64_t num_segments) {
+  check_landmarks_args(x, padding, c_eff, num_segments);
+  TORCH_CHECK(x.is_cuda(), "lara_kernels::landmarks (CUDA): x must be a CUDA tensor, got ", x.device());
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t B = x.size(0), H = x.size(1), L = x.size(2), D = x.size(3), C = num_segments;
+  const auto out_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out = at::empty({B, H, C, D}, x.options().dtype(out_type));
+  const Tables t = segment_tables(padding, c_eff, B, L, C, x.options());
+  const cudaError_t err = cuda::landmarks_forward(
+      to_dtype(x.scalar_type()), x.data_ptr(), x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+      t.order.data_ptr<int64_t>(), t.start.data_ptr<int64_t>(), out.data_ptr(), B, H, L, D, C,
+      at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "lara_kernels::landmarks (CUDA) launch failed: ", cudaGetErrorString(err));
+  return out;
+}
+
+at::Tensor landmarks_backward_cuda(const at::Tensor& grad, const c10::optional<at::Tensor>& padding,
+                                   const at::Tensor& c_eff, int64_t length, at::ScalarType dtype) {
+  check_landmarks_backward_args(grad, padding, c_eff, length, dtype);
+  TORCH_CHECK(grad.is_cuda(), "lara_kernels::landmarks_backward (CUDA): grad must be a CUDA tensor, got ",
+              grad.device());
+  const c10::cuda::CUDAGuard guard(grad.device());
+  const int64_t B = grad.size(0), H = grad.size(1), C = grad.size(2), D = grad.size(3), L = length;
+  const bool g64 = grad.scalar_type() == at::kDouble;
+  TORCH_CHECK(g64 == (dtype == at::kDouble), "lara_kernels::landmarks_backward (CUDA): grad of type ",
+              grad.scalar_type(), " does not go with dtype ", dtype);
+  const at::Tensor g = grad.contiguous();
+  at::Tensor gx = at::empty({B, H, L, D}, grad.options().dtype(dtype));
+  const Tables t = segment_tables(padding, c_eff, B, L, C, grad.options());
+  const cudaError_t err = cuda::landmarks_backward(to_dtype(dtype), g64, g.data_ptr(), t.seg.data_ptr<int64_t>(),
+                                                   t.start.data_ptr<int64_t>(), gx.data_ptr(), B, H, L, D, C,
+                                                   at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "lara_kernels::landmarks_backward (CUDA) launch failed: ", cudaGetErrorString(err));
+  return gx;
+}
+
+}  // namespace lara

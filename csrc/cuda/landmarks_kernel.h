@@ -1,0 +1,28 @@
+// CUDA launchers for masked segment means. Raw pointers, sizes, strides and a stream:
+// no torch headers, so the kernels compile with nvcc alone (CMakeLists.txt does that).
+#pragma once
+
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace lara {
+namespace cuda {
+
+enum class DType : int { kFloat64 = 0, kFloat32 = 1, kFloat16 = 2, kBFloat16 = 3 };
+
+// out (B, H, C, D) contiguous, accumulation type (double for kFloat64, float otherwise).
+// order (B, L): positions of the valid tokens of each element first, in sequence order.
+// start (B, C + 1): segment c of element b covers order[b, start[b, c] : start[b, c + 1]].
+cudaError_t landmarks_forward(DType dtype, const void* x, int64_t sb, int64_t sh, int64_t sl, int64_t sd,
+                              const int64_t* order, const int64_t* start, void* out, int64_t B, int64_t H,
+                              int64_t L, int64_t D, int64_t C, cudaStream_t stream);
+
+// grad_x (B, H, L, D) contiguous, of type out_dtype; grad (B, H, C, D) contiguous of
+// accumulation type (double when grad_is_f64). seg (B, L): segment of each position, -1
+// where padded; start as above (segment sizes).
+cudaError_t landmarks_backward(DType out_dtype, bool grad_is_f64, const void* grad, const int64_t* seg,
+                               const int64_t* start, void* grad_x, int64_t B, int64_t H, int64_t L, int64_t D,
+                               int64_t C, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace lara

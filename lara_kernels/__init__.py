@@ -1,0 +1,14 @@
+"""lara-kernels: fused kernels for LARA, linear randomized attention.
+
+    from lara_kernels import lara_attention
+    y = lara_attention(q, k, v, num_samples=64)      # q, k, v: (B, H, N, D)
+
+See README.md and design/lara-math.md for the definition every backend computes.
+"""
+
+from .api import PROPOSALS, WEIGHTINGS, lara_attention, ra_attention, rfa_attention
+from .dispatch import backends
+
+__version__ = "0.1.0"
+
+__all__ = ["lara_attention", "rfa_attention", "ra_attention", "backends", "PROPOSALS", "WEIGHTINGS", "__version__"]

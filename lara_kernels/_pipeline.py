@@ -1,0 +1,110 @@
+"""The function every fast backend computes, cut into passes (design/kernels.md).
+
+The long passes (landmarks, key pass, query normalizer, query pass) come from a
+backend's ``passes`` object; the C x D and C x C steps between them (proposal means,
+samples, proposal densities g, rho, the balance heuristic) are plain torch ops that
+autograd differentiates. All backends run this same sequence on the same eps.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .reference import compute_dtype
+
+NEG_INF = float("-inf")
+
+
+def prepare_masks(B, N, M, C, query_padding_mask, key_padding_mask, device):
+    """Padding masks with degenerate batch elements made valid, and C_eff.
+
+    Returns (query_padding, key_padding, keep, c_eff): the masks are None where the
+    caller gave None; ``keep`` (B,) is None when every element has a valid query and a
+    valid key, else False for the elements whose output must be zeroed.
+    """
+    if query_padding_mask is None and key_padding_mask is None:
+        c_eff = torch.full((B,), min(C, N, M), dtype=torch.long, device=device)
+        return None, None, None, c_eff
+    q_pad = query_padding_mask
+    k_pad = key_padding_mask
+    keep = torch.ones(B, dtype=torch.bool, device=device)
+    if q_pad is not None:
+        keep = keep & ~q_pad.all(-1)
+    if k_pad is not None:
+        keep = keep & ~k_pad.all(-1)
+    if q_pad is not None:
+        q_pad = q_pad & keep[:, None]
+    if k_pad is not None:
+        k_pad = k_pad & keep[:, None]
+    n_valid = torch.full((B,), N, device=device) if q_pad is None else (~q_pad).long().sum(-1)
+    m_valid = torch.full((B,), M, device=device) if k_pad is None else (~k_pad).long().sum(-1)
+    c_eff = torch.clamp(torch.minimum(n_valid, m_valid), max=C).long()
+    return q_pad, k_pad, keep, c_eff
+
+
+def _zero_dropped(y, keep):
+    if keep is None:
+        return y
+    return y.masked_fill(~keep[:, None, None, None], 0.0)
+
+
+def lara_forward(passes, q, k, v, eps, *, num_samples, proposal, weighting, beta, scale,
+                 key_padding_mask=None, query_padding_mask=None, q_landmarks=None,
+                 k_landmarks=None) -> torch.Tensor:
+    B, H, N, D = q.shape
+    M = k.shape[2]
+    C = num_samples
+    ct = compute_dtype(q.dtype)
+    ss = math.sqrt(scale)
+    q_pad, k_pad, keep, c_eff = prepare_masks(B, N, M, C, query_padding_mask, key_padding_mask, q.device)
+    active = torch.arange(C, device=q.device)[None, :] < c_eff[:, None]      # (B, C)
+    act_c = active[:, None, None, :]
+
+    # 1. landmarks, in the scaled space
+    qt = ss * (q_landmarks.to(ct) if q_landmarks is not None else passes.landmarks(q, q_pad, c_eff, C))
+    kt = ss * (k_landmarks.to(ct) if k_landmarks is not None else passes.landmarks(k, k_pad, c_eff, C))
+
+    # 2. proposal means
+    if proposal == "segment":
+        mu = qt + kt
+    elif proposal == "mixed":
+        a = (kt @ kt.transpose(-1, -2)).masked_fill(~act_c, NEG_INF).softmax(-1)
+        mu = qt + a @ kt
+    else:  # "attend": a key pass with values k and no -|kh|^2/2 term
+        _, mean_k = passes.key_pass(qt, k, k, k_pad, ss, False)
+        mu = qt + ss * mean_k
+
+    # 3. samples
+    w = mu if eps is None else mu + eps.to(ct)
+
+    # 4. key statistics
+    Z, kap = passes.key_pass(w, k, v, k_pad, ss, True)
+
+    # 6. densities g_cc' and weights (C x C)
+    g = w @ mu.transpose(-1, -2) - 0.5 * mu.pow(2).sum(-1)[..., None, :]
+    rho = torch.diagonal(g, dim1=-2, dim2=-1)
+    log_den = g.masked_fill(~act_c, NEG_INF).logsumexp(-1)
+    if weighting == "optimal":
+        Lam = passes.query_normalizer(qt, q, q_pad, ss)                     # 5.
+        bh = torch.exp(rho - log_den)
+        y = passes.query_pass(q, w, Z - rho, kap, c_eff, q_pad, ss, (qt, Lam, bh, beta))
+    else:  # "balance": la_nc = rho_c - log_den_c does not depend on n: fold it into the bias
+        y = passes.query_pass(q, w, Z - log_den, kap, c_eff, q_pad, ss, None)
+    return _zero_dropped(y, keep)
+
+
+def rfa_forward(passes, q, k, v, w, *, scale, key_padding_mask=None,
+                query_padding_mask=None) -> torch.Tensor:
+    B, H, N, D = q.shape
+    M = k.shape[2]
+    S = w.shape[2]
+    ss = math.sqrt(scale)
+    q_pad, k_pad, keep, _ = prepare_masks(B, N, M, S, query_padding_mask, key_padding_mask, q.device)
+    c_all = torch.full((B,), S, dtype=torch.long, device=q.device)
+    w = w.to(compute_dtype(q.dtype))
+    Z, kap = passes.key_pass(w, k, v, k_pad, ss, True)
+    y = passes.query_pass(q, w, Z, kap, c_all, q_pad, ss, None)
+    return _zero_dropped(y, keep)

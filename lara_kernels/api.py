@@ -1,0 +1,315 @@
+"""Public functions: check inputs, fill defaults, draw the randomness, dispatch.
+
+Layout (B, H, N, D) as in ``torch.nn.functional.scaled_dot_product_attention``.
+The randomness (LARA's eps, RFA's features) is drawn here, once, in float32 with the
+caller's generator, and handed to whichever backend runs, so every backend computes the
+same function of the same inputs (design/lara-math.md section 3).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional
+
+import torch
+
+from . import dispatch
+
+PROPOSALS = ("segment", "mixed", "attend")
+WEIGHTINGS = ("optimal", "balance")
+_FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def _shape(t):
+    return tuple(t.shape)
+
+
+def _check_qkv(q, k, v):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (B, H, L, D) like scaled_dot_product_attention, got shape {_shape(t)}")
+        if t.dtype not in _FLOATS:
+            raise TypeError(
+                f"{name} must be float64, float32, float16 or bfloat16, got {t.dtype}"
+            )
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; q, k and v must share one dtype")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; q, k and v must share one device")
+        if t.shape[0] != q.shape[0]:
+            raise ValueError(f"{name} has batch size {t.shape[0]} (shape {_shape(t)}) but q has {q.shape[0]} (shape {_shape(q)})")
+        if t.shape[1] != q.shape[1]:
+            raise ValueError(f"{name} has {t.shape[1]} heads (shape {_shape(t)}) but q has {q.shape[1]} (shape {_shape(q)})")
+    if k.shape[3] != q.shape[3]:
+        raise ValueError(f"k has head dim {k.shape[3]} (shape {_shape(k)}) but q has {q.shape[3]} (shape {_shape(q)})")
+    if v.shape[2] != k.shape[2]:
+        raise ValueError(f"k has {k.shape[2]} keys (shape {_shape(k)}) but v has {v.shape[2]} (shape {_shape(v)}); their lengths must agree")
+    if q.shape[3] == 0:
+        raise ValueError(f"head dim must be >= 1, got q of shape {_shape(q)}")
+
+
+def _check_mask(name, mask, B, L, what, device):
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a bool tensor of shape (B, {what}) or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor (True = padding, as in nn.MultiheadAttention), got dtype {mask.dtype}")
+    if _shape(mask) != (B, L):
+        raise ValueError(f"{name} must have shape (B, {what}) = ({B}, {L}), got {_shape(mask)}")
+    if mask.device != device:
+        raise ValueError(f"{name} is on {mask.device} but q is on {device}")
+    return mask
+
+
+def _check_unsupported(is_causal, attn_mask, dropout_p):
+    if is_causal is not False:
+        raise NotImplementedError(
+            f"is_causal={is_causal!r} is not supported: LARA's landmarks and proposals summarize the whole "
+            "sequence, so the method is non-causal (use scaled_dot_product_attention for causal attention)"
+        )
+    if attn_mask is not None:
+        raise NotImplementedError(
+            "attn_mask is not supported: pass key_padding_mask (B, M) and/or query_padding_mask (B, N), "
+            f"bool with True = padding (got attn_mask of type {type(attn_mask).__name__})"
+        )
+    if dropout_p != 0.0:
+        raise NotImplementedError(f"dropout_p={dropout_p!r} is not supported; apply dropout to the output instead")
+
+
+def _check_int(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _check_real(name, value, positive=False):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if not math.isfinite(value) or (positive and value <= 0):
+        raise ValueError(f"{name} must be a {'positive ' if positive else ''}finite number, got {value!r}")
+    return value
+
+
+def _check_choice(name, value, choices):
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+def _check_bool(name, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _check_generator(generator, device):
+    if generator is None:
+        return None
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if generator.device.type != device.type:
+        raise ValueError(f"generator is on {generator.device} but q is on {device}")
+    return generator
+
+
+def _check_landmarks(name, lm, q, C):
+    if lm is None:
+        return None
+    B, H, _, D = q.shape
+    if not isinstance(lm, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor of shape (B, H, num_samples, D) or None, got {type(lm).__name__}")
+    if _shape(lm) != (B, H, C, D):
+        raise ValueError(f"{name} must have shape (B, H, num_samples, D) = ({B}, {H}, {C}, {D}), got {_shape(lm)}")
+    if lm.dtype != q.dtype:
+        raise TypeError(f"{name} has dtype {lm.dtype} but q has {q.dtype}")
+    if lm.device != q.device:
+        raise ValueError(f"{name} is on {lm.device} but q is on {q.device}")
+    return lm
+
+
+def _check_scale(scale, D):
+    if scale is None:
+        return D ** -0.5
+    return _check_real("scale", scale, positive=True)
+
+
+def _check_backend(backend):
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    if backend != "auto" and backend not in dispatch.backends():
+        raise ValueError(f"backend must be 'auto' or one of {sorted(dispatch.backends())}, got {backend!r}")
+    return backend
+
+
+def _empty_result(q, k, v):
+    """Zeros of the output's shape, still connected to the inputs for autograd."""
+    out = q.new_zeros(q.shape[:3] + (v.shape[3],))
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        out = out + 0.0 * (q.sum() + k.sum() + v.sum())
+    return out
+
+
+def lara_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    num_samples: int = 64,
+    proposal: str = "segment",
+    weighting: str = "optimal",
+    beta: float = 1.0,
+    scale: Optional[float] = None,
+    training: bool = False,
+    generator: Optional[torch.Generator] = None,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    query_padding_mask: Optional[torch.Tensor] = None,
+    q_landmarks: Optional[torch.Tensor] = None,
+    k_landmarks: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+    is_causal: bool = False,
+    attn_mask: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Linear randomized attention (LARA), as defined in design/lara-math.md.
+
+    Args:
+        q: (B, H, N, D) queries; k: (B, H, M, D) keys; v: (B, H, M, Dv) values. One
+            floating dtype and one device for all three; any strides.
+        num_samples: C, the number of proposals/samples (and landmarks).
+        proposal: ``"segment"`` (mu = qt + kt), ``"mixed"`` or ``"attend"``.
+        weighting: ``"optimal"`` (query-specific MIS weights, Eq. 38) or ``"balance"``.
+        beta: coefficient of the query term of the optimal weights.
+        scale: logit scale s; default ``D ** -0.5`` as in SDPA.
+        training: draw eps ~ N(0, I) (float32, shape (B, H, C, D)) from ``generator``
+            and sample ``w = mu + eps``; if False, ``w = mu`` and the result is
+            deterministic.
+        key_padding_mask: (B, M) bool, True = padding. query_padding_mask: (B, N) bool.
+            Padded query rows are 0; an element whose keys (or queries) are all padding
+            gives 0 for all its rows.
+        q_landmarks, k_landmarks: optional (B, H, C, D) landmarks in q's units, replacing
+            the segment means (gradients flow to them).
+        backend: ``"auto"`` or a registered name (see ``python -m lara_kernels.info``).
+        is_causal, attn_mask, dropout_p: accepted for SDPA compatibility; anything but
+            the defaults raises NotImplementedError.
+
+    Returns:
+        (B, H, N, Dv) in q's dtype.
+    """
+    _check_qkv(q, k, v)
+    _check_unsupported(is_causal, attn_mask, dropout_p)
+    B, H, N, D = q.shape
+    M = k.shape[2]
+    C = _check_int("num_samples", num_samples, 1)
+    proposal = _check_choice("proposal", proposal, PROPOSALS)
+    weighting = _check_choice("weighting", weighting, WEIGHTINGS)
+    beta = _check_real("beta", beta)
+    scale = _check_scale(scale, D)
+    training = _check_bool("training", training)
+    generator = _check_generator(generator, q.device)
+    key_padding_mask = _check_mask("key_padding_mask", key_padding_mask, B, M, "M", q.device)
+    query_padding_mask = _check_mask("query_padding_mask", query_padding_mask, B, N, "N", q.device)
+    q_landmarks = _check_landmarks("q_landmarks", q_landmarks, q, C)
+    k_landmarks = _check_landmarks("k_landmarks", k_landmarks, q, C)
+    backend = _check_backend(backend)
+
+    if B * H * N == 0 or M == 0:
+        return _empty_result(q, k, v)
+    eps = None
+    if training:
+        eps = torch.randn((B, H, C, D), generator=generator, device=q.device, dtype=torch.float32)
+    options = dict(
+        num_samples=C, proposal=proposal, weighting=weighting, beta=beta, scale=scale,
+        key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask,
+        q_landmarks=q_landmarks, k_landmarks=k_landmarks,
+    )
+    impl = dispatch.select("lara", backend, q, k, v, **options)
+    return impl.lara(q, k, v, eps, **options)
+
+
+def rfa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    num_samples: int = 64,
+    scale: Optional[float] = None,
+    generator: Optional[torch.Generator] = None,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    query_padding_mask: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+    is_causal: bool = False,
+    attn_mask: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """RFA / Performer attention with positive random features (lara-math.md, Relatives).
+
+    Every call draws S = ``num_samples`` features ``w ~ N(0, I)`` as float32
+    ``randn((B, H, S, D), generator=generator)``; for one fixed set, pass a generator in
+    the same state. Same arguments and conventions as :func:`lara_attention`.
+    """
+    _check_qkv(q, k, v)
+    _check_unsupported(is_causal, attn_mask, dropout_p)
+    B, H, N, D = q.shape
+    M = k.shape[2]
+    S = _check_int("num_samples", num_samples, 1)
+    scale = _check_scale(scale, D)
+    generator = _check_generator(generator, q.device)
+    key_padding_mask = _check_mask("key_padding_mask", key_padding_mask, B, M, "M", q.device)
+    query_padding_mask = _check_mask("query_padding_mask", query_padding_mask, B, N, "N", q.device)
+    backend = _check_backend(backend)
+    if B * H * N == 0 or M == 0:
+        return _empty_result(q, k, v)
+    w = torch.randn((B, H, S, D), generator=generator, device=q.device, dtype=torch.float32)
+    options = dict(scale=scale, key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask)
+    impl = dispatch.select("rfa", backend, q, k, v, num_samples=S, **options)
+    return impl.rfa(q, k, v, w, **options)
+
+
+def ra_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    biased: bool = False,
+    scale: Optional[float] = None,
+    training: bool = False,
+    generator: Optional[torch.Generator] = None,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    query_padding_mask: Optional[torch.Tensor] = None,
+    is_causal: bool = False,
+    attn_mask: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Randomized attention (paper Section 3.2), quadratic: reference implementation only.
+
+    Unbiased (default) is a sampler: every call draws one sample per query
+    (``m* ~ Categorical(pi_n)`` and eps), whatever ``training`` says; the mean of many
+    calls converges to softmax attention (Prop. 3.2). ``biased=True`` is Eq. 31, with
+    eps drawn only when ``training``.
+    """
+    _check_qkv(q, k, v)
+    _check_unsupported(is_causal, attn_mask, dropout_p)
+    B, H, N, D = q.shape
+    M = k.shape[2]
+    biased = _check_bool("biased", biased)
+    scale = _check_scale(scale, D)
+    training = _check_bool("training", training)
+    generator = _check_generator(generator, q.device)
+    key_padding_mask = _check_mask("key_padding_mask", key_padding_mask, B, M, "M", q.device)
+    query_padding_mask = _check_mask("query_padding_mask", query_padding_mask, B, N, "N", q.device)
+    if B * H * N == 0 or M == 0:
+        return _empty_result(q, k, v)
+    from .reference import ra_reference
+
+    return ra_reference(
+        q, k, v, biased=biased, training=training, scale=scale, generator=generator,
+        key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask,
+    )

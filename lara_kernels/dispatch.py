@@ -1,0 +1,159 @@
+"""Backends that say why not (design/style.md, after xformers' fmha dispatch).
+
+Each backend declares what it supports and answers ``not_supported_reasons(op, q, k, v,
+**options) -> list[str]``. ``backend="auto"`` takes the first backend, in the order for
+the tensors' device, with no reasons; when none fits, or an explicitly requested backend
+does not fit, the error lists every backend's reasons.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Dict, List
+
+import torch
+
+from . import _passes_torch, _pipeline
+from ._ops import C_ERROR, built, built_with_cuda
+
+OPS = ("lara", "rfa")
+FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+class Backend:
+    """Base class: a name, what it supports, and the two entry points."""
+
+    name: str = "?"
+    description: str = ""
+    devices: tuple = ()
+    dtypes: tuple = FLOAT_DTYPES
+    max_head_dim: int | None = None
+    max_samples: int | None = None
+
+    def availability_reasons(self) -> List[str]:
+        """Reasons that hold whatever the inputs (not built, no library)."""
+        return []
+
+    def not_supported_reasons(self, op: str, q, k, v, num_samples: int = 1, **_) -> List[str]:
+        reasons = list(self.availability_reasons())
+        if op not in OPS:
+            reasons.append(f"op {op!r} is not one of {OPS}")
+        if q.device.type not in self.devices:
+            reasons.append(f"device {q.device.type!r} not in {self.devices}")
+        if q.dtype not in self.dtypes:
+            reasons.append(f"dtype {q.dtype} not in {[str(d) for d in self.dtypes]}")
+        for what, dim in (("head dim", q.shape[-1]), ("value head dim", v.shape[-1])):
+            if self.max_head_dim is not None and dim > self.max_head_dim:
+                reasons.append(f"{what} {dim} > {self.max_head_dim}")
+        if self.max_samples is not None and num_samples > self.max_samples:
+            reasons.append(f"num_samples {num_samples} > {self.max_samples}")
+        return reasons
+
+    def lara(self, q, k, v, eps, **options):
+        raise NotImplementedError
+
+    def rfa(self, q, k, v, w, **options):
+        raise NotImplementedError
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+    description = "eager PyTorch of lara-math.md, the oracle (materializes N x C and M x C)"
+    devices = ("cpu", "cuda", "mps", "xpu", "meta")
+
+    def lara(self, q, k, v, eps, **options):
+        from .reference import lara_reference
+
+        return lara_reference(q, k, v, eps, **options)
+
+    def rfa(self, q, k, v, w, **options):
+        from .reference import rfa_reference
+
+        return rfa_reference(q, k, v, w, **options)
+
+
+class CpuPasses:
+    """Landmarks by the compiled OpenMP op; the other passes as eager torch ops."""
+
+    key_pass = staticmethod(_passes_torch.key_pass)
+    query_normalizer = staticmethod(_passes_torch.query_normalizer)
+    query_pass = staticmethod(_passes_torch.query_pass)
+
+    @staticmethod
+    def landmarks(x, padding, c_eff, C):
+        from ._ops import landmarks
+
+        return landmarks(x, padding, c_eff, C)
+
+
+class CpuBackend(Backend):
+    name = "cpu"
+    description = "compiled C++ landmarks (OpenMP) + torch passes; CPU tensors"
+    devices = ("cpu",)
+
+    def availability_reasons(self):
+        return [] if built() else [f"lara_kernels._C not built ({C_ERROR})"]
+
+    def lara(self, q, k, v, eps, **options):
+        return _pipeline.lara_forward(CpuPasses, q, k, v, eps, **options)
+
+    def rfa(self, q, k, v, w, **options):
+        return _pipeline.rfa_forward(CpuPasses, q, k, v, w, **options)
+
+
+_REGISTRY: Dict[str, Backend] = {}
+# auto's preference per device type: fastest first. Backends not listed for a device
+# are never picked by auto for it (the Triton interpreter on CPU is for tests only).
+_AUTO_ORDER: Dict[str, List[str]] = {"cuda": ["triton", "cuda", "reference"], "cpu": ["cpu", "reference"]}
+
+
+def register_backend(backend: Backend) -> Backend:
+    _REGISTRY[backend.name] = backend
+    return backend
+
+
+def backends() -> Dict[str, Backend]:
+    """All registered backends by name (usable or not)."""
+    return dict(_REGISTRY)
+
+
+def auto_order(device_type: str) -> List[str]:
+    order = _AUTO_ORDER.get(device_type, ["reference"])
+    return [n for n in order if n in _REGISTRY]
+
+
+def select(op: str, name: str, q, k, v, **options) -> Backend:
+    """The backend to run: ``name`` if it fits, else (for "auto") the first that fits."""
+    if name != "auto" and name not in _REGISTRY:
+        raise ValueError(f"backend must be 'auto' or one of {sorted(_REGISTRY)}, got {name!r}")
+    candidates = auto_order(q.device.type) if name == "auto" else [name]
+    for cand in candidates:
+        if not _REGISTRY[cand].not_supported_reasons(op, q, k, v, **options):
+            return _REGISTRY[cand]
+    lines = []
+    for bname, backend in _REGISTRY.items():
+        reasons = backend.not_supported_reasons(op, q, k, v, **options)
+        if name == "auto" and bname not in candidates and not reasons:
+            reasons = [f"not picked by auto for {q.device.type!r} tensors (ask for it by name)"]
+        lines.append(f"  {bname}: " + ("; ".join(reasons) if reasons else "fits"))
+    what = "no backend" if name == "auto" else f"backend={name!r}"
+    raise RuntimeError(
+        f"{what} can run {op}_attention on {q.device.type} {q.dtype} inputs "
+        f"q{tuple(q.shape)}, k{tuple(k.shape)}, v{tuple(v.shape)}:\n" + "\n".join(lines)
+    )
+
+
+register_backend(ReferenceBackend())
+register_backend(CpuBackend())
+
+
+def _register_optional():
+    """Backends whose modules need optional packages (Triton) register themselves here."""
+    try:
+        from . import _triton_backend  # noqa: F401
+    except ImportError as exc:  # module absent in this build: nothing to register
+        if "_triton_backend" not in str(exc):
+            raise
+
+
+_register_optional()
