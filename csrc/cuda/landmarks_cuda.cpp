@@ -1,6 +1,6 @@
 // Torch binding of the CUDA segment-means kernels (csrc/cuda/landmarks_kernel.cu).
 // Builds the segment tables with a few torch ops on the device, then launches.
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include "../lara_ops.h"
@@ -61,7 +61,7 @@ at::Tensor landmarks_cuda(const at::Tensor& x, const c10::optional<at::Tensor>& 
   const cudaError_t err = cuda::landmarks_forward(
       to_dtype(x.scalar_type()), x.data_ptr(), x.stride(0), x.stride(1), x.stride(2), x.stride(3),
       t.order.data_ptr<int64_t>(), t.start.data_ptr<int64_t>(), out.data_ptr(), B, H, L, D, C,
-      at::cuda::getCurrentCUDAStream());
+      c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "lara_kernels::landmarks (CUDA) launch failed: ", cudaGetErrorString(err));
   return out;
 }
@@ -81,7 +81,7 @@ at::Tensor landmarks_backward_cuda(const at::Tensor& grad, const c10::optional<a
   const Tables t = segment_tables(padding, c_eff, B, L, C, grad.options());
   const cudaError_t err = cuda::landmarks_backward(to_dtype(dtype), g64, g.data_ptr(), t.seg.data_ptr<int64_t>(),
                                                    t.start.data_ptr<int64_t>(), gx.data_ptr(), B, H, L, D, C,
-                                                   at::cuda::getCurrentCUDAStream());
+                                                   c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "lara_kernels::landmarks_backward (CUDA) launch failed: ", cudaGetErrorString(err));
   return gx;
 }
