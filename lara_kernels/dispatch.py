@@ -136,9 +136,9 @@ def select(op: str, name: str, q, k, v, **options) -> Backend:
         if name == "auto" and bname not in candidates and not reasons:
             reasons = [f"not picked by auto for {q.device.type!r} tensors (ask for it by name)"]
         lines.append(f"  {bname}: " + ("; ".join(reasons) if reasons else "fits"))
-    what = "no backend" if name == "auto" else f"backend={name!r}"
+    what = "no backend can run" if name == "auto" else f"backend={name!r} cannot run"
     raise RuntimeError(
-        f"{what} can run {op}_attention on {q.device.type} {q.dtype} inputs "
+        f"{what} {op}_attention on {q.device.type} {q.dtype} inputs "
         f"q{tuple(q.shape)}, k{tuple(k.shape)}, v{tuple(v.shape)}:\n" + "\n".join(lines)
     )
 
