@@ -206,7 +206,8 @@ def _query_bwd_kernel(
         acc_dw += tl.dot(tl.trans(dl), qhj, input_precision="ieee")
         acc_db += tl.sum(dl, axis=0)
         if MIS:
-            dal = tl.where(keep & (alpha >= ALPHA_FLOOR), dl / alpha, 0.0)
+            ok = keep & (alpha >= ALPHA_FLOOR)                         # clamp passes no gradient below
+            dal = tl.where(ok, dl / tl.where(ok, alpha, 1.0), 0.0)
             acc_dbh += tl.sum(dal, axis=0)
             dal_mean = tl.sum(dal, axis=1) / ce.to(tl.float32)
             dt = tl.where(keep, beta * (dal - dal_mean[:, None]) * r, 0.0)

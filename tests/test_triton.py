@@ -1,0 +1,440 @@
+"""The ``triton`` backend against the reference (design/kernels.md, issue 4).
+
+Without a GPU the kernels run on CPU tensors under the Triton interpreter
+(TRITON_INTERPRET=1, set by conftest.py); the GPU tests at the end run the same
+comparisons natively and are skipped here.
+
+Every buffer a kernel writes (outputs, gradients, per-block partials) is allocated by
+``triton_kernels._common.empty``; the autouse fixture below replaces it by a NaN-filled
+allocation, so an element a kernel forgot to write makes the comparison fail.
+
+Tolerances (relative RMS error, sqrt(mean((a - b)^2)) / sqrt(mean(b^2))), float32
+kernels against the float64 reference:
+- FWD_TOL = GRAD_TOL = 2e-5. float32 has unit roundoff 6e-8; the forward chains about
+  ten float32 steps (dot products of length D <= 256, exp/log, sums of length <= 300)
+  whose errors add, and the gradients go back through the MIS weights (1 / alpha) and
+  the C x C proposal steps. Measured errors on these shapes are 1e-7 .. 3e-6 (the
+  largest with large logits); 2e-5 leaves a margin of about seven for other platforms'
+  libm and summation orders, while a formula or indexing error gives 1e-3 or more.
+- On a GPU, float16/bfloat16 (and float32) are judged as in flash-attention's tests:
+  the error of the Triton result must be at most GPU_K = 3 times the error of the
+  reference run in that dtype (both against float64 on the same rounded inputs), plus
+  a floor of 1e-5 so that float32, where both errors are near roundoff, does not fail
+  on a ratio of two tiny numbers.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from lara_kernels import _passes_torch, _pipeline, dispatch, lara_attention, rfa_attention  # noqa: E402
+from lara_kernels import _triton_backend as tb  # noqa: E402
+from lara_kernels.triton_kernels import _common  # noqa: E402
+from lara_kernels.triton_kernels import key_pass as kp  # noqa: E402
+from lara_kernels.triton_kernels import query_pass as qp  # noqa: E402
+
+FWD_TOL = 2e-5
+GRAD_TOL = 2e-5
+GPU_K = 3.0
+GPU_FLOOR = 1e-5
+
+interp = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1",
+    reason="CPU tests of the Triton kernels need TRITON_INTERPRET=1",
+)
+
+
+def rel_rms(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp(min=1e-300)).item()
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    """Every kernel-written buffer starts as NaN."""
+
+    def nan_empty(shape, dtype, device):
+        return torch.full(tuple(shape), float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(_common, "empty", nan_empty)
+
+
+def test_poison_is_active():
+    assert torch.isnan(_common.empty((3,), torch.float32, "cpu")).all()
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def make_case(B, H, N, M, D, DV, C, *, seed=0, strided=False, landmarks=False, kpm=None, qpm=None,
+              gain=1.0):
+    """Float32 leaves, a function that turns leaves into (q, k, v, q_lm, k_lm) views, masks."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rn(*shape):
+        return torch.randn(*shape, generator=g) * gain
+
+    if strided:   # q (B, N, H, D) transposed; k with stride 1 along M; v every other column
+        leaves = [rn(B, N, H, D), rn(B, H, D, M), rn(B, H, M, 2 * DV) / gain]
+        views = [lambda x: x.transpose(1, 2), lambda x: x.transpose(-1, -2), lambda x: x[..., ::2]]
+    else:
+        leaves = [rn(B, H, N, D), rn(B, H, M, D), rn(B, H, M, DV) / gain]
+        views = [lambda x: x] * 3
+    if landmarks:
+        leaves += [rn(B, H, C, D) / gain, rn(B, H, C, D) / gain]
+        views += [lambda x: x] * 2
+
+    def build(ls):
+        out = [f(x) for f, x in zip(views, ls)]
+        return out + [None] * (5 - len(out))
+
+    masks = {}
+    if kpm is not None:
+        masks["key_padding_mask"] = kpm
+    if qpm is not None:
+        masks["query_padding_mask"] = qpm
+    dy = torch.randn(B, H, N, DV, generator=g)
+    return leaves, build, masks, dy
+
+
+def run(fn, backend, leaves, build, masks, dy, dtype, device, **opts):
+    """Output and gradients of all leaves, leaves cast to dtype on device."""
+    ls = [x.to(device=device, dtype=dtype).requires_grad_() for x in leaves]
+    q, k, v, qlm, klm = build(ls)
+    masks = {n: m.to(device) for n, m in masks.items()}
+    if fn == "rfa":
+        y = rfa_attention(q, k, v, backend=backend, **masks, **opts)
+    else:
+        if qlm is not None:
+            opts = dict(opts, q_landmarks=qlm, k_landmarks=klm)
+        y = lara_attention(q, k, v, backend=backend, **masks, **opts)
+    grads = torch.autograd.grad(y, ls, dy.to(device=device, dtype=y.dtype), allow_unused=True)
+    return y, grads
+
+
+def compare(fn, leaves, build, masks, dy, opts, device="cpu"):
+    """Triton float32 vs reference float64; returns the errors (forward, each gradient)."""
+    g_opts = {"generator": torch.Generator(device=device).manual_seed(1234)}
+    y, grads = run(fn, "triton", leaves, build, masks, dy, torch.float32, device, **opts, **g_opts)
+    g_opts = {"generator": torch.Generator(device=device).manual_seed(1234)}
+    y64, grads64 = run(fn, "reference", leaves, build, masks, dy, torch.float64, device, **opts, **g_opts)
+    assert y.dtype == torch.float32 and y.shape == y64.shape
+    # a leaf unused by the function (k_landmarks under "attend") has no gradient in either
+    assert [g is None for g in grads] == [g is None for g in grads64]
+    grads, grads64 = [g for g in grads if g is not None], [g for g in grads64 if g is not None]
+    assert torch.isfinite(y).all() and all(torch.isfinite(g).all() for g in grads)
+    errs = [rel_rms(y, y64)] + [rel_rms(a, b) for a, b in zip(grads, grads64)]
+    return errs
+
+
+def assert_close(errs):
+    assert errs[0] <= FWD_TOL, f"forward rel RMS {errs[0]:.3g} > {FWD_TOL}"
+    for i, e in enumerate(errs[1:]):
+        assert e <= GRAD_TOL, f"gradient {i} rel RMS {e:.3g} > {GRAD_TOL} (all: {errs})"
+
+
+# ----------------------------------------------------------------------------- LARA, end to end
+
+B, H = 2, 2
+
+
+def _kpm(Bn, M, fully=False, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    m = torch.rand(Bn, M, generator=g) < 0.3
+    m[0] = False                        # element 0 unpadded
+    if fully:
+        m[-1] = True                    # last element: all keys padding -> rows are 0
+    return m
+
+
+@interp
+@pytest.mark.parametrize("proposal", ["segment", "mixed", "attend"])
+@pytest.mark.parametrize("weighting", ["optimal", "balance"])
+def test_lara_proposals_weightings(proposal, weighting):
+    # N = 63, M = 50 (cross attention), D = 60, Dv = 24, C = 8 does not divide N; training
+    leaves, build, masks, dy = make_case(B, H, 63, 50, 60, 24, 8, seed=1, kpm=_kpm(B, 50))
+    opts = dict(num_samples=8, proposal=proposal, weighting=weighting, beta=1.5, training=True)
+    assert_close(compare("lara", leaves, build, masks, dy, opts))
+
+
+@interp
+@pytest.mark.parametrize(
+    "N,M,D,DV,C,training",
+    [
+        (1, 17, 16, 16, 4, True),      # N = 1, C > N
+        (5, 40, 32, 8, 8, False),      # C > N, eval
+        (200, 77, 60, 24, 16, False),  # C does not divide N, M != N
+        (40, 40, 20, 20, 1, True),     # C = 1
+        (63, 63, 80, 160, 40, True),   # D, Dv > 64: head-dim chunks, two sample blocks in the key pass
+        (70, 300, 32, 16, 256, False),  # C = 256 (C_eff = N = 70)
+    ],
+    ids=["N1", "C>N", "N200", "C1", "D80-Dv160", "C256"],
+)
+def test_lara_sizes(N, M, D, DV, C, training):
+    leaves, build, masks, dy = make_case(1, H, N, M, D, DV, C, seed=N + M)
+    opts = dict(num_samples=C, training=training)
+    assert_close(compare("lara", leaves, build, masks, dy, opts))
+
+
+@interp
+@pytest.mark.parametrize("weighting", ["optimal", "balance"])
+@pytest.mark.parametrize("fully", ["none", "keys", "queries"])
+def test_lara_masks(weighting, fully):
+    # key and query masks; optionally one batch element entirely padding (its rows are 0)
+    Bn, N, M = 3, 45, 38
+    kpm = _kpm(Bn, M, fully=fully == "keys", seed=5)
+    qpm = _kpm(Bn, N, fully=fully == "queries", seed=6)
+    leaves, build, masks, dy = make_case(Bn, H, N, M, 24, 12, 6, seed=7, kpm=kpm, qpm=qpm)
+    opts = dict(num_samples=6, proposal="mixed", weighting=weighting, training=True)
+    assert_close(compare("lara", leaves, build, masks, dy, opts))
+
+
+@interp
+@pytest.mark.parametrize("proposal", ["segment", "attend"])
+def test_lara_landmarks_strided(proposal):
+    # given landmarks (gradients flow to them), strided q, k, v, both masks, beta = 2
+    leaves, build, masks, dy = make_case(B, H, 50, 31, 40, 20, 7, seed=8, strided=True, landmarks=True,
+                                         kpm=_kpm(B, 31, seed=9), qpm=_kpm(B, 50, seed=10))
+    q, k, v, _, _ = build(leaves)
+    assert not q.is_contiguous() and not k.is_contiguous() and not v.is_contiguous()
+    opts = dict(num_samples=7, proposal=proposal, beta=2.0, training=True)
+    errs = compare("lara", leaves, build, masks, dy, opts)
+    # forward, q, k, v, q_landmarks and k_landmarks ("attend" does not use k_landmarks)
+    assert len(errs) == (6 if proposal == "segment" else 5)
+    assert_close(errs)
+
+
+@interp
+@pytest.mark.parametrize("beta", [0.0, 3.0])
+def test_lara_beta_scale_large_logits(beta):
+    # inputs of std 2.5 and scale 0.5: logits of tens, alpha often below the 1e-8 floor
+    leaves, build, masks, dy = make_case(B, H, 33, 29, 16, 16, 5, seed=11, gain=2.5)
+    opts = dict(num_samples=5, beta=beta, scale=0.5, training=True)
+    assert_close(compare("lara", leaves, build, masks, dy, opts))
+
+
+@interp
+def test_lara_eval_deterministic_training_reproducible():
+    leaves, build, masks, dy = make_case(B, H, 30, 30, 16, 16, 4, seed=12)
+    q, k, v, _, _ = build(leaves)
+    y1 = lara_attention(q, k, v, num_samples=4, backend="triton")
+    y2 = lara_attention(q, k, v, num_samples=4, backend="triton")
+    assert torch.equal(y1, y2)
+    ys = [lara_attention(q, k, v, num_samples=4, training=True, backend="triton",
+                         generator=torch.Generator().manual_seed(s)) for s in (1, 1, 2)]
+    assert torch.equal(ys[0], ys[1]) and not torch.equal(ys[0], ys[2])
+    # eval equals the reference in float64
+    y64 = lara_attention(q.double(), k.double(), v.double(), num_samples=4, backend="reference")
+    assert rel_rms(y1, y64) <= FWD_TOL
+
+
+# ----------------------------------------------------------------------------- RFA
+
+
+@interp
+@pytest.mark.parametrize("masked", [False, True])
+def test_rfa(masked):
+    Bn, N, M = 3, 41, 57
+    kw = dict(kpm=_kpm(Bn, M, fully=True, seed=13), qpm=_kpm(Bn, N, seed=14)) if masked else {}
+    leaves, build, masks, dy = make_case(Bn, H, N, M, 60, 24, 12, seed=15, strided=masked, **kw)
+    assert_close(compare("rfa", leaves, build, masks, dy, dict(num_samples=12)))
+
+
+# ----------------------------------------------------------------------------- no N x C state
+
+
+@interp
+def test_saves_no_long_by_samples_tensor():
+    # Every tensor autograd saves is an input/view of one, or C-sized (at most C * max(D, Dv)
+    # per head): no N x C or M x C matrix is held between forward and backward.
+    Bn, N, M, D, DV, C = 1, 200, 180, 16, 16, 4
+    leaves, build, masks, dy = make_case(Bn, 1, N, M, D, DV, C, seed=16, kpm=_kpm(Bn, M), qpm=_kpm(Bn, N))
+    ls = [x.requires_grad_() for x in leaves]
+    q, k, v, _, _ = build(ls)
+    long_ptrs = {t.untyped_storage().data_ptr() for t in (q, k, v, *masks.values())}
+    sizes = []
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in long_ptrs:
+            sizes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = lara_attention(q, k, v, num_samples=C, weighting="optimal", proposal="attend", training=True,
+                           backend="triton", **masks)
+    torch.autograd.grad(y, ls, dy)
+    assert sizes, "expected some C-sized saved tensors"
+    big = [s for s in sizes if math.prod(s) > C * max(D, DV) + max(N, M)]
+    assert not big, f"tensors larger than C-sized saved for backward: {big}"
+
+
+# ----------------------------------------------------------------------------- passes, directly
+
+
+def _dir_inputs(seed, B_, H_, C, L, D, DV):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B_, H_, C, D, generator=g) * 0.5, torch.randn(B_, H_, L, D, generator=g),
+            torch.randn(B_, H_, L, DV, generator=g)]
+
+
+KEY_CFGS = [  # (block_c, block_m, splits): default, several splits and sample blocks
+    (None, None, None),
+    (16, 16, 3),
+]
+
+
+@interp
+@pytest.mark.parametrize("subtract_norm", [True, False])
+@pytest.mark.parametrize("cfg", KEY_CFGS, ids=["default", "split3-cblock16"])
+def test_key_pass_direct(subtract_norm, cfg):
+    block_c, block_m, splits = cfg
+    Bn, C, M, D, DV = 2, 37, 70, 60, 24
+    w, k, v = _dir_inputs(17, Bn, H, C, M, D, DV)
+    pad = _kpm(Bn, M, seed=18)
+    ss = D ** -0.25
+    opt = dict(block_c=block_c, block_m=block_m, splits=splits)
+    Z, kap = kp.key_pass_fwd(w, k, v, pad, ss, subtract_norm, **opt)
+    ins = [x.double().requires_grad_() for x in (w, k, v)]
+    Zr, kr = _passes_torch.key_pass(*ins, pad, ss, subtract_norm)
+    g = torch.Generator().manual_seed(19)
+    dZ, dkap = torch.randn(Zr.shape, generator=g), torch.randn(kr.shape, generator=g)
+    ref = torch.autograd.grad((Zr * dZ).sum() + (kr * dkap).sum(), ins)
+    got = kp.key_pass_bwd(w, k, v, pad, ss, subtract_norm, Z, kap, dZ, dkap, **opt)
+    assert_close([rel_rms(Z, Zr), rel_rms(kap, kr)] + [rel_rms(a, b) for a, b in zip(got, ref)])
+    # and through the autograd Function (default blocks), values equal to keys as in "attend"
+    ins32 = [x.clone().requires_grad_() for x in (w, k)]
+    Z2, kap2 = tb.TritonPasses.key_pass(ins32[0], ins32[1], ins32[1], pad, ss, subtract_norm)
+    ins = [x.double().requires_grad_() for x in (w, k)]
+    Zr, kr = _passes_torch.key_pass(ins[0], ins[1], ins[1], pad, ss, subtract_norm)
+    dkap = torch.randn(kr.shape, generator=g)
+    ref = torch.autograd.grad((Zr * dZ).sum() + (kr * dkap).sum(), ins)
+    got = torch.autograd.grad((Z2 * dZ).sum() + (kap2 * dkap).sum(), ins32)
+    assert_close([rel_rms(Z2, Zr), rel_rms(kap2, kr)] + [rel_rms(a, b) for a, b in zip(got, ref)])
+
+
+@interp
+@pytest.mark.parametrize("padded", [False, True])
+def test_query_normalizer_direct(padded):
+    Bn, C, N, D = 2, 9, 53, 20
+    qt, q, _ = _dir_inputs(20, Bn, H, C, N, D, 1)
+    pad = _kpm(Bn, N, seed=21) if padded else None
+    ins32 = [x.clone().requires_grad_() for x in (qt, q)]
+    lam = tb.TritonPasses.query_normalizer(*ins32, pad, 0.6)
+    ins = [x.double().requires_grad_() for x in (qt, q)]
+    lam_r = _passes_torch.query_normalizer(*ins, pad, 0.6)
+    dlam = torch.randn(lam.shape, generator=torch.Generator().manual_seed(22))
+    got = torch.autograd.grad((lam * dlam).sum(), ins32)
+    ref = torch.autograd.grad((lam_r * dlam).sum(), ins)
+    assert_close([rel_rms(lam, lam_r)] + [rel_rms(a, b) for a, b in zip(got, ref)])
+
+
+@interp
+@pytest.mark.parametrize("mis", [False, True])
+@pytest.mark.parametrize("cfg", [dict(), dict(block_n=16, d_chunk=16, splits=3)], ids=["default", "chunks"])
+def test_query_pass_direct(mis, cfg):
+    Bn, C, N, D, DV = 2, 7, 70, 40, 24
+    g = torch.Generator().manual_seed(23)
+    q = torch.randn(Bn, H, N, D, generator=g)
+    w = torch.randn(Bn, H, C, D, generator=g) * 0.5
+    bias = torch.randn(Bn, H, C, generator=g)
+    kap = torch.randn(Bn, H, C, DV, generator=g)
+    qt = torch.randn(Bn, H, C, D, generator=g) * 0.3
+    lam = torch.randn(Bn, H, C, generator=g) + 3
+    bh = torch.rand(Bn, H, C, generator=g)
+    c_eff = torch.tensor([7, 5])
+    pad = _kpm(Bn, N, seed=24)
+    ss, beta = D ** -0.25, 1.3
+    fwd_opt = {k_: v_ for k_, v_ in cfg.items() if k_ != "splits"}
+    extra = (qt, lam, bh, beta) if mis else (None, None, None, 0.0)
+    y = qp.query_pass_fwd(q, w, bias, kap, c_eff, pad, ss, *extra, **fwd_opt)
+    ins = [x.double().requires_grad_() for x in (q, w, bias, kap, qt, lam, bh)]
+    yr = _passes_torch.query_pass(*ins[:4], c_eff, pad, ss, (*ins[4:], beta) if mis else None)
+    dy = torch.randn(yr.shape, generator=g)
+    ref = torch.autograd.grad((yr * dy).sum(), ins, allow_unused=True)
+    got = qp.query_pass_bwd(q, w, bias, kap, c_eff, pad, ss, *extra, dy, **cfg)
+    pairs = [(a, b) for a, b in zip(got, ref) if a is not None]
+    assert len(pairs) == (7 if mis else 4)
+    assert (y[1, :, pad[1]] == 0).all() and (got[0][1, :, pad[1]] == 0).all()
+    assert_close([rel_rms(y, yr)] + [rel_rms(a, b) for a, b in pairs])
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def test_backend_reasons(monkeypatch):
+    be = dispatch.backends()["triton"]
+    q = torch.zeros(1, 1, 4, 8)
+    assert be.name == "triton" and isinstance(be, tb.TritonBackend)
+    assert any("float64" in r for r in be.not_supported_reasons("lara", q.double(), q.double(), q.double()))
+    big = torch.zeros(1, 1, 4, 300)
+    assert any("head dim 300" in r for r in be.not_supported_reasons("lara", big, big, big))
+    assert any("num_samples 300" in r for r in be.not_supported_reasons("lara", q, q, q, num_samples=300))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert tb.CPU_REASON in be.not_supported_reasons("lara", q, q, q)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert be.not_supported_reasons("lara", q, q, q, num_samples=4) == []
+    assert "triton" not in dispatch.auto_order("cpu")
+
+
+# ----------------------------------------------------------------------------- GPU, natively
+
+
+GPU_CASES = [
+    ("lara", dict(N=257, M=300, D=64, DV=64, C=64), dict(proposal="segment", weighting="optimal", training=True)),
+    ("lara", dict(N=63, M=50, D=60, DV=24, C=8, masked=True), dict(proposal="mixed", weighting="optimal", beta=2.0)),
+    ("lara", dict(N=200, M=77, D=96, DV=160, C=40, masked=True), dict(proposal="attend", weighting="balance")),
+    ("lara", dict(N=1, M=33, D=128, DV=128, C=16), dict(proposal="segment", training=True)),
+    ("lara", dict(N=300, M=300, D=256, DV=256, C=256, landmarks=True), dict(proposal="segment")),
+    ("lara", dict(N=1000, M=1000, D=80, DV=80, C=100, masked=True), dict(proposal="mixed", training=True)),
+    ("rfa", dict(N=500, M=400, D=64, DV=64, C=128, masked=True), dict()),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", range(len(GPU_CASES)))
+def test_gpu_vs_reference(dtype, case):
+    fn, shape, opts = GPU_CASES[case]
+    shape = dict(shape)
+    masked = shape.pop("masked", False)
+    Bn = 2
+    N, M, C = shape["N"], shape["M"], shape["C"]
+    kw = dict(kpm=_kpm(Bn, M, fully=True, seed=30), qpm=_kpm(Bn, N, seed=31)) if masked else {}
+    leaves, build, masks, dy = make_case(Bn, 3, N, M, shape["D"], shape["DV"], C, seed=case,
+                                         strided=case % 2 == 1, landmarks=shape.get("landmarks", False), **kw)
+    leaves = [x.to(dtype).float() for x in leaves]          # one set of rounded inputs for all runs
+    dy = dy.to(dtype).float()
+    opts = dict(opts, num_samples=C)
+    dev = torch.device("cuda")
+
+    def go(backend, dt):
+        return run(fn, backend, leaves, build, masks, dy, dt, dev, **opts,
+                   generator=torch.Generator(device=dev).manual_seed(99))
+
+    y, g = go("triton", dtype)
+    yd, gd = go("reference", dtype)
+    y64, g64 = go("reference", torch.float64)
+    assert y.dtype == dtype
+    rows = [("y", y, yd, y64)] + [(f"grad{i}", a, b, c) for i, (a, b, c) in enumerate(zip(g, gd, g64))
+                                  if c is not None]
+    for name, a, ref_dt, exact in rows:
+        assert torch.isfinite(a).all(), name
+        err, err_ref = rel_rms(a, exact), rel_rms(ref_dt, exact)
+        assert err <= GPU_K * err_ref + GPU_FLOOR, f"{name}: triton {err:.3g} vs reference-in-dtype {err_ref:.3g}"
+
+
+@pytest.mark.gpu
+def test_gpu_passes_poisoned():
+    # the direct pass comparisons, natively, with several splits and sample blocks
+    dev = torch.device("cuda")
+    w, k, v = [x.to(dev) for x in _dir_inputs(40, 2, 3, 150, 1000, 96, 80)]
+    pad = _kpm(2, 1000, seed=41).to(dev)
+    Z, kap = kp.key_pass_fwd(w, k, v, pad, 0.4, True)
+    Zr, kr = _passes_torch.key_pass(w.double(), k.double(), v.double(), pad, 0.4, True)
+    assert_close([rel_rms(Z, Zr), rel_rms(kap, kr)])
