@@ -234,6 +234,12 @@ def _autocast_qkv(q, k, v, *extra):
     return cast
 
 
+def _compiled_lara():
+    from ._custom_ops import lara_attention_op
+
+    return lara_attention_op
+
+
 class LaraAttention(_ProjectedAttention):
     """Multi-head LARA attention, a drop-in for ``nn.MultiheadAttention`` (see module doc).
 
@@ -339,8 +345,11 @@ class LaraAttention(_ProjectedAttention):
     def _attend(self, q, k, v, q_pad, k_pad, grid):
         ql, kl = self.compute_landmarks(q, k, q_pad, k_pad, grid)
         q, k, v, ql, kl = _autocast_qkv(q, k, v, ql, kl)
+        # Eager: the function with its backends' own autograd. Under torch.compile: the same
+        # computation as one custom op (lara_kernels._custom_ops), so the graph does not break.
+        fn = _compiled_lara() if torch.compiler.is_compiling() else lara_attention
         with torch.autocast(q.device.type, enabled=False):
-            return lara_attention(
+            return fn(
                 q, k, v, num_samples=self.num_samples, proposal=self.proposal,
                 weighting=self.weighting, beta=self.beta, training=self.training,
                 generator=self.generator if self.training else None,
