@@ -255,14 +255,13 @@ def test_autocast_bf16(cls, kw):
     m = _attn(cls, **kw).eval()
     x = _x(B=2, N=16)
     ref = m(x, x, x)[0]
-    # what plain bfloat16 inputs to the same attention give: the error scale to compare with
-    qh, kh, vh = m.project(x, x, x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = m(x, x, x)[0]
         qb, _, _ = m.project(x, x, x)
     assert qb.dtype == torch.bfloat16                      # projections ran in bfloat16
     assert out.dtype == torch.bfloat16                     # as nn.MultiheadAttention under autocast
-    assert _rel(out, ref) < 2e-2, _rel(out, ref)
+    # bfloat16 rounding of the float32 result alone is ~1.5e-3 here; observed ~5e-3
+    assert _rel(out, ref) < 1e-2, _rel(out, ref)
 
 
 # ---------------------------------------------------------------- training
