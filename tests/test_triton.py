@@ -451,3 +451,68 @@ def test_gpu_passes_poisoned():
     Z, kap = kp.key_pass_fwd(w, k, v, pad, 0.4, True)
     Zr, kr = _passes_torch.key_pass(w.double(), k.double(), v.double(), pad, 0.4, True)
     assert_close([rel_rms(Z, Zr), rel_rms(kap, kr)])
+
+
+# ----------------------------------------------------------------------------- GPU compile, no GPU
+
+_AOT_SCRIPT = r"""
+import json, sys
+import triton
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+from lara_kernels.triton_kernels import key_pass as kp, query_pass as qp
+
+target = GPUTarget("cuda", 90, 32)
+PTRS = dict(W="*fp32", BIAS="*fp32", KAP="*fp32", CEFF="*i64", PAD="*u8", QT="*fp32", LAM="*fp32",
+            BHW="*fp32", M_PART="*fp32", L_PART="*fp32", ACC_PART="*fp32", Z="*fp32", DKAP="*fp32",
+            E="*fp32", DW_PART="*fp32", DKAP_PART="*fp32", DB_PART="*fp32", DQT_PART="*fp32",
+            DBH_PART="*fp32", DLAM_PART="*fp32")
+LONG = ("Q", "K", "V", "Y", "DY", "DQ", "DK", "DVO")
+FLOATS = ("ss", "beta")
+
+def compile_(fn, consts, dt, num_warps, num_stages=3):
+    sig = {n: "constexpr" if n in consts else f"*{dt}" if n in LONG else PTRS.get(n, "fp32" if n in FLOATS else "i32")
+           for n in fn.arg_names}
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target,
+                       options={"num_warps": num_warps, "num_stages": num_stages})
+    return k.metadata.shared
+
+out = []
+for C, D, DV, dt, flags in json.loads(sys.argv[1]):
+    BC, BM, BD, BDV, nw = kp._blocks(C, D, DV)
+    for has_v, sub in ([(True, True), (False, False)] if flags else [(True, True)]):
+        c = dict(HAS_V=has_v, HAS_PAD=flags, SUB_NORM=sub, BLOCK_C=BC, BLOCK_M=BM, BLOCK_D=BD, BLOCK_DV=BDV)
+        for fn in (kp._key_fwd_kernel, kp._key_bwd_kernel)[0 if flags else 1:]:
+            out.append((fn.__name__, C, D, DV, compile_(fn, c, dt, nw, kp._stages(max(BD, BDV)))))
+    BN, BC, BDC, NDC, BVC, NVC, nw = qp._blocks(C, D, DV)
+    for mis in ([True, False] if flags else [True]):
+        c = dict(HAS_PAD=flags, MIS=mis, BLOCK_N=BN, BLOCK_C=BC, BLOCK_DC=BDC, N_DC=NDC, BLOCK_VC=BVC, N_VC=NVC)
+        if flags:
+            out.append(("_query_fwd_kernel", C, D, DV, compile_(qp._query_fwd_kernel, c, dt, nw)))
+        out.append(("_query_bwd_kernel", C, D, DV,
+                    compile_(qp._query_bwd_kernel, c, dt, nw, qp._bwd_stages(BC, NDC, NVC))))
+print(json.dumps(out))
+"""
+
+
+def test_kernels_compile_for_sm90():
+    # The interpreter accepts code a GPU compiler rejects; compile every kernel ahead of
+    # time for sm_90 (Triton's bundled ptxas, no GPU needed): every kernel and flag at a small
+    # size, and the two backward kernels (the largest shared-memory users) at the largest
+    # configuration (C = D = Dv = 256, float32), which must fit the H100's 227 KB per block.
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia")
+    cases = [(8, 60, 24, "bf16", True), (256, 256, 256, "fp32", False)]
+    env = {k_: v_ for k_, v_ in os.environ.items() if k_ != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, json.dumps(cases)], capture_output=True,
+                         text=True, env=env, timeout=600)
+    if res.returncode != 0 and "ptxas" in res.stderr and "not found" in res.stderr.lower():
+        pytest.skip("no ptxas to compile for a GPU")
+    assert res.returncode == 0, res.stderr[-4000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert len(out) == 8 + 2
+    for name, C, D, DV, shared in out:
+        assert shared <= 227 * 1024, f"{name} C={C} D={D} Dv={DV} needs {shared} bytes of shared memory"

@@ -241,6 +241,13 @@ def _blocks(C, D, DV, block_n=None, d_chunk=None):
     return block_n, BLOCK_C, BLOCK_DC, _common.cdiv(D, BLOCK_DC), BLOCK_VC, _common.cdiv(DV, BLOCK_VC), num_warps
 
 
+def _bwd_stages(BLOCK_C, N_DC, N_VC):
+    # Software pipelining multiplies the shared-memory buffers of the loop's loads: with
+    # several head-dim chunks or C > 64 the backward only fits (sm_90: 117 KB for
+    # C = D = Dv = 256, measured by an AOT compile) with one stage.
+    return 2 if BLOCK_C <= 64 and N_DC == 1 and N_VC == 1 else 1
+
+
 def _pad_arg(padding, ref):
     if padding is None:
         return ref, 0, 0
@@ -312,7 +319,7 @@ def query_pass_bwd(q, w, bias, kap, c_eff, padding, ss, qt, lam, bh, beta, dy, *
         H, N, C, D, DV, float(ss), float(beta), per_split,
         HAS_PAD=padding is not None, MIS=mis,
         BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, BLOCK_DC=BLOCK_DC, N_DC=N_DC, BLOCK_VC=BLOCK_VC, N_VC=N_VC,
-        num_warps=num_warps,
+        num_warps=num_warps, num_stages=_bwd_stages(BLOCK_C, N_DC, N_VC),
     )
     dw, dkap, dbias = dw_part.sum(0), dkap_part.sum(0), db_part.sum(0)
     if not mis:
