@@ -8,6 +8,7 @@ See README.md and design/lara-math.md for the definition every backend computes.
 
 from .api import PROPOSALS, WEIGHTINGS, lara_attention, ra_attention, rfa_attention
 from .dispatch import backends
+from . import nn  # noqa: E402  (layers: LaraAttention, PerformerAttention, LaraEncoderLayer)
 
 __version__ = "0.1.0"
 
