@@ -61,15 +61,16 @@ def _key_fwd_kernel(
         m = (pid_s * blocks_per_split + blk) * BLOCK_M + tl.arange(0, BLOCK_M)
         m_in = m < M
         m64 = m.to(tl.int64)
-        kh = tl.load(k_base + m64[:, None] * sk_m + d[None, :] * sk_d,
-                     mask=m_in[:, None] & d_ok[None, :], other=0.0).to(tl.float32) * ss  # [BLOCK_M, BLOCK_D]
-        logit = tl.dot(w, tl.trans(kh), input_precision="ieee")     # [BLOCK_C, BLOCK_M]
-        if SUB_NORM:
-            logit -= 0.5 * tl.sum(kh * kh, axis=1)[None, :]
         valid = m_in
         if HAS_PAD:
             padded = tl.load(PAD + b * sp_b + m64 * sp_m, mask=m_in, other=1)
             valid = valid & (padded == 0)
+        # padded keys and values are never read: whatever they hold (even inf/nan) stays out
+        kh = tl.load(k_base + m64[:, None] * sk_m + d[None, :] * sk_d,
+                     mask=valid[:, None] & d_ok[None, :], other=0.0).to(tl.float32) * ss  # [BLOCK_M, BLOCK_D]
+        logit = tl.dot(w, tl.trans(kh), input_precision="ieee")     # [BLOCK_C, BLOCK_M]
+        if SUB_NORM:
+            logit -= 0.5 * tl.sum(kh * kh, axis=1)[None, :]
         logit = tl.where(valid[None, :], logit, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(logit, axis=1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)           # all -inf so far: no shift
@@ -78,7 +79,7 @@ def _key_fwd_kernel(
         l_i = l_i * corr + tl.sum(p, axis=1)
         if HAS_V:
             vv = tl.load(v_base + m64[:, None] * sv_m + dv[None, :] * sv_d,
-                         mask=m_in[:, None] & dv_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_DV]
+                         mask=valid[:, None] & dv_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_DV]
             acc = acc * corr[:, None] + tl.dot(p, vv, input_precision="ieee")
         m_i = m_new
 
@@ -137,19 +138,20 @@ def _key_bwd_kernel(
         m = (pid_s * blocks_per_split + blk) * BLOCK_M + tl.arange(0, BLOCK_M)
         m_in = m < M
         m64 = m.to(tl.int64)
-        kh = tl.load(k_base + m64[:, None] * sk_m + d[None, :] * sk_d,
-                     mask=m_in[:, None] & d_ok[None, :], other=0.0).to(tl.float32) * ss  # [BLOCK_M, BLOCK_D]
-        logit = tl.dot(w, tl.trans(kh), input_precision="ieee")     # [BLOCK_C, BLOCK_M]
-        if SUB_NORM:
-            logit -= 0.5 * tl.sum(kh * kh, axis=1)[None, :]
         valid = m_in
         if HAS_PAD:
             padded = tl.load(PAD + b * sp_b + m64 * sp_m, mask=m_in, other=1)
             valid = valid & (padded == 0)
+        # padded keys and values are never read: whatever they hold (even inf/nan) stays out
+        kh = tl.load(k_base + m64[:, None] * sk_m + d[None, :] * sk_d,
+                     mask=valid[:, None] & d_ok[None, :], other=0.0).to(tl.float32) * ss  # [BLOCK_M, BLOCK_D]
+        logit = tl.dot(w, tl.trans(kh), input_precision="ieee")     # [BLOCK_C, BLOCK_M]
+        if SUB_NORM:
+            logit -= 0.5 * tl.sum(kh * kh, axis=1)[None, :]
         sm = tl.where(valid[None, :] & c_ok[:, None], tl.exp(logit - z[:, None]), 0.0)  # [BLOCK_C, BLOCK_M]
         if HAS_V:
             vv = tl.load(v_base + m64[:, None] * sv_m + dv[None, :] * sv_d,
-                         mask=m_in[:, None] & dv_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_DV]
+                         mask=valid[:, None] & dv_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_DV]
             dv_blk = tl.dot(tl.trans(sm), dkap, input_precision="ieee")  # [BLOCK_M, BLOCK_DV]
             tl.store(dv_base + m64[:, None] * sdv_m + dv[None, :] * sdv_d,
                      dv_blk.to(DVO.dtype.element_ty), mask=m_in[:, None] & dv_ok[None, :])

@@ -31,7 +31,7 @@ ALPHA_FLOOR = tl.constexpr(1e-8)
 
 
 @triton.jit
-def _logits(q_base, sq_n, sq_d, n64, n_in, W, QT, rows, c_ok, D, ss,
+def _logits(q_base, sq_n, sq_d, n64, n_ok, W, QT, rows, c_ok, D, ss,
             MIS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
             BLOCK_DC: tl.constexpr, N_DC: tl.constexpr):
     """qh . w^T and qh . qt^T, [BLOCK_N, BLOCK_C] each, over the D chunks."""
@@ -41,7 +41,7 @@ def _logits(q_base, sq_n, sq_d, n64, n_in, W, QT, rows, c_ok, D, ss,
         d = i * BLOCK_DC + tl.arange(0, BLOCK_DC)
         d_ok = d < D
         qh = tl.load(q_base + n64[:, None] * sq_n + d[None, :] * sq_d,
-                     mask=n_in[:, None] & d_ok[None, :], other=0.0).to(tl.float32) * ss   # [BLOCK_N, BLOCK_DC]
+                     mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32) * ss   # [BLOCK_N, BLOCK_DC]
         wc = tl.load(W + rows[:, None] * D + d[None, :], mask=c_ok[:, None] & d_ok[None, :], other=0.0)
         s += tl.dot(qh, tl.trans(wc), input_precision="ieee")
         if MIS:
@@ -82,7 +82,8 @@ def _query_fwd_kernel(
     bias = tl.load(BIAS + rows, mask=c_ok, other=0.0)
 
     q_base = Q + b * sq_b + h * sq_h
-    s, t = _logits(q_base, sq_n, sq_d, n64, n_in, W, QT, rows, c_ok, D, ss,
+    # padded queries are never read (loaded as 0): whatever they hold stays out
+    s, t = _logits(q_base, sq_n, sq_d, n64, row_ok, W, QT, rows, c_ok, D, ss,
                    MIS, BLOCK_N, BLOCK_C, BLOCK_DC, N_DC)
     logit = s + bias[None, :]                                          # [BLOCK_N, BLOCK_C]
     if MIS:
@@ -172,7 +173,7 @@ def _query_bwd_kernel(
             row_ok = row_ok & (padded == 0)
         keep = row_ok[:, None] & act[None, :]                          # [BLOCK_N, BLOCK_C]
 
-        s, t = _logits(q_base, sq_n, sq_d, n64, n_in, W, QT, rows, c_ok, D, ss,
+        s, t = _logits(q_base, sq_n, sq_d, n64, row_ok, W, QT, rows, c_ok, D, ss,
                        MIS, BLOCK_N, BLOCK_C, BLOCK_DC, N_DC)
         logit = s + bias[None, :]
         if MIS:
@@ -191,17 +192,17 @@ def _query_bwd_kernel(
             dv = i * BLOCK_VC + tl.arange(0, BLOCK_VC)
             dv_ok = dv < DV
             dyc = tl.load(dy_base + n64[:, None] * sdy_n + dv[None, :] * sdy_d,
-                          mask=n_in[:, None] & dv_ok[None, :], other=0.0).to(tl.float32)
+                          mask=row_ok[:, None] & dv_ok[None, :], other=0.0).to(tl.float32)
             kapc = tl.load(KAP + rows[:, None] * DV + dv[None, :], mask=c_ok[:, None] & dv_ok[None, :], other=0.0)
             dp += tl.dot(dyc, tl.trans(kapc), input_precision="ieee")
         delta = tl.sum(p * dp, axis=1)
         dl = tl.where(keep, p * (dp - delta[:, None]), 0.0)            # [BLOCK_N, BLOCK_C]
 
         dyj = tl.load(dy_base + n64[:, None] * sdy_n + vj[None, :] * sdy_d,
-                      mask=n_in[:, None] & vj_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_N, BLOCK_VC]
+                      mask=row_ok[:, None] & vj_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_N, BLOCK_VC]
         acc_dkap += tl.dot(tl.trans(p), dyj, input_precision="ieee")
         qhj = tl.load(q_base + n64[:, None] * sq_n + dj[None, :] * sq_d,
-                      mask=n_in[:, None] & dj_ok[None, :], other=0.0).to(tl.float32) * ss  # [BLOCK_N, BLOCK_DC]
+                      mask=row_ok[:, None] & dj_ok[None, :], other=0.0).to(tl.float32) * ss  # [BLOCK_N, BLOCK_DC]
         dqh = tl.dot(dl, wj, input_precision="ieee")                   # [BLOCK_N, BLOCK_DC]
         acc_dw += tl.dot(tl.trans(dl), qhj, input_precision="ieee")
         acc_db += tl.sum(dl, axis=0)
