@@ -24,33 +24,40 @@ NEG_INF = float("-inf")
 ALPHA_FLOOR = 1e-8
 
 
+def _zero_padded(x, padding):
+    """Padded rows set to 0 so that nothing they hold reaches results or gradients."""
+    return x if padding is None else x.masked_fill(padding[:, None, :, None], 0.0)
+
+
 def landmarks(x, padding, c_eff, C):
     B, H, L, D = x.shape
     ct = compute_dtype(x.dtype)
     valid = torch.ones(B, L, dtype=torch.bool, device=x.device) if padding is None else ~padding
+    x = _zero_padded(x.to(ct), padding)
     pos = valid.long().cumsum(-1) - 1
     n_valid = valid.long().sum(-1, keepdim=True).clamp(min=1)
     seg = torch.where(valid, torch.div(pos * c_eff[:, None], n_valid, rounding_mode="floor"), C)
     member = F.one_hot(seg, C + 1)[..., :C].to(ct)                # (B, L, C)
-    total = torch.einsum("blc,bhld->bhcd", member, x.to(ct))
+    total = torch.einsum("blc,bhld->bhcd", member, x)
     return total / member.sum(1).clamp(min=1)[:, None, :, None]
 
 
 def key_pass(w, k, v, padding, ss, subtract_norm):
     ct = w.dtype
-    kh = ss * k.to(ct)
+    kh = _zero_padded(ss * k.to(ct), padding)
+    v = _zero_padded(v.to(ct), padding)
     logits = w @ kh.transpose(-1, -2)                              # (B, H, C, M)
     if subtract_norm:
         logits = logits - 0.5 * kh.pow(2).sum(-1)[..., None, :]
     if padding is not None:
         logits = logits.masked_fill(padding[:, None, None, :], NEG_INF)
     Z = logits.logsumexp(-1)
-    kap = torch.exp(logits - Z[..., None]) @ v.to(ct)
+    kap = torch.exp(logits - Z[..., None]) @ v
     return Z, kap
 
 
 def query_normalizer(qt, q, padding, ss):
-    t = qt @ (ss * q.to(qt.dtype)).transpose(-1, -2)              # (B, H, C, N)
+    t = qt @ _zero_padded(ss * q.to(qt.dtype), padding).transpose(-1, -2)   # (B, H, C, N)
     if padding is not None:
         t = t.masked_fill(padding[:, None, None, :], NEG_INF)
     return t.logsumexp(-1)
@@ -59,7 +66,7 @@ def query_normalizer(qt, q, padding, ss):
 def query_pass(q, w, bias, kap, c_eff, padding, ss, mis):
     ct = w.dtype
     C = w.shape[2]
-    qh = ss * q.to(ct)
+    qh = _zero_padded(ss * q.to(ct), padding)
     logits = qh @ w.transpose(-1, -2) + bias[..., None, :]        # (B, H, N, C)
     active = (torch.arange(C, device=q.device)[None, :] < c_eff[:, None])[:, None, None, :]
     if mis is not None:

@@ -45,6 +45,15 @@ def prepare_masks(B, N, M, C, query_padding_mask, key_padding_mask, device):
     return q_pad, k_pad, keep, c_eff
 
 
+def drop_inputs(keep, *tensors):
+    """Zero the inputs of dropped elements (no valid query or key): their output is 0 and
+    they are computed on stand-in masks, so their padded data must not enter the passes.
+    Copies only when some element is dropped."""
+    if keep is None or bool(keep.all()):
+        return tensors
+    return tuple(None if t is None else t.masked_fill(~keep[:, None, None, None], 0.0) for t in tensors)
+
+
 def _zero_dropped(y, keep):
     if keep is None:
         return y
@@ -60,6 +69,7 @@ def lara_forward(passes, q, k, v, eps, *, num_samples, proposal, weighting, beta
     ct = compute_dtype(q.dtype)
     ss = math.sqrt(scale)
     q_pad, k_pad, keep, c_eff = prepare_masks(B, N, M, C, query_padding_mask, key_padding_mask, q.device)
+    q, k, v, q_landmarks, k_landmarks = drop_inputs(keep, q, k, v, q_landmarks, k_landmarks)
     active = torch.arange(C, device=q.device)[None, :] < c_eff[:, None]      # (B, C)
     act_c = active[:, None, None, :]
 
@@ -103,6 +113,7 @@ def rfa_forward(passes, q, k, v, w, *, scale, key_padding_mask=None,
     S = w.shape[2]
     ss = math.sqrt(scale)
     q_pad, k_pad, keep, _ = prepare_masks(B, N, M, S, query_padding_mask, key_padding_mask, q.device)
+    q, k, v = drop_inputs(keep, q, k, v)
     c_all = torch.full((B,), S, dtype=torch.long, device=q.device)
     w = w.to(compute_dtype(q.dtype))
     Z, kap = passes.key_pass(w, k, v, k_pad, ss, True)

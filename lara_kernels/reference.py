@@ -76,6 +76,11 @@ def segment_means(x: torch.Tensor, valid: torch.Tensor, C: int, c_eff: torch.Ten
     return sums / counts.clamp(min=1)[:, None, :, None]
 
 
+def _zero_rows(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """x (B, H, L, D) with the rows where valid (B, L) is False set to 0."""
+    return x.masked_fill(~valid[:, None, :, None], 0.0)
+
+
 def _masked_lse(x: torch.Tensor, valid: torch.Tensor, dim: int) -> torch.Tensor:
     return x.masked_fill(~valid, NEG_INF).logsumexp(dim)
 
@@ -125,10 +130,12 @@ def lara_reference(
     active = torch.arange(C, device=q.device)[None, :] < c_eff[:, None]  # (B, C)
     act_c = active[:, None, None, :]                                   # over the last axis c
 
-    # Scaled space: qh . kh = s q . k
-    qh = ss * q.to(ct)
-    kh = ss * k.to(ct)
-    v = v.to(ct)
+    # Scaled space: qh . kh = s q . k. Padded rows (and all rows of dropped elements) are
+    # zeroed first: they take no part, and whatever they hold cannot reach the result or
+    # the gradients (not even as 0 * inf in a backward).
+    qh = _zero_rows(ss * q.to(ct), q_valid & keep[:, None])
+    kh = _zero_rows(ss * k.to(ct), k_valid & keep[:, None])
+    v = _zero_rows(v.to(ct), k_valid & keep[:, None])
 
     # 1. Landmarks: segment means of qh and kh, or the caller's (scaled like q and k)
     if q_landmarks is not None:
@@ -204,10 +211,10 @@ def rfa_reference(
     s = D ** -0.5 if scale is None else scale
     ss = math.sqrt(s)
     q_valid, k_valid, keep = effective_masks(B, N, M, query_padding_mask, key_padding_mask, q.device)
-    qh = ss * q.to(ct)
-    kh = ss * k.to(ct)
+    qh = _zero_rows(ss * q.to(ct), q_valid & keep[:, None])
+    kh = _zero_rows(ss * k.to(ct), k_valid & keep[:, None])
     w = w.to(ct)
-    Z, kap = _key_statistics(w, kh, v.to(ct), k_valid)
+    Z, kap = _key_statistics(w, kh, _zero_rows(v.to(ct), k_valid & keep[:, None]), k_valid)
     L = qh @ w.transpose(-1, -2) + Z[..., None, :]                      # (B, H, N, S)
     y = L.softmax(-1) @ kap
     row_keep = q_valid & keep[:, None]
@@ -241,8 +248,8 @@ def ra_reference(
     s = D ** -0.5 if scale is None else scale
     ss = math.sqrt(s)
     q_valid, k_valid, keep = effective_masks(B, N, M, query_padding_mask, key_padding_mask, q.device)
-    qh = ss * q.to(ct)
-    kh = ss * k.to(ct)
+    qh = _zero_rows(ss * q.to(ct), q_valid & keep[:, None])
+    kh = _zero_rows(ss * k.to(ct), k_valid & keep[:, None])
     kv = k_valid[:, None, None, :]
     pi = _masked_softmax(qh @ kh.transpose(-1, -2), kv, -1)            # (B, H, N, M)
     draw_eps = training or not biased
@@ -257,7 +264,7 @@ def ra_reference(
     if eps is not None:
         w = w + eps
     logits = w @ kh.transpose(-1, -2) - 0.5 * (kh * kh).sum(-1)[..., None, :]
-    y = _masked_softmax(logits, kv, -1) @ v.to(ct)
+    y = _masked_softmax(logits, kv, -1) @ _zero_rows(v.to(ct), k_valid & keep[:, None])
     row_keep = q_valid & keep[:, None]
     y = y.masked_fill(~row_keep[:, None, :, None], 0.0)
     return y.to(q.dtype)
@@ -278,8 +285,10 @@ def softmax_reference(
     ct = compute_dtype(q.dtype)
     s = D ** -0.5 if scale is None else scale
     q_valid, k_valid, keep = effective_masks(B, N, M, query_padding_mask, key_padding_mask, q.device)
-    logits = s * (q.to(ct) @ k.to(ct).transpose(-1, -2))
-    y = _masked_softmax(logits, k_valid[:, None, None, :], -1) @ v.to(ct)
+    qz = _zero_rows(q.to(ct), q_valid & keep[:, None])
+    kz = _zero_rows(k.to(ct), k_valid & keep[:, None])
+    logits = s * (qz @ kz.transpose(-1, -2))
+    y = _masked_softmax(logits, k_valid[:, None, None, :], -1) @ _zero_rows(v.to(ct), k_valid & keep[:, None])
     row_keep = q_valid & keep[:, None]
     y = y.masked_fill(~row_keep[:, None, :, None], 0.0)
     return y.to(q.dtype)

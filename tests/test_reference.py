@@ -335,3 +335,38 @@ def test_ra_biased_eval_is_deterministic():
     a = ra_attention(q, k, v, biased=True)
     b = ra_attention(q, k, v, biased=True)
     assert torch.equal(a, b) and torch.isfinite(a).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["triton"])
+@pytest.mark.parametrize("fill", [1e4, float("inf"), float("nan")], ids=["huge", "inf", "nan"])
+@pytest.mark.parametrize("weighting", ["optimal", "balance"])
+def test_padded_rows_never_reach_results_or_gradients(backend, fill, weighting):
+    """Whatever padded rows hold (huge values, inf, NaN), output and gradients are those
+    of zeros there: finite, and equal to the call with the padding removed."""
+    dtype = torch.float32 if backend == "triton" else torch.float64   # triton: no float64
+    q, k, v = make_qkv(2, 2, 20, 14, 8, seed=51, dtype=dtype)
+    qpad = torch.zeros(2, 20, dtype=torch.bool)
+    qpad[:, 15:] = True
+    kpad = torch.zeros(2, 14, dtype=torch.bool)
+    kpad[0, 10:] = True
+    kpad[1] = True                                   # element 1: no valid key at all
+    results = []
+    for value in (0.0, fill):
+        qf, kf, vf = q.clone(), k.clone(), v.clone()
+        qf[:, :, 15:] = value
+        kf[0, :, 10:] = value
+        vf[0, :, 10:] = value
+        kf[1], vf[1] = value, value
+        ins = [t.requires_grad_() for t in (qf, kf, vf)]
+        for fn in (lambda *a, **kw: lara_attention(*a, num_samples=4, weighting=weighting, **kw),
+                   lambda *a, **kw: rfa_attention(*a, num_samples=4, generator=torch.Generator().manual_seed(0), **kw)):
+            y = fn(*ins, key_padding_mask=kpad, query_padding_mask=qpad, backend=backend)
+            y.backward(torch.ones_like(y))
+            results.append([y.detach()] + [t.grad.clone() for t in ins])
+            for t in ins:
+                t.grad = None
+    clean, dirty = results[:2], results[2:]
+    for a_list, b_list in zip(clean, dirty):
+        for a, b in zip(a_list, b_list):
+            assert torch.isfinite(b).all()
+            assert torch.equal(a, b)
