@@ -22,9 +22,12 @@ template <> __device__ __forceinline__ float load<__nv_bfloat16>(const __nv_bflo
   return __bfloat162float(*p);
 }
 
-template <typename T> __device__ __forceinline__ T store(float v) { return static_cast<T>(v); }
-template <> __device__ __forceinline__ __half store<__half>(float v) { return __float2half(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 store<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
+// Store an accumulator value (double or float) as T; half types round from float.
+template <typename T, typename A> __device__ __forceinline__ T store(A v) { return static_cast<T>(v); }
+template <> __device__ __forceinline__ __half store<__half, float>(float v) { return __float2half(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 store<__nv_bfloat16, float>(float v) {
+  return __float2bfloat16(v);
+}
 
 template <typename T>
 __global__ void landmarks_fwd_kernel(const T* __restrict__ x, int64_t sb, int64_t sh, int64_t sl, int64_t sd,
@@ -60,23 +63,7 @@ __global__ void landmarks_bwd_kernel(const G* __restrict__ grad, const int64_t* 
     const int64_t n = start[b * (C + 1) + s + 1] - start[b * (C + 1) + s];
     v = grad[(bh * C + s) * D + d] / static_cast<G>(n);
   }
-  gx[i] = store<O>(static_cast<float>(v));
-}
-
-template <>
-__global__ void landmarks_bwd_kernel<double, double>(const double* __restrict__ grad, const int64_t* __restrict__ seg,
-                                                     const int64_t* __restrict__ start, double* __restrict__ gx,
-                                                     int64_t H, int64_t L, int64_t D, int64_t C, int64_t total) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= total) return;
-  const int64_t d = i % D;
-  const int64_t l = (i / D) % L;
-  const int64_t bh = i / (D * L);
-  const int64_t b = bh / H;
-  const int64_t s = seg[b * L + l];
-  double v = 0;
-  if (s >= 0) v = grad[(bh * C + s) * D + d] / double(start[b * (C + 1) + s + 1] - start[b * (C + 1) + s]);
-  gx[i] = v;
+  gx[i] = store<O, G>(v);
 }
 
 template <typename T>
