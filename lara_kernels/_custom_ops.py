@@ -24,7 +24,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import api, dispatch
+from . import api
 
 __all__ = ["lara_attention_op"]
 
@@ -33,13 +33,10 @@ def _run(q, k, v, eps, key_padding_mask, query_padding_mask, q_landmarks, k_land
          num_samples, proposal, weighting, beta, scale, backend):
     if q.shape[0] * q.shape[1] * q.shape[2] == 0 or k.shape[2] == 0:
         return q.new_zeros(q.shape[:3] + (v.shape[3],))
-    options = dict(
-        num_samples=num_samples, proposal=proposal, weighting=weighting, beta=beta, scale=scale,
-        key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask,
-        q_landmarks=q_landmarks, k_landmarks=k_landmarks,
-    )
-    impl = dispatch.select("lara", backend, q, k, v, **options)
-    return impl.lara(q, k, v, eps, **options)
+    return api.run_lara(q, k, v, eps, backend, num_samples=num_samples, proposal=proposal, weighting=weighting,
+                        beta=beta, scale=scale, key_padding_mask=key_padding_mask,
+                        query_padding_mask=query_padding_mask, q_landmarks=q_landmarks,
+                        k_landmarks=k_landmarks)
 
 
 @torch.library.custom_op("lara_kernels::lara_attention", mutates_args=())

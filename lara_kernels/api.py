@@ -225,11 +225,13 @@ def lara_attention(
     eps = None
     if training:
         eps = torch.randn((B, H, C, D), generator=generator, device=q.device, dtype=torch.float32)
-    options = dict(
-        num_samples=C, proposal=proposal, weighting=weighting, beta=beta, scale=scale,
-        key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask,
-        q_landmarks=q_landmarks, k_landmarks=k_landmarks,
-    )
+    return run_lara(q, k, v, eps, backend, num_samples=C, proposal=proposal, weighting=weighting, beta=beta,
+                    scale=scale, key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask,
+                    q_landmarks=q_landmarks, k_landmarks=k_landmarks)
+
+
+def run_lara(q, k, v, eps, backend, **options):
+    """Select the backend for checked inputs and run it (shared with the custom op)."""
     impl = dispatch.select("lara", backend, q, k, v, **options)
     return impl.lara(q, k, v, eps, **options)
 

@@ -33,15 +33,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from .api import PROPOSALS, WEIGHTINGS, lara_attention, rfa_attention
+from .api import _check_choice as _choice
 
 __all__ = ["LaraAttention", "PerformerAttention", "LaraEncoderLayer", "segment_pool", "LANDMARKS"]
 
 LANDMARKS = ("mean", "learned", "pool2d")
 
 
-def _choice(name, value, choices):
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+def _num_samples(value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"num_samples must be an int >= 1, got {value!r}")
     return value
 
 
@@ -268,9 +269,7 @@ class LaraAttention(_ProjectedAttention):
         super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias, add_bias_kv=add_bias_kv,
                          add_zero_attn=add_zero_attn, kdim=kdim, vdim=vdim, batch_first=batch_first,
                          device=device, dtype=dtype)
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
-        self.num_samples = num_samples
+        self.num_samples = _num_samples(num_samples)
         self.proposal = _choice("proposal", proposal, PROPOSALS)
         self.weighting = _choice("weighting", weighting, WEIGHTINGS)
         self.beta = float(beta)
@@ -374,9 +373,7 @@ class PerformerAttention(_ProjectedAttention):
         super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias, add_bias_kv=add_bias_kv,
                          add_zero_attn=add_zero_attn, kdim=kdim, vdim=vdim, batch_first=batch_first,
                          device=device, dtype=dtype)
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
-        self.num_samples = num_samples
+        self.num_samples = _num_samples(num_samples)
         self.backend = backend
         self.generator = generator
         if seed is None:

@@ -260,17 +260,20 @@ def _small(x):
     return x.to(torch.float32).contiguous()
 
 
+def _prepare(w, bias, kap, c_eff, qt, lam, bh, dev):
+    """The C-sized inputs as contiguous float32 (c_eff as int64); without the MIS term
+    qt, lam, bh are stand-in pointers the kernel never reads."""
+    w, bias, kap = _small(w), _small(bias), _small(kap)
+    qt, lam, bh = (_small(qt), _small(lam), _small(bh)) if qt is not None else (w, bias, bias)
+    return w, bias, kap, c_eff.to(device=dev, dtype=torch.int64).contiguous(), qt, lam, bh
+
+
 def query_pass_fwd(q, w, bias, kap, c_eff, padding, ss, qt=None, lam=None, bh=None, beta=0.0, *,
                    block_n=None, d_chunk=None):
     """y (B, H, N, Dv) in q's dtype. The MIS term is used when ``qt`` is given."""
     B, H, N, D = q.shape
-    C = w.shape[2]
-    DV = kap.shape[3]
-    dev = q.device
-    mis = qt is not None
-    w, bias, kap = _small(w), _small(bias), _small(kap)
-    qt, lam, bh = (_small(qt), _small(lam), _small(bh)) if mis else (w, bias, bias)
-    c_eff = c_eff.to(device=dev, dtype=torch.int64).contiguous()
+    C, DV, dev, mis = w.shape[2], kap.shape[3], q.device, qt is not None
+    w, bias, kap, c_eff, qt, lam, bh = _prepare(w, bias, kap, c_eff, qt, lam, bh, dev)
     BLOCK_N, BLOCK_C, BLOCK_DC, N_DC, BLOCK_VC, N_VC, num_warps = _blocks(C, D, DV, block_n, d_chunk)
     y = _common.empty((B, H, N, DV), q.dtype, dev)
     pad, sp_b, sp_n = _pad_arg(padding, q)
@@ -290,13 +293,8 @@ def query_pass_bwd(q, w, bias, kap, c_eff, padding, ss, qt, lam, bh, beta, dy, *
     """Returns (dq in q's dtype, dw, dbias, dkap, dqt, dlam, dbh) (float32; the last three
     None without the MIS term)."""
     B, H, N, D = q.shape
-    C = w.shape[2]
-    DV = kap.shape[3]
-    dev = q.device
-    mis = qt is not None
-    w, bias, kap = _small(w), _small(bias), _small(kap)
-    qt, lam, bh = (_small(qt), _small(lam), _small(bh)) if mis else (w, bias, bias)
-    c_eff = c_eff.to(device=dev, dtype=torch.int64).contiguous()
+    C, DV, dev, mis = w.shape[2], kap.shape[3], q.device, qt is not None
+    w, bias, kap, c_eff, qt, lam, bh = _prepare(w, bias, kap, c_eff, qt, lam, bh, dev)
     BLOCK_N, BLOCK_C, BLOCK_DC, N_DC, BLOCK_VC, N_VC, num_warps = _blocks(C, D, DV, block_n, d_chunk)
     NJ = max(N_DC, N_VC)
     S, per_split = _common.num_splits(_common.cdiv(N, BLOCK_N), B * H * NJ, dev, splits)
