@@ -49,21 +49,122 @@ void check_landmarks_backward_args(const at::Tensor& grad, const c10::optional<a
   }
 }
 
+
+namespace {
+
+bool is_float(at::ScalarType t) {
+  return t == at::kDouble || t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+// t must have exactly `shape` (a -1 entry matches any size), dtype `dt` and x's device.
+void check_small(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef shape,
+                 at::ScalarType dt, const at::Tensor& x) {
+  bool ok = t.dim() == static_cast<int64_t>(shape.size());
+  for (size_t i = 0; ok && i < shape.size(); ++i) ok = shape[i] < 0 || t.size(i) == shape[i];
+  TORCH_CHECK(ok, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == dt, op, ": ", name, " must be ", dt, ", got ", t.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but the inputs are on ", x.device());
+}
+
+void check_padding(const char* op, const OptTensor& padding, int64_t B, int64_t L, const at::Tensor& x) {
+  if (!padding.has_value()) return;
+  const auto& p = *padding;
+  TORCH_CHECK(p.scalar_type() == at::kBool, op, ": padding must be bool, got ", p.scalar_type());
+  TORCH_CHECK(p.dim() == 2 && p.size(0) == B && p.size(1) == L, op, ": padding must have shape (", B, ", ", L,
+              "), got ", p.sizes());
+  TORCH_CHECK(p.device() == x.device(), op, ": padding is on ", p.device(), " but the inputs are on ", x.device());
+}
+
+void check_dim(const char* op, const char* what, int64_t d) {
+  TORCH_CHECK(d >= 1 && d <= kMaxDim, op, ": ", what, " must be in [1, ", kMaxDim, "], got ", d);
+}
+
+}  // namespace
+
+void check_key_pass_args(const char* op, const Tensor& w, const Tensor& k, const OptTensor& v,
+                         const OptTensor& padding) {
+  TORCH_CHECK(k.dim() == 4, op, ": k must be 4-D (B, H, M, D), got shape ", k.sizes());
+  TORCH_CHECK(is_float(k.scalar_type()), op, ": k must be float64, float32, float16 or bfloat16, got ",
+              k.scalar_type());
+  const int64_t B = k.size(0), H = k.size(1), M = k.size(2), D = k.size(3);
+  check_dim(op, "head dim D", D);
+  check_small(op, "w", w, {B, H, -1, D}, compute_type(k.scalar_type()), k);
+  check_dim(op, "number of samples C", w.size(2));
+  TORCH_CHECK(w.is_contiguous(), op, ": w must be contiguous");
+  if (v.has_value()) {
+    TORCH_CHECK(v->dim() == 4 && v->size(0) == B && v->size(1) == H && v->size(2) == M, op,
+                ": v must have shape (", B, ", ", H, ", ", M, ", Dv), got ", v->sizes());
+    TORCH_CHECK(v->scalar_type() == k.scalar_type(), op, ": v must have k's dtype ", k.scalar_type(), ", got ",
+                v->scalar_type());
+    TORCH_CHECK(v->device() == k.device(), op, ": v is on ", v->device(), " but k is on ", k.device());
+    check_dim(op, "value head dim Dv", v->size(3));
+  }
+  check_padding(op, padding, B, M, k);
+}
+
+void check_query_pass_args(const char* op, const Tensor& q, const Tensor& w, const Tensor& bias,
+                           const Tensor& kap, const Tensor& c_eff, const OptTensor& padding,
+                           const OptTensor& qt, const OptTensor& lam, const OptTensor& bh) {
+  TORCH_CHECK(q.dim() == 4, op, ": q must be 4-D (B, H, N, D), got shape ", q.sizes());
+  TORCH_CHECK(is_float(q.scalar_type()), op, ": q must be float64, float32, float16 or bfloat16, got ",
+              q.scalar_type());
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3);
+  const auto ct = compute_type(q.scalar_type());
+  check_dim(op, "head dim D", D);
+  check_small(op, "w", w, {B, H, -1, D}, ct, q);
+  const int64_t C = w.size(2);
+  check_dim(op, "number of samples C", C);
+  check_small(op, "bias", bias, {B, H, C}, ct, q);
+  check_small(op, "kap", kap, {B, H, C, -1}, ct, q);
+  check_dim(op, "value head dim Dv", kap.size(3));
+  check_small(op, "c_eff", c_eff, {B}, at::kLong, q);
+  for (const auto* t : {&w, &bias, &kap, &c_eff})
+    TORCH_CHECK(t->is_contiguous(), op, ": the C-sized inputs (w, bias, kap, c_eff) must be contiguous");
+  check_padding(op, padding, B, N, q);
+  const int given = int(qt.has_value()) + int(lam.has_value()) + int(bh.has_value());
+  TORCH_CHECK(given == 0 || given == 3, op, ": qt, lam and bh are given together or not at all, got ", given,
+              " of 3");
+  if (given == 3) {
+    check_small(op, "qt", *qt, {B, H, C, D}, ct, q);
+    check_small(op, "lam", *lam, {B, H, C}, ct, q);
+    check_small(op, "bh", *bh, {B, H, C}, ct, q);
+    for (const auto* t : {&*qt, &*lam, &*bh})
+      TORCH_CHECK(t->is_contiguous(), op, ": qt, lam and bh must be contiguous");
+  }
+}
+
 }  // namespace lara
 
 TORCH_LIBRARY(lara_kernels, m) {
   m.def("landmarks(Tensor x, Tensor? padding, Tensor c_eff, int num_segments) -> Tensor");
   m.def("landmarks_backward(Tensor grad, Tensor? padding, Tensor c_eff, int length, ScalarType dtype) -> Tensor");
+  m.def("key_pass_fwd(Tensor w, Tensor k, Tensor? v, Tensor? padding, float ss, bool subtract_norm) "
+        "-> (Tensor, Tensor)");
+  m.def("key_pass_bwd(Tensor w, Tensor k, Tensor? v, Tensor? padding, float ss, bool subtract_norm, Tensor Z, "
+        "Tensor? kap, Tensor dZ, Tensor? dkap) -> (Tensor, Tensor, Tensor)");
+  m.def("query_pass_fwd(Tensor q, Tensor w, Tensor bias, Tensor kap, Tensor c_eff, Tensor? padding, float ss, "
+        "Tensor? qt, Tensor? lam, Tensor? bh, float beta) -> Tensor");
+  m.def("query_pass_bwd(Tensor q, Tensor w, Tensor bias, Tensor kap, Tensor c_eff, Tensor? padding, float ss, "
+        "Tensor? qt, Tensor? lam, Tensor? bh, float beta, Tensor dy) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(lara_kernels, CPU, m) {
   m.impl("landmarks", &lara::landmarks_cpu);
   m.impl("landmarks_backward", &lara::landmarks_backward_cpu);
+  m.impl("key_pass_fwd", &lara::key_pass_fwd_cpu);
+  m.impl("key_pass_bwd", &lara::key_pass_bwd_cpu);
+  m.impl("query_pass_fwd", &lara::query_pass_fwd_cpu);
+  m.impl("query_pass_bwd", &lara::query_pass_bwd_cpu);
 }
 
 #ifdef LARA_WITH_CUDA
 TORCH_LIBRARY_IMPL(lara_kernels, CUDA, m) {
   m.impl("landmarks", &lara::landmarks_cuda);
   m.impl("landmarks_backward", &lara::landmarks_backward_cuda);
+  m.impl("key_pass_fwd", &lara::key_pass_fwd_cuda);
+  m.impl("key_pass_bwd", &lara::key_pass_bwd_cuda);
+  m.impl("query_pass_fwd", &lara::query_pass_fwd_cuda);
+  m.impl("query_pass_bwd", &lara::query_pass_bwd_cuda);
 }
 #endif

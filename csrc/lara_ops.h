@@ -5,6 +5,8 @@
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
 
+#include <tuple>
+
 namespace lara {
 
 // Masked segment means (design/lara-math.md section 1), unscaled.
@@ -30,5 +32,82 @@ void check_landmarks_args(const at::Tensor& x, const c10::optional<at::Tensor>& 
                           const at::Tensor& c_eff, int64_t num_segments);
 void check_landmarks_backward_args(const at::Tensor& grad, const c10::optional<at::Tensor>& padding,
                                    const at::Tensor& c_eff, int64_t length, at::ScalarType dtype);
+
+
+// ---------------------------------------------------------------------------------
+// The fused passes (design/kernels.md; formulas in lara-math.md sections 4, 5 and 7).
+// "ct" below is the compute type: float64 for float64 inputs, float32 otherwise.
+// The C-sized inputs (w, bias, kap, qt, lam, bh, Z, dZ, dkap) are contiguous ct;
+// q, k, v, dy may have any strides and any of the four float dtypes (k and v alike);
+// padding is (B, L) bool, True = padding; padded rows of q/k/v are never read into any
+// sum (NaN there has no effect) and get gradient 0. ss = sqrt(scale).
+//
+// key_pass_fwd: w (B, H, C, D), k (B, H, M, D), v (B, H, M, Dv) or none.
+//   l_cm = ss w_c . k_m - [subtract_norm] ss^2 |k_m|^2 / 2   (-inf for padded m)
+//   Z_c = LSE_m l_cm  -> (B, H, C) ct;  kap_c = sum_m softmax_m(l_c)_m v_m -> (B, H, C, Dv) ct
+//   (without v: kap is (B, H, C, 0)). Every (b) has at least one valid key (caller's duty).
+// key_pass_bwd: gradients (dw (B, H, C, D) ct, dk like k's shape in k's dtype, dv in v's
+//   dtype, (0)-sized without v) for incoming dZ (B, H, C) and dkap (B, H, C, Dv) (ignored
+//   without v):  S_cm = exp(l_cm - Z_c), E_c = dZ_c - dkap_c . kap_c,
+//   dl_cm = S_cm (dkap_c . v_m + E_c), dv_m = sum_c S_cm dkap_c,
+//   dk_m = ss (sum_c dl_cm w_c - [subtract_norm] (sum_c dl_cm) ss k_m),  dw_c = sum_m dl_cm ss k_m.
+// query_pass_fwd: q (B, H, N, D), w (B, H, C, D), bias (B, H, C), kap (B, H, C, Dv),
+//   c_eff (B,) int64 in [0, C]; MIS term when qt (B, H, C, D), lam (B, H, C), bh (B, H, C)
+//   are given (all three or none):
+//   s_nc = ss q_n . w_c + bias_c;  r_nc = exp(ss q_n . qt_c - lam_c);
+//   alpha_nc = bh_c + beta (r_nc - mean_{c' < c_eff} r_nc');  L_nc = s_nc + log(max(alpha_nc, 1e-8))
+//   (L_nc = s_nc without MIS);  -inf for c >= c_eff[b];
+//   y_n = sum_c softmax_c(L_n)_c kap_c -> (B, H, N, Dv) contiguous in q's dtype, 0 for padded n.
+// query_pass_bwd: for incoming dy (B, H, N, Dv), returns (dq in q's dtype, dw, dbias,
+//   dkap, dqt, dlam, dbh) in ct; the last three (0)-sized without MIS. With P = softmax_c(L),
+//   delta_n = sum_c P_nc (dy_n . kap_c), dL_nc = P_nc (dy_n . kap_c - delta_n):
+//   dkap_c = sum_n P_nc dy_n, dbias_c = sum_n dL_nc, dw_c = sum_n dL_nc qh_n, dqh_n = sum_c dL_nc w_c;
+//   MIS: dalpha_nc = dL_nc / alpha_nc where alpha_nc > 1e-8 else 0, dbh_c = sum_n dalpha_nc,
+//   dr_nc = beta (dalpha_nc - mean_{c' < c_eff} dalpha_nc'), dt_nc = dr_nc r_nc,
+//   dlam_c = -sum_n dt_nc, dqt_c = sum_n dt_nc qh_n, dqh_n += sum_c dt_nc qt_c;
+//   dq_n = ss dqh_n (0 for padded n).
+using Tensor = at::Tensor;
+using OptTensor = c10::optional<at::Tensor>;
+
+std::tuple<Tensor, Tensor> key_pass_fwd_cpu(const Tensor& w, const Tensor& k, const OptTensor& v,
+                                            const OptTensor& padding, double ss, bool subtract_norm);
+std::tuple<Tensor, Tensor, Tensor> key_pass_bwd_cpu(const Tensor& w, const Tensor& k, const OptTensor& v,
+                                                    const OptTensor& padding, double ss, bool subtract_norm,
+                                                    const Tensor& Z, const OptTensor& kap, const Tensor& dZ,
+                                                    const OptTensor& dkap);
+Tensor query_pass_fwd_cpu(const Tensor& q, const Tensor& w, const Tensor& bias, const Tensor& kap,
+                          const Tensor& c_eff, const OptTensor& padding, double ss, const OptTensor& qt,
+                          const OptTensor& lam, const OptTensor& bh, double beta);
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> query_pass_bwd_cpu(
+    const Tensor& q, const Tensor& w, const Tensor& bias, const Tensor& kap, const Tensor& c_eff,
+    const OptTensor& padding, double ss, const OptTensor& qt, const OptTensor& lam, const OptTensor& bh,
+    double beta, const Tensor& dy);
+
+#ifdef LARA_WITH_CUDA
+std::tuple<Tensor, Tensor> key_pass_fwd_cuda(const Tensor& w, const Tensor& k, const OptTensor& v,
+                                             const OptTensor& padding, double ss, bool subtract_norm);
+std::tuple<Tensor, Tensor, Tensor> key_pass_bwd_cuda(const Tensor& w, const Tensor& k, const OptTensor& v,
+                                                     const OptTensor& padding, double ss, bool subtract_norm,
+                                                     const Tensor& Z, const OptTensor& kap, const Tensor& dZ,
+                                                     const OptTensor& dkap);
+Tensor query_pass_fwd_cuda(const Tensor& q, const Tensor& w, const Tensor& bias, const Tensor& kap,
+                           const Tensor& c_eff, const OptTensor& padding, double ss, const OptTensor& qt,
+                           const OptTensor& lam, const OptTensor& bh, double beta);
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> query_pass_bwd_cuda(
+    const Tensor& q, const Tensor& w, const Tensor& bias, const Tensor& kap, const Tensor& c_eff,
+    const OptTensor& padding, double ss, const OptTensor& qt, const OptTensor& lam, const OptTensor& bh,
+    double beta, const Tensor& dy);
+#endif
+
+// Shared argument checks of the passes (csrc/lara_ops.cpp): shapes, dtypes, devices,
+// D, Dv, C <= 256. Each names the op, the argument and the bad value.
+void check_key_pass_args(const char* op, const Tensor& w, const Tensor& k, const OptTensor& v,
+                         const OptTensor& padding);
+void check_query_pass_args(const char* op, const Tensor& q, const Tensor& w, const Tensor& bias,
+                           const Tensor& kap, const Tensor& c_eff, const OptTensor& padding,
+                           const OptTensor& qt, const OptTensor& lam, const OptTensor& bh);
+// The compute type of an input dtype: float64 for float64, float32 otherwise.
+inline at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+constexpr int64_t kMaxDim = 256;
 
 }  // namespace lara

@@ -8,12 +8,12 @@ does not fit, the error lists every backend's reasons.
 
 from __future__ import annotations
 
-import os
 from typing import Callable, Dict, List
 
 import torch
 
-from . import _passes_torch, _pipeline
+from . import _pipeline
+from ._fused import CompiledKernels, FusedPasses
 from ._ops import C_ERROR, built, built_with_cuda
 
 OPS = ("lara", "rfa")
@@ -72,33 +72,39 @@ class ReferenceBackend(Backend):
         return rfa_reference(q, k, v, w, **options)
 
 
-class CpuPasses:
-    """Landmarks by the compiled OpenMP op; the other passes as eager torch ops."""
-
-    key_pass = staticmethod(_passes_torch.key_pass)
-    query_normalizer = staticmethod(_passes_torch.query_normalizer)
-    query_pass = staticmethod(_passes_torch.query_pass)
-
-    @staticmethod
-    def landmarks(x, padding, c_eff, C):
-        from ._ops import landmarks
-
-        return landmarks(x, padding, c_eff, C)
+MAX_COMPILED_DIM = 256  # head dims and sample counts of the compiled passes (csrc/lara_ops.h kMaxDim)
 
 
 class CpuBackend(Backend):
     name = "cpu"
-    description = "compiled C++ landmarks (OpenMP) + torch passes; CPU tensors"
+    description = "fused C++ passes (OpenMP, BLAS tiles); CPU tensors"
     devices = ("cpu",)
+    max_head_dim = MAX_COMPILED_DIM
+    max_samples = MAX_COMPILED_DIM
 
     def availability_reasons(self):
         return [] if built() else [f"lara_kernels._C not built ({C_ERROR})"]
 
     def lara(self, q, k, v, eps, **options):
-        return _pipeline.lara_forward(CpuPasses, q, k, v, eps, **options)
+        return _pipeline.lara_forward(_COMPILED_PASSES, q, k, v, eps, **options)
 
     def rfa(self, q, k, v, w, **options):
-        return _pipeline.rfa_forward(CpuPasses, q, k, v, w, **options)
+        return _pipeline.rfa_forward(_COMPILED_PASSES, q, k, v, w, **options)
+
+
+class CudaBackend(CpuBackend):
+    name = "cuda"
+    description = "fused CUDA C++ passes; CUDA tensors (the fallback where Triton is absent)"
+    devices = ("cuda",)
+    dtypes = (torch.float32, torch.float16, torch.bfloat16)
+
+    def availability_reasons(self):
+        if not built():
+            return [f"lara_kernels._C not built ({C_ERROR})"]
+        if not built_with_cuda():
+            return ["lara_kernels._C was built without CUDA (torch without CUDA, nvcc not found, "
+                    "or LARA_SKIP_CUDA_BUILD=1)"]
+        return []
 
 
 _REGISTRY: Dict[str, Backend] = {}
@@ -145,6 +151,9 @@ def select(op: str, name: str, q, k, v, **options) -> Backend:
 
 register_backend(ReferenceBackend())
 register_backend(CpuBackend())
+register_backend(CudaBackend())
+
+_COMPILED_PASSES = FusedPasses(CompiledKernels)
 
 
 def _register_optional():
