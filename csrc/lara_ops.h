@@ -110,4 +110,12 @@ void check_query_pass_args(const char* op, const Tensor& q, const Tensor& w, con
 inline at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 constexpr int64_t kMaxDim = 256;
 
+// Test mode (lara_kernels._C._set_poison_outputs): every output and scratch buffer of the
+// ops starts as NaN instead of uninitialized, so an element a kernel forgets to write
+// shows up in the tests. Off by default (outputs are then at::empty).
+bool poison_outputs();
+void set_poison_outputs(bool on);
+// at::empty, or a NaN-filled tensor in test mode.
+at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& opts);
+
 }  // namespace lara

@@ -2,6 +2,9 @@
 // and exposes how the library was built.
 #include <torch/extension.h>
 
+#include "lara_ops.h"
+#include "cpu/cpu_math.h"
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -22,4 +25,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return false;
 #endif
   }, "Whether this build was compiled with OpenMP.");
+  m.def("_set_poison_outputs", &lara::set_poison_outputs,
+        "Test mode: fill every op output and scratch buffer with NaN before the kernels run.");
+  m.def("_poison_outputs", &lara::poison_outputs, "Whether the NaN test mode is on.");
+  m.def("_new_output", [](int64_t n) { return lara::new_output({n}, at::TensorOptions().dtype(at::kFloat)); },
+        "The allocation every op output goes through (NaN-filled in test mode).");
+  m.def("_have_blas", &lara::cpu::have_blas, "Whether the CPU passes found torch's BLAS (sgemm_/dgemm_).");
 }

@@ -2,6 +2,8 @@
 
 import torch
 
+from lara_kernels import lara_attention, rfa_attention
+
 
 def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
     """Relative RMS error of a against b (fla's err ratio), computed in float64."""
@@ -27,3 +29,78 @@ def random_padding(B, L, seed=0, p=0.3, device="cpu"):
     pad = torch.rand(B, L, generator=g) < p
     pad[:, 0] = False
     return pad.to(device)
+
+
+# ----------------------------------------------------------------------------- backend vs reference
+
+
+def padding_mask(Bn, L, fully=False, seed=3):
+    """(Bn, L) padding with about 30% padded; element 0 unpadded; the last element all
+    padding when ``fully`` (its output rows must then be 0)."""
+    g = torch.Generator().manual_seed(seed)
+    m = torch.rand(Bn, L, generator=g) < 0.3
+    m[0] = False
+    if fully:
+        m[-1] = True
+    return m
+
+
+def make_case(B, H, N, M, D, DV, C, *, seed=0, strided=False, landmarks=False, kpm=None, qpm=None, gain=1.0):
+    """Float32 leaves, a function that turns leaves into (q, k, v, q_lm, k_lm) views, the
+    masks as keyword arguments, and an incoming gradient dy."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rn(*shape):
+        return torch.randn(*shape, generator=g) * gain
+
+    if strided:   # q (B, N, H, D) transposed; k with stride 1 along M; v every other column
+        leaves = [rn(B, N, H, D), rn(B, H, D, M), rn(B, H, M, 2 * DV) / gain]
+        views = [lambda x: x.transpose(1, 2), lambda x: x.transpose(-1, -2), lambda x: x[..., ::2]]
+    else:
+        leaves = [rn(B, H, N, D), rn(B, H, M, D), rn(B, H, M, DV) / gain]
+        views = [lambda x: x] * 3
+    if landmarks:
+        leaves += [rn(B, H, C, D) / gain, rn(B, H, C, D) / gain]
+        views += [lambda x: x] * 2
+
+    def build(ls):
+        out = [f(x) for f, x in zip(views, ls)]
+        return out + [None] * (5 - len(out))
+
+    masks = {}
+    if kpm is not None:
+        masks["key_padding_mask"] = kpm
+    if qpm is not None:
+        masks["query_padding_mask"] = qpm
+    dy = torch.randn(B, H, N, DV, generator=g)
+    return leaves, build, masks, dy
+
+
+def run(fn, backend, leaves, build, masks, dy, dtype, device, **opts):
+    """Output and gradients of all leaves, leaves cast to dtype on device."""
+    ls = [x.to(device=device, dtype=dtype).requires_grad_() for x in leaves]
+    q, k, v, qlm, klm = build(ls)
+    masks = {n: m.to(device) for n, m in masks.items()}
+    if fn == "rfa":
+        y = rfa_attention(q, k, v, backend=backend, **masks, **opts)
+    else:
+        if qlm is not None:
+            opts = dict(opts, q_landmarks=qlm, k_landmarks=klm)
+        y = lara_attention(q, k, v, backend=backend, **masks, **opts)
+    grads = torch.autograd.grad(y, ls, dy.to(device=device, dtype=y.dtype), allow_unused=True)
+    return y, grads
+
+
+def compare_to_reference(fn, backend, leaves, build, masks, dy, opts, dtype=torch.float32, device="cpu"):
+    """``backend`` in ``dtype`` against the reference in float64 on the same inputs and
+    generator state; returns the relative RMS errors of the forward and of each gradient."""
+    g_opts = {"generator": torch.Generator(device=device).manual_seed(1234)}
+    y, grads = run(fn, backend, leaves, build, masks, dy, dtype, device, **opts, **g_opts)
+    g_opts = {"generator": torch.Generator(device=device).manual_seed(1234)}
+    y64, grads64 = run(fn, "reference", leaves, build, masks, dy, torch.float64, device, **opts, **g_opts)
+    assert y.dtype == dtype and y.shape == y64.shape
+    # a leaf unused by the function (k_landmarks under "attend") has no gradient in either
+    assert [g is None for g in grads] == [g is None for g in grads64]
+    grads, grads64 = [g for g in grads if g is not None], [g for g in grads64 if g is not None]
+    assert torch.isfinite(y).all() and all(torch.isfinite(g).all() for g in grads)
+    return [rel_rms(y, y64)] + [rel_rms(a, b) for a, b in zip(grads, grads64)]

@@ -33,6 +33,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
+from helpers import compare_to_reference, make_case, padding_mask, rel_rms, run  # noqa: E402
 from lara_kernels import _passes_torch, _pipeline, dispatch, lara_attention, rfa_attention  # noqa: E402
 from lara_kernels import _triton_backend as tb  # noqa: E402
 from lara_kernels.triton_kernels import _common  # noqa: E402
@@ -50,11 +51,6 @@ interp = pytest.mark.skipif(
 )
 
 
-def rel_rms(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp(min=1e-300)).item()
-
-
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
     """Every kernel-written buffer starts as NaN."""
@@ -69,68 +65,9 @@ def test_poison_is_active():
     assert torch.isnan(_common.empty((3,), torch.float32, "cpu")).all()
 
 
-# ----------------------------------------------------------------------------- inputs
-
-
-def make_case(B, H, N, M, D, DV, C, *, seed=0, strided=False, landmarks=False, kpm=None, qpm=None,
-              gain=1.0):
-    """Float32 leaves, a function that turns leaves into (q, k, v, q_lm, k_lm) views, masks."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rn(*shape):
-        return torch.randn(*shape, generator=g) * gain
-
-    if strided:   # q (B, N, H, D) transposed; k with stride 1 along M; v every other column
-        leaves = [rn(B, N, H, D), rn(B, H, D, M), rn(B, H, M, 2 * DV) / gain]
-        views = [lambda x: x.transpose(1, 2), lambda x: x.transpose(-1, -2), lambda x: x[..., ::2]]
-    else:
-        leaves = [rn(B, H, N, D), rn(B, H, M, D), rn(B, H, M, DV) / gain]
-        views = [lambda x: x] * 3
-    if landmarks:
-        leaves += [rn(B, H, C, D) / gain, rn(B, H, C, D) / gain]
-        views += [lambda x: x] * 2
-
-    def build(ls):
-        out = [f(x) for f, x in zip(views, ls)]
-        return out + [None] * (5 - len(out))
-
-    masks = {}
-    if kpm is not None:
-        masks["key_padding_mask"] = kpm
-    if qpm is not None:
-        masks["query_padding_mask"] = qpm
-    dy = torch.randn(B, H, N, DV, generator=g)
-    return leaves, build, masks, dy
-
-
-def run(fn, backend, leaves, build, masks, dy, dtype, device, **opts):
-    """Output and gradients of all leaves, leaves cast to dtype on device."""
-    ls = [x.to(device=device, dtype=dtype).requires_grad_() for x in leaves]
-    q, k, v, qlm, klm = build(ls)
-    masks = {n: m.to(device) for n, m in masks.items()}
-    if fn == "rfa":
-        y = rfa_attention(q, k, v, backend=backend, **masks, **opts)
-    else:
-        if qlm is not None:
-            opts = dict(opts, q_landmarks=qlm, k_landmarks=klm)
-        y = lara_attention(q, k, v, backend=backend, **masks, **opts)
-    grads = torch.autograd.grad(y, ls, dy.to(device=device, dtype=y.dtype), allow_unused=True)
-    return y, grads
-
-
 def compare(fn, leaves, build, masks, dy, opts, device="cpu"):
-    """Triton float32 vs reference float64; returns the errors (forward, each gradient)."""
-    g_opts = {"generator": torch.Generator(device=device).manual_seed(1234)}
-    y, grads = run(fn, "triton", leaves, build, masks, dy, torch.float32, device, **opts, **g_opts)
-    g_opts = {"generator": torch.Generator(device=device).manual_seed(1234)}
-    y64, grads64 = run(fn, "reference", leaves, build, masks, dy, torch.float64, device, **opts, **g_opts)
-    assert y.dtype == torch.float32 and y.shape == y64.shape
-    # a leaf unused by the function (k_landmarks under "attend") has no gradient in either
-    assert [g is None for g in grads] == [g is None for g in grads64]
-    grads, grads64 = [g for g in grads if g is not None], [g for g in grads64 if g is not None]
-    assert torch.isfinite(y).all() and all(torch.isfinite(g).all() for g in grads)
-    errs = [rel_rms(y, y64)] + [rel_rms(a, b) for a, b in zip(grads, grads64)]
-    return errs
+    """Triton float32 vs reference float64: errors of the forward and of each gradient."""
+    return compare_to_reference(fn, "triton", leaves, build, masks, dy, opts, torch.float32, device)
 
 
 def assert_close(errs):
@@ -144,13 +81,7 @@ def assert_close(errs):
 B, H = 2, 2
 
 
-def _kpm(Bn, M, fully=False, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    m = torch.rand(Bn, M, generator=g) < 0.3
-    m[0] = False                        # element 0 unpadded
-    if fully:
-        m[-1] = True                    # last element: all keys padding -> rows are 0
-    return m
+_kpm = padding_mask
 
 
 @interp

@@ -101,7 +101,7 @@ at::Tensor landmarks_backward_cpu(const at::Tensor& grad, const c10::optional<at
   std::vector<int64_t> seg, count;
   segment_table(padding, c_eff, B, L, C, seg, count);
   const at::Tensor g = grad.contiguous();
-  at::Tensor gx = at::empty({B, H, L, D}, grad.options().dtype(dtype));
+  at::Tensor gx = new_output({B, H, L, D}, grad.options().dtype(dtype));
 
   // Two explicit levels: output type (out_t) and gradient type (grad_t).
   auto run = [&](auto out_tag, auto grad_tag) {

@@ -281,6 +281,13 @@ void reduce_chunks(const T* part, int64_t count, int64_t size, T* out) {
   });
 }
 
+// Scratch of n elements: zeros, or NaN in test mode (lara_ops.h), so that a tile or a
+// partial read before it is written shows up.
+template <typename T>
+std::vector<T> scratch(int64_t n) {
+  return std::vector<T>(n, poison_outputs() ? std::numeric_limits<T>::quiet_NaN() : T(0));
+}
+
 const bool* padding_rows(const at::Tensor& pad, int64_t b) {
   return pad.defined() ? pad.data_ptr<bool>() + b * pad.size(1) : nullptr;
 }
@@ -297,13 +304,19 @@ void key_fwd_impl(const at::Tensor& w, const at::Tensor& k, const at::Tensor& v,
   const Chunking ch = chunking(M);
   const int64_t BH = B * H;
   // partial (running max, sum, unnormalized acc) per (chunk, b*h)
-  std::vector<T> m_part(ch.count * BH * C), l_part(ch.count * BH * C), acc_part(ch.count * BH * C * DV);
+  auto m_part = scratch<T>(ch.count * BH * C);
+  auto l_part = scratch<T>(ch.count * BH * C);
+  auto acc_part = scratch<T>(ch.count * BH * C * DV);
   const S* kp = k.data_ptr<S>();
   const S* vp = has_v ? v.data_ptr<S>() : nullptr;
   const T* wp = w.data_ptr<T>();
 
   at::parallel_for(0, BH * ch.count, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> kh(kTile * D), vt(kTile * std::max<int64_t>(DV, 1)), lg(C * kTile), nb(kTile), resc(C);
+    auto kh = scratch<T>(kTile * D);
+    auto vt = scratch<T>(kTile * std::max<int64_t>(DV, 1));
+    auto lg = scratch<T>(C * kTile);
+    auto nb = scratch<T>(kTile);
+    auto resc = scratch<T>(C);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / ch.count, s = task % ch.count, b = bh / H, h = bh % H;
       const int64_t idx = s * BH + bh;
@@ -372,9 +385,9 @@ void key_bwd_impl(const at::Tensor& w, const at::Tensor& k, const at::Tensor& v,
   const int64_t DV = has_v ? v.size(3) : 0;
   const Chunking ch = chunking(M);
   const int64_t BH = B * H;
-  std::vector<T> dw_part(ch.count * BH * C * D);
+  auto dw_part = scratch<T>(ch.count * BH * C * D);
   // E_c = dZ_c - dkap_c . kap_c
-  std::vector<T> E(BH * C);
+  auto E = scratch<T>(BH * C);
   const T* dZp = dZ.data_ptr<T>();
   const T* kapp = has_v ? kap.data_ptr<T>() : nullptr;
   const T* dkapp = has_v ? dkap.data_ptr<T>() : nullptr;
@@ -392,8 +405,15 @@ void key_bwd_impl(const at::Tensor& w, const at::Tensor& k, const at::Tensor& v,
 
   at::parallel_for(0, BH * ch.count, 1, [&](int64_t begin, int64_t end) {
     const int64_t DVa = std::max<int64_t>(DV, 1);
-    std::vector<T> kh(kTile * D), vt(kTile * DVa), lg(C * kTile), g(has_v ? C * kTile : 0),
-        sm(has_v ? C * kTile : 0), nb(kTile), colsum(kTile), dkh(kTile * D), dvt(kTile * DVa);
+    auto kh = scratch<T>(kTile * D);
+    auto vt = scratch<T>(kTile * DVa);
+    auto lg = scratch<T>(C * kTile);
+    auto g = scratch<T>(has_v ? C * kTile : 0);
+    auto sm = scratch<T>(has_v ? C * kTile : 0);
+    auto nb = scratch<T>(kTile);
+    auto colsum = scratch<T>(kTile);
+    auto dkh = scratch<T>(kTile * D);
+    auto dvt = scratch<T>(kTile * DVa);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / ch.count, s = task % ch.count, b = bh / H, h = bh % H;
       T* dwp = dw_part.data() + (s * BH + bh) * C * D;
@@ -454,8 +474,11 @@ void query_fwd_impl(const QueryArgs& a, T ss, T beta, at::Tensor& y) {
   S* yp = y.data_ptr<S>();
 
   at::parallel_for(0, BH * ntiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> qh(kTile * D), sc(kTile * C), t(a.mis ? kTile * C : 0), al(a.mis ? kTile * C : 0),
-        yt(kTile * DV);
+    auto qh = scratch<T>(kTile * D);
+    auto sc = scratch<T>(kTile * C);
+    auto t = scratch<T>(a.mis ? kTile * C : 0);
+    auto al = scratch<T>(a.mis ? kTile * C : 0);
+    auto yt = scratch<T>(kTile * DV);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / ntiles, n0 = (task % ntiles) * kTile, b = bh / H, h = bh % H;
       const int64_t nr = std::min(kTile, N - n0), ce = cep[b];
@@ -480,9 +503,12 @@ void query_bwd_impl(const QueryArgs& a, T ss, T beta, const at::Tensor& dy, at::
   const Chunking ch = chunking(N);
   const bool mis = a.mis;
   // per-chunk partials of the C-sized sums
-  std::vector<T> dw_part(ch.count * BH * C * D), dkap_part(ch.count * BH * C * DV), db_part(ch.count * BH * C),
-      dqt_part(mis ? ch.count * BH * C * D : 0), dbh_part(mis ? ch.count * BH * C : 0),
-      dlam_part(mis ? ch.count * BH * C : 0);
+  auto dw_part = scratch<T>(ch.count * BH * C * D);
+  auto dkap_part = scratch<T>(ch.count * BH * C * DV);
+  auto db_part = scratch<T>(ch.count * BH * C);
+  auto dqt_part = scratch<T>(mis ? ch.count * BH * C * D : 0);
+  auto dbh_part = scratch<T>(mis ? ch.count * BH * C : 0);
+  auto dlam_part = scratch<T>(mis ? ch.count * BH * C : 0);
   const S* qp = q.data_ptr<S>();
   const S* dyp = dy.data_ptr<S>();
   const T *wp = a.w.data_ptr<T>(), *biasp = a.bias.data_ptr<T>(), *kapp = a.kap.data_ptr<T>();
@@ -493,8 +519,13 @@ void query_bwd_impl(const QueryArgs& a, T ss, T beta, const at::Tensor& dy, at::
   S* dqp = dq.data_ptr<S>();
 
   at::parallel_for(0, BH * ch.count, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> qh(kTile * D), dyt(kTile * DV), p(kTile * C), g(kTile * C), r(mis ? kTile * C : 0),
-        al(mis ? kTile * C : 0), dqh(kTile * D);
+    auto qh = scratch<T>(kTile * D);
+    auto dyt = scratch<T>(kTile * DV);
+    auto p = scratch<T>(kTile * C);
+    auto g = scratch<T>(kTile * C);
+    auto r = scratch<T>(mis ? kTile * C : 0);
+    auto al = scratch<T>(mis ? kTile * C : 0);
+    auto dqh = scratch<T>(kTile * D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / ch.count, s = task % ch.count, b = bh / H, h = bh % H;
       const int64_t idx = s * BH + bh, ce = cep[b];
@@ -579,7 +610,7 @@ std::tuple<Tensor, Tensor> key_pass_fwd_cpu(const Tensor& w, const Tensor& k, co
   const int64_t B = k.size(0), H = k.size(1), C = w.size(2);
   const int64_t DV = v.has_value() ? v->size(3) : 0;
   const auto opts = w.options();
-  Tensor Z = at::empty({B, H, C}, opts), kap = at::empty({B, H, C, DV}, opts);
+  Tensor Z = new_output({B, H, C}, opts), kap = new_output({B, H, C, DV}, opts);
   const Tensor vt = v.has_value() ? *v : Tensor();
   const Tensor pad = cpu::padding_or_undefined(padding);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "key_pass_fwd_cpu", [&] {
@@ -614,10 +645,10 @@ std::tuple<Tensor, Tensor, Tensor> key_pass_bwd_cpu(const Tensor& w, const Tenso
     kapt = *kap;
     dkapt = *dkap;
   }
-  Tensor dw = at::empty({B, H, C, D}, w.options());
-  Tensor dk = at::empty({B, H, M, D}, k.options().memory_format(at::MemoryFormat::Contiguous));
-  Tensor dv = v.has_value() ? at::empty({B, H, M, v->size(3)}, v->options().memory_format(at::MemoryFormat::Contiguous))
-                            : at::empty({0}, k.options());
+  Tensor dw = new_output({B, H, C, D}, w.options());
+  Tensor dk = new_output({B, H, M, D}, k.options());
+  Tensor dv = v.has_value() ? new_output({B, H, M, v->size(3)}, v->options())
+                            : new_output({0}, k.options());
   const Tensor pad = cpu::padding_or_undefined(padding);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "key_pass_bwd_cpu", [&] {
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -631,8 +662,8 @@ Tensor query_pass_fwd_cpu(const Tensor& q, const Tensor& w, const Tensor& bias, 
                           const OptTensor& lam, const OptTensor& bh, double beta) {
   check_query_pass_args("lara_kernels::query_pass_fwd", q, w, bias, kap, c_eff, padding, qt, lam, bh);
   const auto a = cpu::query_args(q, w, bias, kap, c_eff, padding, qt, lam, bh);
-  Tensor y = at::empty({q.size(0), q.size(1), q.size(2), kap.size(3)},
-                       q.options().memory_format(at::MemoryFormat::Contiguous));
+  Tensor y = new_output({q.size(0), q.size(1), q.size(2), kap.size(3)},
+                       q.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "query_pass_fwd_cpu", [&] {
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     cpu::query_fwd_impl<scalar_t, T>(a, T(ss), T(beta), y);
@@ -653,12 +684,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> query_pass_bw
   TORCH_CHECK(dy.device() == q.device(), op, ": dy is on ", dy.device(), " but q is on ", q.device());
   const auto a = cpu::query_args(q, w, bias, kap, c_eff, padding, qt, lam, bh);
   const auto opts = w.options();
-  Tensor dq = at::empty({B, H, N, D}, q.options().memory_format(at::MemoryFormat::Contiguous));
-  Tensor dw = at::empty({B, H, C, D}, opts), dbias = at::empty({B, H, C}, opts),
-         dkap = at::empty({B, H, C, DV}, opts);
-  Tensor dqt = a.mis ? at::empty({B, H, C, D}, opts) : at::empty({0}, opts);
-  Tensor dlam = a.mis ? at::empty({B, H, C}, opts) : at::empty({0}, opts);
-  Tensor dbh = a.mis ? at::empty({B, H, C}, opts) : at::empty({0}, opts);
+  Tensor dq = new_output({B, H, N, D}, q.options());
+  Tensor dw = new_output({B, H, C, D}, opts), dbias = new_output({B, H, C}, opts),
+         dkap = new_output({B, H, C, DV}, opts);
+  Tensor dqt = a.mis ? new_output({B, H, C, D}, opts) : new_output({0}, opts);
+  Tensor dlam = a.mis ? new_output({B, H, C}, opts) : new_output({0}, opts);
+  Tensor dbh = a.mis ? new_output({B, H, C}, opts) : new_output({0}, opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "query_pass_bwd_cpu", [&] {
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     cpu::query_bwd_impl<scalar_t, T>(a, T(ss), T(beta), dy, dq, dw, dbias, dkap, dqt, dlam, dbh);
