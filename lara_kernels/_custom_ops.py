@@ -130,9 +130,10 @@ def lara_attention_op(q: Tensor, k: Tensor, v: Tensor, *, num_samples: int = 64,
                       training: bool = False, generator: Optional[torch.Generator] = None,
                       key_padding_mask: Optional[Tensor] = None, query_padding_mask: Optional[Tensor] = None,
                       q_landmarks: Optional[Tensor] = None, k_landmarks: Optional[Tensor] = None,
-                      backend: str = "auto") -> Tensor:
+                      backend: str = "auto", check_finite: bool = False) -> Tensor:
     """:func:`lara_kernels.lara_attention` through the custom op (same arguments, checks,
-    eps draw and result); use it in code that ``torch.compile(fullgraph=True)`` traces."""
+    eps draw and result); use it in code that ``torch.compile(fullgraph=True)`` traces.
+    ``check_finite`` as in :func:`lara_kernels.lara_attention`."""
     api._check_qkv(q, k, v)
     B, H, N, D = q.shape
     M = k.shape[2]
@@ -148,6 +149,8 @@ def lara_attention_op(q: Tensor, k: Tensor, v: Tensor, *, num_samples: int = 64,
     q_landmarks = api._check_landmarks("q_landmarks", q_landmarks, q, C)
     k_landmarks = api._check_landmarks("k_landmarks", k_landmarks, q, C)
     backend = api._check_backend(backend)
+    api._check_finite(check_finite, q, k, v, q_landmarks=q_landmarks, k_landmarks=k_landmarks,
+                      key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask)
     eps = None
     if training and B * H * N > 0 and M > 0:
         eps = torch.randn((B, H, C, D), generator=generator, device=q.device, dtype=torch.float32)

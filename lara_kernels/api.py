@@ -157,6 +157,100 @@ def _empty_result(q, k, v):
     return out
 
 
+def _check_finite_values(q, k, v, q_landmarks, k_landmarks, key_padding_mask, query_padding_mask):
+    """Raise ValueError if q, k, v or the landmarks hold NaN or +-inf at a valid position.
+
+    Positions marked True (padding) in query_padding_mask (rows of q) or key_padding_mask
+    (rows of k and v) are not looked at. A screen first: the sum of each row is finite
+    unless the row holds a non-finite value (or the sum overflows), one device
+    synchronization for all tensors; only a tensor that fails it is counted element by
+    element. "first" is the first bad element in row-major order of the argument's shape.
+    """
+    items = (("q", q, query_padding_mask), ("k", k, key_padding_mask), ("v", v, key_padding_mask),
+             ("q_landmarks", q_landmarks, None), ("k_landmarks", k_landmarks, None))
+    screened = []
+    for name, t, pad in items:
+        if t is None or t.numel() == 0 or t.device.type == "meta":   # meta: no values to check
+            continue
+        rows = t.detach().sum(-1, dtype=torch.float32 if t.element_size() < 4 else t.dtype)   # (B, H, L)
+        if pad is not None:
+            rows = rows.masked_fill(pad[:, None, :], 0)
+        screened.append((name, t, pad, torch.isfinite(rows).all()))
+    if not screened:
+        return
+    passed = torch.stack([ok for *_, ok in screened]).tolist()
+    for (name, t, pad, _), ok in zip(screened, passed):
+        if ok:
+            continue
+        bad = ~torch.isfinite(t.detach())
+        if pad is not None:
+            bad.masked_fill_(pad[:, None, :, None], False)
+        n = int(bad.sum())
+        if n == 0:                                                    # the screen's sum overflowed
+            continue
+        flat = int(bad.reshape(-1).to(torch.uint8).argmax())          # argmax: the first maximum
+        index = []
+        for size in reversed(t.shape):
+            flat, i = divmod(flat, size)
+            index.append(i)
+        index = tuple(reversed(index))
+        value = float(t[index].item())
+        raise ValueError(
+            f"check_finite: {name} has {n} non-finite value{'s' if n != 1 else ''} (first {value} at index {index})"
+        )
+
+
+@torch.library.custom_op("lara_kernels::check_finite", mutates_args=())
+def _check_finite_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_landmarks: Optional[torch.Tensor],
+                     k_landmarks: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
+                     query_padding_mask: Optional[torch.Tensor]) -> None:
+    _check_finite_values(q, k, v, q_landmarks, k_landmarks, key_padding_mask, query_padding_mask)
+
+
+@_check_finite_op.register_fake
+def _check_finite_fake(q, k, v, q_landmarks, k_landmarks, key_padding_mask, query_padding_mask):
+    return None
+
+
+def _keep_in_compiled_graphs(op):
+    """Mark an op that returns nothing as a side effect, or torch.compile drops it as dead code."""
+    try:                                       # torch's way for ops (private API, recent torch)
+        from torch._library.effects import EffectType
+
+        torch.library._register_effectful_op(op, EffectType.ORDERED)
+        return True
+    except (ImportError, AttributeError):
+        pass
+    has_side_effect = getattr(torch.fx.node, "has_side_effect", None)
+    if has_side_effect is not None:
+        has_side_effect(op)
+        return True
+    return False
+
+
+_CHECK_KEPT_WHEN_COMPILED = _keep_in_compiled_graphs(torch.ops.lara_kernels.check_finite.default)
+
+
+def _check_finite(check_finite, q, k, v, *, q_landmarks=None, k_landmarks=None, key_padding_mask=None,
+                  query_padding_mask=None):
+    """The opt-in ``check_finite`` of the public functions, on checked arguments."""
+    if not _check_bool("check_finite", check_finite):
+        return
+    args = (q, k, v, q_landmarks, k_landmarks, key_padding_mask, query_padding_mask)
+    if not torch.compiler.is_compiling():
+        _check_finite_values(*args)
+    elif _CHECK_KEPT_WHEN_COMPILED:
+        # The values exist only when the compiled graph runs: an op registered as a side
+        # effect, so the graph keeps it, raising the same ValueError then.
+        torch.ops.lara_kernels.check_finite(*args)
+    else:
+        raise NotImplementedError(
+            f"check_finite=True under torch.compile needs a torch that can mark an op as a side effect "
+            f"(torch.library._register_effectful_op or torch.fx.node.has_side_effect; torch {torch.__version__} "
+            "has neither); check the inputs outside the compiled region or pass check_finite=False"
+        )
+
+
 def lara_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -177,6 +271,7 @@ def lara_attention(
     is_causal: bool = False,
     attn_mask: Optional[torch.Tensor] = None,
     dropout_p: float = 0.0,
+    check_finite: bool = False,
 ) -> torch.Tensor:
     """Linear randomized attention (LARA), as defined in design/lara-math.md.
 
@@ -199,6 +294,15 @@ def lara_attention(
         backend: ``"auto"`` or a registered name (see ``python -m lara_kernels.info``).
         is_causal, attn_mask, dropout_p: accepted for SDPA compatibility; anything but
             the defaults raises NotImplementedError.
+        check_finite: if True, raise ValueError when q, k, v, q_landmarks or k_landmarks
+            hold NaN or +-inf at a valid position (padded positions may hold anything),
+            e.g. ``check_finite: k has 3 non-finite values (first nan at index (0, 1, 5,
+            2))``. It reads every element and synchronizes with the device once. Under
+            ``torch.compile`` it is the op ``lara_kernels::check_finite``, kept in the graph
+            as a side effect, raising the same error when the compiled code runs. If False
+            (default), nothing is checked, at no cost, and what non-finite values at valid
+            positions give is not specified (NaN or inf in output rows, or an error from
+            deeper down, such as the sampler of :func:`ra_attention`).
 
     Returns:
         (B, H, N, Dv) in q's dtype.
@@ -219,6 +323,8 @@ def lara_attention(
     q_landmarks = _check_landmarks("q_landmarks", q_landmarks, q, C)
     k_landmarks = _check_landmarks("k_landmarks", k_landmarks, q, C)
     backend = _check_backend(backend)
+    _check_finite(check_finite, q, k, v, q_landmarks=q_landmarks, k_landmarks=k_landmarks,
+                  key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask)
 
     if B * H * N == 0 or M == 0:
         return _empty_result(q, k, v)
@@ -250,12 +356,14 @@ def rfa_attention(
     is_causal: bool = False,
     attn_mask: Optional[torch.Tensor] = None,
     dropout_p: float = 0.0,
+    check_finite: bool = False,
 ) -> torch.Tensor:
     """RFA / Performer attention with positive random features (lara-math.md, Relatives).
 
     Every call draws S = ``num_samples`` features ``w ~ N(0, I)`` as float32
     ``randn((B, H, S, D), generator=generator)``; for one fixed set, pass a generator in
-    the same state. Same arguments and conventions as :func:`lara_attention`.
+    the same state. Same arguments and conventions as :func:`lara_attention`, including
+    ``check_finite`` (on q, k and v).
     """
     _check_qkv(q, k, v)
     _check_unsupported(is_causal, attn_mask, dropout_p)
@@ -267,6 +375,7 @@ def rfa_attention(
     key_padding_mask = _check_mask("key_padding_mask", key_padding_mask, B, M, "M", q.device)
     query_padding_mask = _check_mask("query_padding_mask", query_padding_mask, B, N, "N", q.device)
     backend = _check_backend(backend)
+    _check_finite(check_finite, q, k, v, key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask)
     if B * H * N == 0 or M == 0:
         return _empty_result(q, k, v)
     w = torch.randn((B, H, S, D), generator=generator, device=q.device, dtype=torch.float32)
@@ -289,13 +398,14 @@ def ra_attention(
     is_causal: bool = False,
     attn_mask: Optional[torch.Tensor] = None,
     dropout_p: float = 0.0,
+    check_finite: bool = False,
 ) -> torch.Tensor:
     """Randomized attention (paper Section 3.2), quadratic: reference implementation only.
 
     Unbiased (default) is a sampler: every call draws one sample per query
     (``m* ~ Categorical(pi_n)`` and eps), whatever ``training`` says; the mean of many
     calls converges to softmax attention (Prop. 3.2). ``biased=True`` is Eq. 31, with
-    eps drawn only when ``training``.
+    eps drawn only when ``training``. ``check_finite`` as in :func:`lara_attention`.
     """
     _check_qkv(q, k, v)
     _check_unsupported(is_causal, attn_mask, dropout_p)
@@ -307,6 +417,7 @@ def ra_attention(
     generator = _check_generator(generator, q.device)
     key_padding_mask = _check_mask("key_padding_mask", key_padding_mask, B, M, "M", q.device)
     query_padding_mask = _check_mask("query_padding_mask", query_padding_mask, B, N, "N", q.device)
+    _check_finite(check_finite, q, k, v, key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask)
     if B * H * N == 0 or M == 0:
         return _empty_result(q, k, v)
     from .reference import ra_reference

@@ -21,6 +21,9 @@ Differences from ``nn.MultiheadAttention``, on purpose:
   Pass ``query_padding_mask`` to set it explicitly.
 - Randomness: in ``train()`` mode every forward draws fresh eps from ``self.generator``
   (None = torch's global RNG); in ``eval()`` the result is deterministic.
+- ``check_finite=True`` (constructor) passes ``check_finite`` to the attention function:
+  ValueError if the projected q, k, v (B, H, L, head_dim), or the landmarks, hold NaN or
+  inf at a non-padded position; the index in the message is in that layout.
 """
 
 from __future__ import annotations
@@ -33,17 +36,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .api import PROPOSALS, WEIGHTINGS, lara_attention, rfa_attention
+from .api import _check_bool, _check_int
 from .api import _check_choice as _choice
 
 __all__ = ["LaraAttention", "PerformerAttention", "LaraEncoderLayer", "segment_pool", "LANDMARKS"]
 
 LANDMARKS = ("mean", "learned", "pool2d")
-
-
-def _num_samples(value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"num_samples must be an int >= 1, got {value!r}")
-    return value
 
 
 def _bool_padding_mask(name: str, mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -81,6 +79,8 @@ def segment_pool(x: torch.Tensor, padding: Optional[torch.Tensor], num_segments:
     seg = torch.div(pos * c_eff[:, None], n_valid, rounding_mode="floor")
     seg = torch.where(valid, seg, torch.full_like(seg, num_segments))
     member = F.one_hot(seg, num_segments + 1)[..., :num_segments].to(x.dtype)   # (B, L, C)
+    if padding is not None:   # 0 * nan = nan: padded rows must not enter the product at all
+        x = x.masked_fill(padding[:, None, :, None], 0.0)
     total = torch.einsum("blc,bhld->bhcd", member, x)
     return total / member.sum(1).clamp(min=1)[:, None, :, None]
 
@@ -256,6 +256,7 @@ class LaraAttention(_ProjectedAttention):
             for ``"learned"``, False for ``"pool2d"``; must be True for ``"learned"``.
         grid: (h, w) of the token grid for ``"pool2d"``; may also be given to forward.
         backend: lara_attention's backend (``"auto"`` picks the fastest that fits).
+        check_finite: lara_attention's ``check_finite`` (see module doc), at every forward.
 
     Attribute ``generator``: the torch.Generator eps is drawn from in training (None =
     global RNG). eps is redrawn at every training forward, never in eval().
@@ -265,11 +266,11 @@ class LaraAttention(_ProjectedAttention):
                  add_zero_attn=False, kdim=None, vdim=None, batch_first=True, device=None,
                  dtype=None, num_samples=64, proposal="segment", weighting="optimal", beta=1.0,
                  landmarks="mean", landmark_proj=None, grid=None, backend="auto",
-                 generator: Optional[torch.Generator] = None):
+                 generator: Optional[torch.Generator] = None, check_finite=False):
         super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias, add_bias_kv=add_bias_kv,
                          add_zero_attn=add_zero_attn, kdim=kdim, vdim=vdim, batch_first=batch_first,
                          device=device, dtype=dtype)
-        self.num_samples = _num_samples(num_samples)
+        self.num_samples = _check_int("num_samples", num_samples, 1)
         self.proposal = _choice("proposal", proposal, PROPOSALS)
         self.weighting = _choice("weighting", weighting, WEIGHTINGS)
         self.beta = float(beta)
@@ -289,6 +290,7 @@ class LaraAttention(_ProjectedAttention):
         self.grid = None if grid is None else self._check_grid(grid)
         self.backend = backend
         self.generator = generator
+        self.check_finite = _check_bool("check_finite", check_finite)
         fk = {"device": device, "dtype": dtype}
         if landmark_proj:
             D = self.head_dim
@@ -353,7 +355,7 @@ class LaraAttention(_ProjectedAttention):
                 weighting=self.weighting, beta=self.beta, training=self.training,
                 generator=self.generator if self.training else None,
                 key_padding_mask=k_pad, query_padding_mask=q_pad,
-                q_landmarks=ql, k_landmarks=kl, backend=self.backend,
+                q_landmarks=ql, k_landmarks=kl, backend=self.backend, check_finite=self.check_finite,
             )
 
 
@@ -364,18 +366,20 @@ class PerformerAttention(_ProjectedAttention):
     features from ``self.generator`` (None = global RNG). In eval() the features come
     from a generator seeded with the ``feature_seed`` buffer (saved in the state dict),
     so evaluation is deterministic: one fixed draw of shape (B, H, S, D), i.e. the same
-    features for the same batch size and position in the batch.
+    features for the same batch size and position in the batch. ``check_finite`` as in
+    :class:`LaraAttention`.
     """
 
     def __init__(self, embed_dim, num_heads, *, dropout=0.0, bias=True, add_bias_kv=False,
                  add_zero_attn=False, kdim=None, vdim=None, batch_first=True, device=None,
-                 dtype=None, num_samples=64, backend="auto", generator=None, seed=None):
+                 dtype=None, num_samples=64, backend="auto", generator=None, seed=None, check_finite=False):
         super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias, add_bias_kv=add_bias_kv,
                          add_zero_attn=add_zero_attn, kdim=kdim, vdim=vdim, batch_first=batch_first,
                          device=device, dtype=dtype)
-        self.num_samples = _num_samples(num_samples)
+        self.num_samples = _check_int("num_samples", num_samples, 1)
         self.backend = backend
         self.generator = generator
+        self.check_finite = _check_bool("check_finite", check_finite)
         if seed is None:
             seed = int(torch.randint(0, 2**62, (), generator=generator))
         self.register_buffer("feature_seed", torch.tensor(int(seed), dtype=torch.int64))
@@ -395,7 +399,8 @@ class PerformerAttention(_ProjectedAttention):
         q, k, v = _autocast_qkv(q, k, v)
         with torch.autocast(q.device.type, enabled=False):
             return rfa_attention(q, k, v, num_samples=self.num_samples, generator=gen,
-                                 key_padding_mask=k_pad, query_padding_mask=q_pad, backend=self.backend)
+                                 key_padding_mask=k_pad, query_padding_mask=q_pad, backend=self.backend,
+                                 check_finite=self.check_finite)
 
 
 ATTENTIONS = ("lara", "performer", "softmax")
@@ -409,7 +414,7 @@ class LaraEncoderLayer(nn.Module):
     chooses pre-norm or post-norm). ``attention`` picks ``"lara"`` (:class:`LaraAttention`),
     ``"performer"`` (:class:`PerformerAttention`) or ``"softmax"``
     (``nn.MultiheadAttention``, i.e. SDPA); ``**attn_kwargs`` go to the attention's
-    constructor (e.g. ``num_samples=16, landmarks="learned"``).
+    constructor (e.g. ``num_samples=16, landmarks="learned"``, ``check_finite=True``).
     """
 
     def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, activation="relu",

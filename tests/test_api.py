@@ -18,9 +18,16 @@ def qkv():
     return make_qkv(B, H, N, M, D, dtype=torch.float32, seed=0)
 
 
+def _poked(shape, index, value):
+    t = torch.randn(shape)
+    t[index] = value
+    return t
+
+
 def _bad_cases():
     """(id, function, override of q/k/v or kwargs, exception, regex of the message)."""
     f32 = dict(dtype=torch.float32)
+    nan, inf = float("nan"), float("inf")
     return [
         ("q-3d", lara_attention, dict(q=torch.randn(B, N, D)), ValueError, r"q must be 4-D .*got shape \(2, 10, 8\)"),
         ("k-5d", lara_attention, dict(k=torch.randn(1, B, H, M, D)), ValueError, r"k must be 4-D .*\(1, 2, 3, 12, 8\)"),
@@ -76,6 +83,14 @@ def _bad_cases():
         ("ra-biased", ra_attention, dict(biased=1), TypeError, r"biased must be a bool, got 1"),
         ("headdim-0", lara_attention, dict(q=torch.randn(B, H, N, 0), k=torch.randn(B, H, M, 0)), ValueError,
          r"head dim must be >= 1"),
+        ("nan-k", lara_attention, dict(k=_poked((B, H, M, D), (0, 1, 5, 2), nan), check_finite=True), ValueError,
+         r"check_finite: k has 1 non-finite value \(first nan at index \(0, 1, 5, 2\)\)"),
+        ("inf-q-rfa", rfa_attention, dict(q=_poked((B, H, N, D), (1, 0, 0, 3), -inf), check_finite=True), ValueError,
+         r"check_finite: q has 1 non-finite value \(first -inf at index \(1, 0, 0, 3\)\)"),
+        ("inf-landmarks", lara_attention, dict(q_landmarks=_poked((B, H, 4, D), (0, 0, 3, 0), inf), num_samples=4,
+                                               check_finite=True), ValueError,
+         r"check_finite: q_landmarks has 1 non-finite value \(first inf at index \(0, 0, 3, 0\)\)"),
+        ("check-finite-int", ra_attention, dict(check_finite=1), TypeError, r"check_finite must be a bool, got 1 \(int\)"),
     ]
 
 

@@ -295,3 +295,45 @@ def test_backend_reasons():
     assert any("device 'cpu'" in r for r in cuda.not_supported_reasons("lara", q[..., :8], q[..., :8], q[..., :8]))
     if not _ops.built_with_cuda():
         assert any("without CUDA" in r for r in cuda.availability_reasons())
+
+
+def test_opcheck_fused_ops():
+    # schema, fake (meta) kernels and dispatch of the four ops (torch.library.opcheck)
+    g = torch.Generator().manual_seed(90)
+    B_, H_, L, D, DV, C = 2, 2, 37, 8, 6, 5
+    k, q = torch.randn(B_, H_, L, D, generator=g), torch.randn(B_, H_, L, D, generator=g)
+    v = torch.randn(B_, H_, L, DV, generator=g)
+    w, qt = torch.randn(B_, H_, C, D, generator=g), torch.randn(B_, H_, C, D, generator=g)
+    pad = padding_mask(B_, L, seed=91)
+    Z, kap = ops.key_pass_fwd(w, k, v, pad, 0.5, True)
+    lam, _ = ops.key_pass_fwd(qt, q, None, pad, 0.5, False)
+    bias, bh, c_eff = torch.randn(B_, H_, C, generator=g), torch.rand(B_, H_, C, generator=g), torch.tensor([C, 3])
+    dy = torch.randn(B_, H_, L, DV, generator=g)
+    cases = [
+        (ops.key_pass_fwd, (w, k, v, pad, 0.5, True)),
+        (ops.key_pass_fwd, (qt, q, None, None, 0.5, False)),
+        (ops.key_pass_bwd, (w, k, v, pad, 0.5, True, Z, kap, torch.randn_like(Z), torch.randn_like(kap))),
+        (ops.key_pass_bwd, (qt, q, None, pad, 0.5, False, lam, None, torch.randn_like(lam), None)),
+        (ops.query_pass_fwd, (q, w, bias, kap, c_eff, pad, 0.5, qt, lam, bh, 1.0)),
+        (ops.query_pass_fwd, (q, w, bias, kap, c_eff, None, 0.5, None, None, None, 0.0)),
+        (ops.query_pass_bwd, (q, w, bias, kap, c_eff, pad, 0.5, qt, lam, bh, 1.0, dy)),
+        (ops.query_pass_bwd, (q, w, bias, kap, c_eff, pad, 0.5, None, None, None, 0.0, dy)),
+    ]
+    _ops._C._set_poison_outputs(False)    # opcheck compares runs; NaN != NaN is not the point here
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+def test_compiles_without_graph_breaks():
+    # the autograd Functions and the ops' fake kernels trace (fullgraph: no break allowed)
+    g = torch.Generator().manual_seed(95)
+    q, k, v = (torch.randn(2, 2, 64, 16, generator=g, requires_grad=True) for _ in range(3))
+
+    def f(q, k, v):
+        return lara_attention(q, k, v, num_samples=8, backend="cpu")
+
+    y = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v)
+    y0 = f(q, k, v)
+    torch.testing.assert_close(y, y0)
+    for a, b in zip(torch.autograd.grad(y.sum(), (q, k, v)), torch.autograd.grad(y0.sum(), (q, k, v))):
+        torch.testing.assert_close(a, b)

@@ -116,6 +116,21 @@ def test_clear_errors():
         LaraAttention(15, 2)
 
 
+@pytest.mark.parametrize("cls", [LaraAttention, PerformerAttention])
+def test_num_samples_errors_match_the_functions(cls):
+    # the layers share lara_attention's check: TypeError for a non-int, ValueError below 1
+    for value, exc, pattern in [(2.5, TypeError, r"num_samples must be an int, got 2.5 \(float\)"),
+                                (True, TypeError, r"num_samples must be an int, got True \(bool\)"),
+                                ("4", TypeError, r"num_samples must be an int, got '4' \(str\)"),
+                                (0, ValueError, r"num_samples must be >= 1, got 0")]:
+        with pytest.raises(exc, match=pattern):
+            cls(E, H, num_samples=value)
+        x = _x().view(2, 10, H, E // H).transpose(1, 2)
+        with pytest.raises(exc, match=pattern):
+            (lara_attention if cls is LaraAttention else rfa_attention)(x, x, x, num_samples=value)
+    assert cls(E, H, num_samples=3).num_samples == 3
+
+
 # ---------------------------------------------------------------- same function as lara_attention
 
 def test_equals_lara_attention_on_projected_inputs():
@@ -142,6 +157,18 @@ def test_learned_landmarks_are_segment_means_then_proj():
     torch.testing.assert_close(ql, m.q_landmark_proj(pooled))
     y = lara_attention(qh, kh, vh, num_samples=4, q_landmarks=ql, k_landmarks=kl)
     torch.testing.assert_close(m(x, x, x)[0], m.out_proj(y.transpose(1, 2).flatten(2)), rtol=0, atol=0)
+
+
+def test_segment_pool_never_reads_padded_rows():
+    # NaN in padded rows: the means of the valid rows are unchanged and finite
+    x = torch.randn(2, H, 12, 8)
+    pad = torch.zeros(2, 12, dtype=torch.bool)
+    pad[1, 7:] = True
+    c_eff = torch.tensor([4, 4])
+    clean = segment_pool(x, pad, 4, c_eff)
+    dirty = segment_pool(x.masked_fill(pad[:, None, :, None], float("nan")), pad, 4, c_eff)
+    assert torch.isfinite(dirty).all()
+    torch.testing.assert_close(dirty, clean, rtol=0, atol=0)
 
 
 def test_pool2d_landmarks_are_2d_average_pools():

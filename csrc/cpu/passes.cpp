@@ -282,10 +282,22 @@ void reduce_chunks(const T* part, int64_t count, int64_t size, T* out) {
 }
 
 // Scratch of n elements: zeros, or NaN in test mode (lara_ops.h), so that a tile or a
-// partial read before it is written shows up.
+// partial read before it is written shows up. Allocated through torch's allocator so
+// that memory profiles (lara-bench, bench/efficiency.py) count it.
 template <typename T>
-std::vector<T> scratch(int64_t n) {
-  return std::vector<T>(n, poison_outputs() ? std::numeric_limits<T>::quiet_NaN() : T(0));
+struct Scratch {
+  at::Tensor t;
+  T* p;
+  T* data() { return p; }
+  T& operator[](int64_t i) { return p[i]; }
+  const T& operator[](int64_t i) const { return p[i]; }
+};
+
+template <typename T>
+Scratch<T> scratch(int64_t n) {
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  at::Tensor t = poison_outputs() ? new_output({n}, opts) : at::zeros({n}, opts);
+  return {t, t.data_ptr<T>()};
 }
 
 const bool* padding_rows(const at::Tensor& pad, int64_t b) {
