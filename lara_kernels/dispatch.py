@@ -96,7 +96,6 @@ class CudaBackend(CpuBackend):
     name = "cuda"
     description = "fused CUDA C++ passes; CUDA tensors (the fallback where Triton is absent)"
     devices = ("cuda",)
-    dtypes = (torch.float32, torch.float16, torch.bfloat16)
 
     def availability_reasons(self):
         if not built():

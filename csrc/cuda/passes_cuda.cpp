@@ -1,0 +1,247 @@
+// Torch binding of the CUDA passes (csrc/cuda/key_pass_kernel.cu, query_pass_kernel.cu):
+// checks, device guard, allocation of the outputs and of the per-split partials, the
+// launch, and the small C-sized steps (combining and summing partials) as torch ops.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <cmath>
+#include <limits>
+
+#include "../lara_ops.h"
+#include "passes_kernel.h"
+
+namespace lara {
+namespace {
+
+cuda::DType kernel_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kDouble: return cuda::DType::kFloat64;
+    case at::kFloat: return cuda::DType::kFloat32;
+    case at::kHalf: return cuda::DType::kFloat16;
+    case at::kBFloat16: return cuda::DType::kBFloat16;
+    default: TORCH_CHECK(false, "lara_kernels (CUDA): unsupported dtype ", t);
+  }
+}
+
+void check_cuda(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.is_cuda(), op, " (CUDA): ", name, " must be a CUDA tensor, got ", t.device());
+}
+
+void check_launch(const char* op, cudaError_t err) {
+  TORCH_CHECK(err == cudaSuccess, op, " (CUDA) launch failed: ", cudaGetErrorString(err));
+}
+
+void strides_of(const at::Tensor& t, int64_t out[4]) {
+  for (int i = 0; i < 4; ++i) out[i] = t.stride(i);
+}
+
+// A C-sized input as a contiguous tensor of the compute type, shape-checked.
+at::Tensor small_input(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef shape,
+                       at::ScalarType ct, const at::Tensor& like) {
+  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK(t.is_floating_point(), op, ": ", name, " must be floating, got ", t.scalar_type());
+  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " is on ", t.device(), " but the inputs are on ",
+              like.device());
+  return t.to(ct).contiguous();
+}
+
+cuda::KeyPassProblem key_problem(const Tensor& w, const Tensor& k, const OptTensor& v, const OptTensor& padding,
+                                 double ss, bool subtract_norm) {
+  cuda::KeyPassProblem p;
+  p.dtype = kernel_dtype(k.scalar_type());
+  p.w = w.data_ptr();
+  p.k = k.data_ptr();
+  strides_of(k, p.sk);
+  if (v.has_value()) {
+    p.v = v->data_ptr();
+    strides_of(*v, p.sv);
+  }
+  if (padding.has_value()) {
+    p.pad = padding->data_ptr<bool>();
+    p.sp[0] = padding->stride(0);
+    p.sp[1] = padding->stride(1);
+  }
+  p.B = k.size(0);
+  p.H = k.size(1);
+  p.M = k.size(2);
+  p.D = k.size(3);
+  p.C = w.size(2);
+  p.Dv = v.has_value() ? v->size(3) : 0;
+  p.ss = ss;
+  p.subtract_norm = subtract_norm;
+  return p;
+}
+
+cuda::QueryPassProblem query_problem(const Tensor& q, const Tensor& w, const Tensor& bias, const Tensor& kap,
+                                     const Tensor& c_eff, const OptTensor& padding, double ss, const OptTensor& qt,
+                                     const OptTensor& lam, const OptTensor& bh, double beta) {
+  cuda::QueryPassProblem p;
+  p.dtype = kernel_dtype(q.scalar_type());
+  p.q = q.data_ptr();
+  strides_of(q, p.sq);
+  p.w = w.data_ptr();
+  p.bias = bias.data_ptr();
+  p.kap = kap.data_ptr();
+  p.c_eff = c_eff.data_ptr<int64_t>();
+  if (qt.has_value()) {
+    p.qt = qt->data_ptr();
+    p.lam = lam->data_ptr();
+    p.bh = bh->data_ptr();
+  }
+  if (padding.has_value()) {
+    p.pad = padding->data_ptr<bool>();
+    p.sp[0] = padding->stride(0);
+    p.sp[1] = padding->stride(1);
+  }
+  p.B = q.size(0);
+  p.H = q.size(1);
+  p.N = q.size(2);
+  p.D = q.size(3);
+  p.C = w.size(2);
+  p.Dv = kap.size(3);
+  p.ss = ss;
+  p.beta = beta;
+  return p;
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor> key_pass_fwd_cuda(const Tensor& w, const Tensor& k, const OptTensor& v,
+                                             const OptTensor& padding, double ss, bool subtract_norm) {
+  constexpr const char* op = "lara_kernels::key_pass_fwd";
+  check_key_pass_args(op, w, k, v, padding);
+  check_cuda(op, "k", k);
+  const c10::cuda::CUDAGuard guard(k.device());
+  const int64_t B = k.size(0), H = k.size(1), C = w.size(2);
+  const int64_t Dv = v.has_value() ? v->size(3) : 0;
+  const auto opts = k.options().dtype(compute_type(k.scalar_type()));
+
+  const cuda::KeyPassProblem p = key_problem(w, k, v, padding, ss, subtract_norm);
+  const cuda::SplitPlan plan = cuda::key_pass_split_plan(p, /*backward=*/false);
+  const int64_t S = plan.splits;
+  at::Tensor m_part = at::empty({S, B, H, C}, opts);
+  at::Tensor l_part = at::empty({S, B, H, C}, opts);
+  at::Tensor acc_part = at::empty({v.has_value() ? S : 0, B, H, C, Dv}, opts);
+  check_launch(op, cuda::key_pass_forward(p, plan, m_part.data_ptr(), l_part.data_ptr(), acc_part.data_ptr(),
+                                          c10::cuda::getCurrentCUDAStream().stream()));
+
+  // Z = mx + log(sum_s exp(m_s - mx) l_s), kap = sum_s exp(m_s - mx) acc_s / that sum.
+  // A row without any valid key (excluded by the contract) gets Z = -inf and kap = 0.
+  at::Tensor mx = m_part.amax(0);
+  mx = at::where(at::isinf(mx), at::zeros_like(mx), mx);
+  const at::Tensor scale = at::exp(m_part - mx);
+  const at::Tensor total = (scale * l_part).sum(0);
+  at::Tensor Z = (mx + at::log(total)).contiguous();
+  if (!v.has_value()) return {Z, at::empty({B, H, C, 0}, opts)};
+  at::Tensor kap = (scale.unsqueeze(-1) * acc_part).sum(0);
+  const at::Tensor denom = total.unsqueeze(-1);
+  kap = at::where(denom > 0, kap / at::where(denom > 0, denom, at::ones_like(denom)), at::zeros_like(kap));
+  return {Z, kap.contiguous()};
+}
+
+std::tuple<Tensor, Tensor, Tensor> key_pass_bwd_cuda(const Tensor& w, const Tensor& k, const OptTensor& v,
+                                                     const OptTensor& padding, double ss, bool subtract_norm,
+                                                     const Tensor& Z, const OptTensor& kap, const Tensor& dZ,
+                                                     const OptTensor& dkap) {
+  constexpr const char* op = "lara_kernels::key_pass_bwd";
+  check_key_pass_args(op, w, k, v, padding);
+  check_cuda(op, "k", k);
+  const c10::cuda::CUDAGuard guard(k.device());
+  const int64_t B = k.size(0), H = k.size(1), C = w.size(2), D = k.size(3);
+  const int64_t Dv = v.has_value() ? v->size(3) : 0;
+  const auto ct = compute_type(k.scalar_type());
+  const auto opts = k.options().dtype(ct);
+
+  const at::Tensor z = small_input(op, "Z", Z, {B, H, C}, ct, k);
+  at::Tensor E = small_input(op, "dZ", dZ, {B, H, C}, ct, k);
+  at::Tensor g = at::empty({0}, opts);
+  if (v.has_value()) {
+    if (dkap.has_value()) {
+      TORCH_CHECK(kap.has_value(), op, ": kap is needed with dkap");
+      g = small_input(op, "dkap", *dkap, {B, H, C, Dv}, ct, k);
+      const at::Tensor kp = small_input(op, "kap", *kap, {B, H, C, Dv}, ct, k);
+      E = (E - (g * kp).sum(-1)).contiguous();  // E_c = dZ_c - dkap_c . kap_c
+    } else {
+      g = at::zeros({B, H, C, Dv}, opts);
+    }
+  }
+
+  const cuda::KeyPassProblem p = key_problem(w, k, v, padding, ss, subtract_norm);
+  const cuda::SplitPlan plan = cuda::key_pass_split_plan(p, /*backward=*/true);
+  at::Tensor dk = at::empty(k.sizes(), k.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor dv = v.has_value() ? at::empty(v->sizes(), v->options().memory_format(at::MemoryFormat::Contiguous))
+                                : at::empty({0}, k.options());
+  at::Tensor dw_part = at::empty({plan.splits, B, H, C, D}, opts);
+  int64_t sdk[4], sdv[4] = {0, 0, 0, 0};
+  strides_of(dk, sdk);
+  if (v.has_value()) strides_of(dv, sdv);
+  check_launch(op, cuda::key_pass_backward(p, plan, z.data_ptr(), E.data_ptr(), g.data_ptr(), dk.data_ptr(), sdk,
+                                           dv.data_ptr(), sdv, dw_part.data_ptr(),
+                                           c10::cuda::getCurrentCUDAStream().stream()));
+  return {dw_part.sum(0), dk, dv};
+}
+
+Tensor query_pass_fwd_cuda(const Tensor& q, const Tensor& w, const Tensor& bias, const Tensor& kap,
+                           const Tensor& c_eff, const OptTensor& padding, double ss, const OptTensor& qt,
+                           const OptTensor& lam, const OptTensor& bh, double beta) {
+  constexpr const char* op = "lara_kernels::query_pass_fwd";
+  check_query_pass_args(op, q, w, bias, kap, c_eff, padding, qt, lam, bh);
+  check_cuda(op, "q", q);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), Dv = kap.size(3);
+  at::Tensor y = at::empty({B, H, N, Dv}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  int64_t sy[4];
+  strides_of(y, sy);
+  const cuda::QueryPassProblem p = query_problem(q, w, bias, kap, c_eff, padding, ss, qt, lam, bh, beta);
+  check_launch(op, cuda::query_pass_forward(p, y.data_ptr(), sy, c10::cuda::getCurrentCUDAStream().stream()));
+  return y;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> query_pass_bwd_cuda(
+    const Tensor& q, const Tensor& w, const Tensor& bias, const Tensor& kap, const Tensor& c_eff,
+    const OptTensor& padding, double ss, const OptTensor& qt, const OptTensor& lam, const OptTensor& bh,
+    double beta, const Tensor& dy) {
+  constexpr const char* op = "lara_kernels::query_pass_bwd";
+  check_query_pass_args(op, q, w, bias, kap, c_eff, padding, qt, lam, bh);
+  check_cuda(op, "q", q);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3), C = w.size(2), Dv = kap.size(3);
+  TORCH_CHECK(dy.dim() == 4 && dy.size(0) == B && dy.size(1) == H && dy.size(2) == N && dy.size(3) == Dv, op,
+              ": dy must have shape (", B, ", ", H, ", ", N, ", ", Dv, "), got ", dy.sizes());
+  TORCH_CHECK(dy.device() == q.device(), op, ": dy is on ", dy.device(), " but q is on ", q.device());
+  const auto st = dy.scalar_type();
+  TORCH_CHECK(st == at::kDouble || st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op,
+              ": dy must be float64, float32, float16 or bfloat16, got ", st);
+  const auto ct = compute_type(q.scalar_type());
+  const auto opts = q.options().dtype(ct);
+  // The kernels read dy in q's dtype or in the compute type; any other dtype is converted
+  // to the compute type (exact for the half types, what the accumulation uses anyway).
+  const at::Tensor g = (st == q.scalar_type() || st == ct) ? dy : dy.to(ct);
+  int64_t sdy[4];
+  strides_of(g, sdy);
+
+  const bool mis = qt.has_value();
+  const cuda::QueryPassProblem p = query_problem(q, w, bias, kap, c_eff, padding, ss, qt, lam, bh, beta);
+  const cuda::SplitPlan plan = cuda::query_pass_split_plan(p);
+  const int64_t S = plan.splits;
+  at::Tensor dq = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  int64_t sdq[4];
+  strides_of(dq, sdq);
+  at::Tensor dw_part = at::empty({S, B, H, C, D}, opts);
+  at::Tensor db_part = at::empty({S, B, H, C}, opts);
+  at::Tensor dkap_part = at::empty({S, B, H, C, Dv}, opts);
+  at::Tensor dqt_part = at::empty({mis ? S : 0, B, H, C, D}, opts);
+  at::Tensor dlam_part = at::empty({mis ? S : 0, B, H, C}, opts);
+  at::Tensor dbh_part = at::empty({mis ? S : 0, B, H, C}, opts);
+  check_launch(op, cuda::query_pass_backward(p, plan, kernel_dtype(g.scalar_type()), g.data_ptr(), sdy, dq.data_ptr(),
+                                             sdq, dw_part.data_ptr(), db_part.data_ptr(), dkap_part.data_ptr(),
+                                             dqt_part.data_ptr(), dlam_part.data_ptr(), dbh_part.data_ptr(),
+                                             c10::cuda::getCurrentCUDAStream().stream()));
+  if (!mis) {
+    const at::Tensor none = at::empty({0}, opts);
+    return {dq, dw_part.sum(0), db_part.sum(0), dkap_part.sum(0), none, none.clone(), none.clone()};
+  }
+  return {dq, dw_part.sum(0), db_part.sum(0), dkap_part.sum(0), dqt_part.sum(0), dlam_part.sum(0), dbh_part.sum(0)};
+}
+
+}  // namespace lara

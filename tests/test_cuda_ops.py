@@ -1,0 +1,350 @@
+"""The compiled CUDA passes (csrc/cuda/*_pass_kernel.cu) against the CPU ops and the eager
+torch passes, forward and backward, through the dispatcher (torch.ops.lara_kernels.*).
+
+Every test needs a GPU (marker ``gpu``; conftest.py skips them without one). Inputs are
+drawn in float64 on the CPU and rounded once to the tested dtype; the oracle is
+``lara_kernels._passes_torch`` run in float64 on those rounded inputs (autograd for the
+gradients), and the CPU op with the same contract is compared the same way.
+
+Padded rows of q/k/v hold NaN (they must never be read) and q/k/v/dy are non-contiguous
+in half of the cases. Outputs the ops allocate are poisoned: before each call the CUDA
+caching allocator's free blocks are filled with NaN, so an element a kernel forgets to
+write stays NaN and fails the finiteness check.
+
+Tolerances (relative RMS error against float64, ``helpers.rel_rms``), per output:
+- float64 inputs: 1e-11. The kernels accumulate in float64; errors measured in an
+  emulation of the kernels are 1e-15 .. 2e-14 (the larger with the MIS gradients, whose
+  1 / alpha amplifies rounding), so 1e-11 only fails on a real error.
+- float32 results (every result of float32 inputs, and the C-sized results Z, kap, dw,
+  dbias, dkap, dqt, dlam, dbh of every dtype, which are float32 for half inputs):
+  at most K32 = 4 times the error of the same eager passes run in float32 on the same
+  inputs, plus a floor of 1e-5. Both do the same float32 arithmetic in different orders,
+  so their errors are alike, and scaling by the eager error follows the conditioning of
+  the case (the MIS gradients of a case with small alpha lose more digits in any float32
+  code). The floor covers cases where the eager error is tiny by luck and the fast-math
+  exp/log/division of the setup.py build (a few ulp each); it is the floor of the Triton
+  GPU tests too. An indexing or formula error gives 1e-3 or more. (In an emulation of
+  the kernels with exact libm the errors were 1e-7 .. 3e-6.)
+- float16/bfloat16 results (y, dq, dk, dv in the input dtype): the float32 bound above
+  plus twice the error of rounding the float64 result to that dtype (one rounding of the
+  output, as in flash-attention's "at most k times the reference in that dtype").
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import rel_rms
+from lara_kernels import _ops, _passes_torch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; none is available on this machine"),
+    pytest.mark.skipif(not _ops.built_with_cuda(),
+                       reason="lara_kernels._C is built without CUDA" if _ops.built()
+                       else f"lara_kernels._C not built: {_ops.C_ERROR}"),
+]
+
+OPS = torch.ops.lara_kernels
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+K32 = 4.0
+FLOOR32 = 1e-5
+TOL64 = 1e-11
+
+
+def ct_of(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def poison_cache():
+    """Fill free blocks of the CUDA caching allocator with NaN (small and large pools)."""
+    sizes = [256] * 64 + [2**16] * 16 + [2**18] * 8 + [2**22] * 4 + [2**24] * 2
+    bufs = [torch.full((n,), float("nan"), device="cuda") for n in sizes]
+    del bufs
+
+
+def bound(out, ref64, ref32):
+    """The allowed relative RMS error of ``out`` (see the module docstring)."""
+    if out.dtype == torch.float64:
+        return TOL64
+    b = K32 * rel_rms(ref32, ref64) + FLOOR32
+    if out.dtype in (torch.float16, torch.bfloat16):
+        b += 2.0 * rel_rms(ref64.to(out.dtype), ref64)
+    return b
+
+
+def assert_close(name, out, ref64, ref32, dtype):
+    assert out.dtype == dtype, f"{name}: dtype {out.dtype}, expected {dtype}"
+    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)}, expected {tuple(ref64.shape)}"
+    assert torch.isfinite(out).all(), f"{name}: non-finite elements (unwritten or NaN leaked)"
+    err, tol = rel_rms(out, ref64), bound(out, ref64, ref32)
+    assert err <= tol, f"{name}: rel RMS {err:.3g} > {tol:.3g}"
+
+
+def rows_zero(x, pad):
+    """x (B, H, L, W): every padded row is exactly 0."""
+    return pad is None or bool((x.permute(0, 2, 1, 3)[pad.to(x.device)] == 0).all())
+
+
+def long_input(g, B, H, L, W, dtype, strided, kind):
+    """(B, H, L, W) in dtype; strided: three different non-contiguous layouts."""
+    if not strided:
+        return torch.randn(B, H, L, W, generator=g, dtype=torch.float64).to(dtype)
+    if kind == 0:   # (B, L, H, W) transposed: head-major strides
+        return torch.randn(B, L, H, W, generator=g, dtype=torch.float64).to(dtype).transpose(1, 2)
+    if kind == 1:   # stride 1 along L, W strided (column loads are uncoalesced)
+        return torch.randn(B, H, W, L, generator=g, dtype=torch.float64).to(dtype).transpose(-1, -2)
+    return torch.randn(B, H, L, 2 * W, generator=g, dtype=torch.float64).to(dtype)[..., 1::2]
+
+
+def make_padding(g, B, L):
+    pad = torch.rand(B, L, generator=g) < 0.3
+    pad[:, 0] = False                  # every element keeps a valid row
+    if B > 1:
+        pad[1, L // 2:] = True         # and one has a padded tail
+        pad[1, 0] = False
+    return pad
+
+
+def fill_padded(x, pad):
+    """A copy of x, in x's (possibly non-contiguous) layout, with NaN in the padded rows."""
+    if pad is None or x is None:
+        return x
+    y = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype).copy_(x)
+    y.permute(0, 2, 1, 3)[pad] = float("nan")
+    return y
+
+
+def to_dev(t, device):
+    """t on device with the same strides (``Tensor.to`` makes non-dense layouts contiguous)."""
+    if t is None:
+        return None
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device).copy_(t)
+
+
+# ----------------------------------------------------------------------------- key pass
+
+KEY_SHAPES = [
+    # B, H, M, D, Dv (None: no values, the query normalizer), C, subtract_norm
+    (2, 2, 33, 16, 16, 5, True),
+    (2, 3, 300, 40, 64, 24, True),
+    (1, 2, 1000, 64, 40, 100, True),
+    (2, 1, 257, 128, 128, 64, True),
+    (1, 2, 200, 256, 256, 256, True),
+    (2, 2, 150, 40, None, 17, False),
+    (1, 1, 77, 256, None, 130, False),
+]
+
+
+def key_case(shape, dtype, padded, strided, seed):
+    B, H, M, D, Dv, C, sub = shape
+    g = torch.Generator().manual_seed(seed)
+    ct = ct_of(dtype)
+    w = torch.randn(B, H, C, D, generator=g, dtype=torch.float64).to(ct)
+    k = long_input(g, B, H, M, D, dtype, strided, seed % 3)
+    v = long_input(g, B, H, M, Dv, dtype, strided, (seed + 1) % 3) if Dv else None
+    pad = make_padding(g, B, M) if padded else None
+    ss = D ** -0.25
+    dZ = torch.randn(B, H, C, generator=g, dtype=torch.float64)
+    dkap = torch.randn(B, H, C, Dv, generator=g, dtype=torch.float64) if Dv else None
+    return w, k, v, pad, ss, sub, dZ, dkap
+
+
+def key_reference(w, k, v, pad, ss, sub, dZ, dkap, dt):
+    """Z, kap and (dw, dk, dv) of the eager passes in dt (kap, dv None without values)."""
+    leaves = [w.to(dt).requires_grad_(), k.to(dt).requires_grad_()]
+    if v is not None:
+        leaves.append(v.to(dt).requires_grad_())
+    Z, kap = _passes_torch.key_pass(leaves[0], leaves[1], leaves[2] if v is not None else leaves[1], pad, ss, sub)
+    outs, grads_in = [Z], [dZ.to(dt)]
+    if v is not None:
+        outs.append(kap)
+        grads_in.append(dkap.to(dt))
+    grads = torch.autograd.grad(outs, leaves, grads_in)
+    return Z.detach(), (kap.detach() if v is not None else None), grads
+
+
+def run_key(device, w, k, v, pad, ss, sub, dZ, dkap):
+    wd, kd, vd, pd = (to_dev(t, device) for t in (w, k, v, pad))
+    if device == "cuda":
+        poison_cache()
+    Z, kap = OPS.key_pass_fwd(wd, kd, vd, pd, ss, sub)
+    if device == "cuda":
+        poison_cache()
+    grads = OPS.key_pass_bwd(wd, kd, vd, pd, ss, sub, Z, kap if v is not None else None, to_dev(dZ.to(w.dtype), device),
+                             None if dkap is None else to_dev(dkap.to(w.dtype), device))
+    return Z, kap, grads
+
+
+def check_key(results, refs, dtype, v, pad, shape):
+    Z, kap, (dw, dk, dv) = results
+    (Z64, kap64, g64), (Z32, kap32, g32) = refs
+    ct = ct_of(dtype)
+    assert_close("Z", Z.cpu(), Z64, Z32, ct)
+    assert_close("dw", dw.cpu(), g64[0], g32[0], ct)
+    assert_close("dk", dk.cpu(), g64[1], g32[1], dtype)
+    assert rows_zero(dk, pad)
+    if v is not None:
+        assert_close("kap", kap.cpu(), kap64, kap32, ct)
+        assert_close("dv", dv.cpu(), g64[2], g32[2], dtype)
+        assert rows_zero(dv, pad)
+    else:
+        assert tuple(kap.shape) == (shape[0], shape[1], shape[5], 0)
+        assert dv.numel() == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", KEY_SHAPES, ids=lambda s: f"M{s[2]}-D{s[3]}-Dv{s[4]}-C{s[5]}")
+def test_key_pass_cuda(shape, dtype):
+    i = KEY_SHAPES.index(shape)
+    padded, strided = i != 0, i % 2 == 1
+    w, k, v, pad, ss, sub, dZ, dkap = key_case(shape, dtype, padded, strided, seed=10 + i)
+    k, v = fill_padded(k, pad), fill_padded(v, pad)
+    refs = [key_reference(w, k, v, pad, ss, sub, dZ, dkap, dt) for dt in (torch.float64, torch.float32)]
+    if dtype == torch.float64:
+        refs[1] = refs[0]
+    cuda = run_key("cuda", w, k, v, pad, ss, sub, dZ, dkap)
+    check_key(cuda, refs, dtype, v, pad, shape)
+    # the CPU op, same contract, same inputs
+    cpu = run_key("cpu", w, k, v, pad, ss, sub, dZ, dkap)
+    check_key(cpu, refs, dtype, v, pad, shape)
+
+
+# ----------------------------------------------------------------------------- query pass
+
+QUERY_SHAPES = [
+    # B, H, N, D, Dv, C
+    (2, 2, 1, 16, 16, 5),
+    (2, 3, 300, 40, 64, 24),
+    (1, 2, 1000, 64, 40, 100),
+    (2, 1, 257, 128, 128, 70),
+    (1, 2, 200, 256, 256, 256),
+    (2, 2, 150, 40, 24, 130),
+]
+
+
+def query_case(shape, dtype, padded, strided, mis, seed):
+    B, H, N, D, Dv, C = shape
+    g = torch.Generator().manual_seed(seed)
+    ct = ct_of(dtype)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    q = long_input(g, B, H, N, D, dtype, strided, seed % 3)
+    ss = D ** -0.25
+    w, bias, kap = r(B, H, C, D).to(ct), r(B, H, C).to(ct), r(B, H, C, Dv).to(ct)
+    c_eff = torch.randint(1, C + 1, (B,), generator=g)
+    c_eff[0] = C                                   # one element with all samples active
+    pad = make_padding(g, B, N) if padded else None
+    mis_args = None
+    if mis:
+        qt = (0.5 * r(B, H, C, D)).to(ct)
+        lam = _passes_torch.query_normalizer(qt.double(), q.double(), pad, ss).to(ct)   # as the pipeline does
+        bh = torch.softmax(r(B, H, C), -1).to(ct)
+        mis_args = (qt, lam, bh, 1.3)
+    dy = long_input(g, B, H, N, Dv, dtype, strided, (seed + 2) % 3)
+    return q, w, bias, kap, c_eff, pad, ss, mis_args, dy
+
+
+def query_reference(q, w, bias, kap, c_eff, pad, ss, mis_args, dy, dt):
+    leaves = [x.to(dt).requires_grad_() for x in (q, w, bias, kap)]
+    mis = None
+    if mis_args is not None:
+        leaves += [x.to(dt).requires_grad_() for x in mis_args[:3]]
+        mis = (leaves[4], leaves[5], leaves[6], mis_args[3])
+    y = _passes_torch.query_pass(leaves[0], leaves[1], leaves[2], leaves[3], c_eff, pad, ss, mis)
+    grads = torch.autograd.grad(y, leaves, dy.to(dt))
+    return y.detach(), grads
+
+
+def run_query(device, q, w, bias, kap, c_eff, pad, ss, mis_args, dy):
+    qt, lam, bh, beta = mis_args if mis_args is not None else (None, None, None, 0.0)
+    args = [to_dev(t, device) for t in (q, w, bias, kap, c_eff, pad)] + [ss]
+    args += [to_dev(t, device) for t in (qt, lam, bh)] + [beta]
+    if device == "cuda":
+        poison_cache()
+    y = OPS.query_pass_fwd(*args)
+    if device == "cuda":
+        poison_cache()
+    grads = OPS.query_pass_bwd(*args, to_dev(dy, device))
+    return y, grads
+
+
+def check_query(results, refs, dtype, mis, pad):
+    y, grads = results
+    (y64, g64), (y32, g32) = refs
+    ct = ct_of(dtype)
+    assert_close("y", y.cpu(), y64, y32, dtype)
+    assert rows_zero(y, pad)
+    names = ["dq", "dw", "dbias", "dkap", "dqt", "dlam", "dbh"]
+    for i in range(7 if mis else 4):
+        assert_close(names[i], grads[i].cpu(), g64[i], g32[i], dtype if i == 0 else ct)
+    assert rows_zero(grads[0], pad)
+    if not mis:
+        assert all(t.numel() == 0 for t in grads[4:])
+
+
+@pytest.mark.parametrize("mis", [True, False], ids=["mis", "plain"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", QUERY_SHAPES, ids=lambda s: f"N{s[2]}-D{s[3]}-Dv{s[4]}-C{s[5]}")
+def test_query_pass_cuda(shape, dtype, mis):
+    i = QUERY_SHAPES.index(shape)
+    padded, strided = i != 0, i % 2 == 1
+    q, w, bias, kap, c_eff, pad, ss, mis_args, dy = query_case(shape, dtype, padded, strided, mis, seed=20 + i)
+    q = fill_padded(q, pad)
+    refs = [query_reference(q, w, bias, kap, c_eff, pad, ss, mis_args, dy, dt) for dt in (torch.float64, torch.float32)]
+    if dtype == torch.float64:
+        refs[1] = refs[0]
+    check_query(run_query("cuda", q, w, bias, kap, c_eff, pad, ss, mis_args, dy), refs, dtype, mis, pad)
+    check_query(run_query("cpu", q, w, bias, kap, c_eff, pad, ss, mis_args, dy), refs, dtype, mis, pad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_query_pass_cuda_dy_in_float32(dtype):
+    # dy of another dtype than q (float32 here, as autograd may hand it) is read as float32
+    shape = (2, 2, 90, 40, 24, 33)
+    q, w, bias, kap, c_eff, pad, ss, mis_args, dy = query_case(shape, dtype, True, True, True, seed=5)
+    q = fill_padded(q, pad)
+    dy = dy.float()
+    refs = [query_reference(q, w, bias, kap, c_eff, pad, ss, mis_args, dy, dt) for dt in (torch.float64, torch.float32)]
+    check_query(run_query("cuda", q, w, bias, kap, c_eff, pad, ss, mis_args, dy), refs, dtype, True, pad)
+
+
+def test_cuda_passes_are_deterministic():
+    # no float atomics: two runs give the same bits (several splits of the long axes)
+    w, k, v, pad, ss, sub, dZ, dkap = key_case((2, 2, 3000, 64, 64, 48, True), torch.float32, True, True, seed=3)
+    a = run_key("cuda", w, k, v, pad, ss, sub, dZ, dkap)
+    b = run_key("cuda", w, k, v, pad, ss, sub, dZ, dkap)
+    assert all(torch.equal(x, y) for x, y in zip(a[:2] + a[2], b[:2] + b[2]))
+    q, w, bias, kap, c_eff, pad, ss, mis_args, dy = query_case((2, 2, 3000, 64, 64, 48), torch.float32, True, True,
+                                                             True, seed=4)
+    a = run_query("cuda", q, w, bias, kap, c_eff, pad, ss, mis_args, dy)
+    b = run_query("cuda", q, w, bias, kap, c_eff, pad, ss, mis_args, dy)
+    assert torch.equal(a[0], b[0]) and all(torch.equal(x, y) for x, y in zip(a[1], b[1]))
+
+
+def test_cuda_passes_large_logits_stay_finite():
+    # log-space throughout: logits of a few hundred give no overflow in either pass
+    g = torch.Generator().manual_seed(7)
+    w = 20 * torch.randn(1, 2, 20, 32, generator=g, dtype=torch.float64)
+    k = 20 * torch.randn(1, 2, 60, 32, generator=g, dtype=torch.float64)
+    v = torch.randn(1, 2, 60, 8, generator=g, dtype=torch.float64)
+    Z, kap = OPS.key_pass_fwd(w.float().cuda(), k.float().cuda(), v.float().cuda(), None, 0.4, True)
+    Zr, kr = _passes_torch.key_pass(w, k, v, None, 0.4, True)
+    assert torch.isfinite(Z).all() and torch.isfinite(kap).all()
+    assert rel_rms(Z.cpu(), Zr) < 1e-5 and rel_rms(kap.cpu(), kr) < 1e-4
+    q = 20 * torch.randn(1, 2, 30, 32, generator=g, dtype=torch.float64)
+    bias = torch.randn(1, 2, 20, generator=g, dtype=torch.float64)
+    ce = torch.tensor([20])
+    args = [x.float().cuda() for x in (q, w, bias, kr)] + [ce.cuda(), None, 0.4, None, None, None, 0.0]
+    y = OPS.query_pass_fwd(*args)
+    assert torch.isfinite(y).all()
+    assert rel_rms(y.cpu(), _passes_torch.query_pass(q, w, bias, kr, ce, None, 0.4, None)) < 1e-4
+    grads = OPS.query_pass_bwd(*args, torch.randn(1, 2, 30, 8, device="cuda"))
+    assert all(torch.isfinite(t).all() for t in grads)
+
+
+def test_cuda_ops_reject_cpu_tensors_mixed_with_cuda():
+    w = torch.randn(1, 1, 4, 16, device="cuda")
+    k = torch.randn(1, 1, 8, 16, device="cuda")
+    with pytest.raises(RuntimeError, match="v is on"):
+        OPS.key_pass_fwd(w, k, torch.randn(1, 1, 8, 16), None, 0.5, True)
