@@ -1,9 +1,9 @@
 """The long passes written as eager torch ops (kernels.md's pass table, unfused).
 
-This is the implementation behind the ``cpu`` backend until fused C++ passes replace
-it, and the fallback for ``landmarks`` where ``_C`` is not built. It is an independent
-implementation of the same formulas as ``reference.py`` (the two check each other in the
-tests). It materializes the N x C and M x C matrices; the fused backends do not.
+The fallback for ``landmarks`` where ``_C`` is not built, and an independent
+implementation of the same formulas as ``reference.py`` and the fused kernels (they
+check each other in the tests). It materializes the N x C and M x C matrices; the fused
+backends (``_fused.py``: triton, cpu, cuda) do not.
 
 Pass signatures (shared by every backend's passes object, see ``_pipeline.py``):
 

@@ -1,0 +1,108 @@
+"""Runs tests/test_cuda_ops.py with the CUDA ops replaced by their CPU emulation.
+
+Usage (from .ci/cuda_emulation.sh): run_tests.py [--all | --list | FILTER]
+  (none)   the smoke subset (SMOKE below)
+  --all    every case of test_key_pass_cuda, test_query_pass_cuda, test_query_pass_cuda_dy_in_float32
+  --list   print the case names and exit
+  FILTER   the cases whose name contains FILTER, e.g. "key_pass", "float64", "(2, 2, 1, 16"
+
+The tests' "cuda" device is mapped to CPU tensors with the same strides; the CUDA ops
+(torch.ops.lara_kernels.* called on that device) go to the emulated kernels, the CPU ops
+stay the real ones. poison_cache() is a no-op: the emulation fills shared memory with NaN
+instead, and unwritten outputs of the ops come from torch.empty (not NaN-filled).
+The tests that need a real device (determinism, large logits, device mixing) are not run.
+"""
+
+import os
+import pathlib
+import sys
+import time
+
+import torch
+
+HERE = pathlib.Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))
+
+# key shapes 0 (small, contiguous), 1 (padded, strided) and 5 (no values); query shapes 0 and 1;
+# float32 and float64; the query pass with and without MIS; one half-precision dy case.
+SMOKE_KEY = {0, 1, 5}
+SMOKE_QUERY = {0, 1}
+SMOKE_DTYPES = (torch.float32, torch.float64)
+
+
+def cases(T):
+    """(name, in_smoke, fn, args) for every emulated test case."""
+    for i, shape in enumerate(T.KEY_SHAPES):
+        for dt in T.DTYPES:
+            yield f"test_key_pass_cuda {shape} {dt}", i in SMOKE_KEY and dt in SMOKE_DTYPES, T.test_key_pass_cuda, (shape, dt)
+    for i, shape in enumerate(T.QUERY_SHAPES):
+        for dt in T.DTYPES:
+            for mis in (True, False):
+                yield (f"test_query_pass_cuda {shape} {dt} {'mis' if mis else 'plain'}",
+                       i in SMOKE_QUERY and dt in SMOKE_DTYPES, T.test_query_pass_cuda, (shape, dt, mis))
+    for dt in (torch.float16, torch.bfloat16):
+        yield (f"test_query_pass_cuda_dy_in_float32 {dt}", dt == torch.float16,
+               T.test_query_pass_cuda_dy_in_float32, (dt,))
+
+
+def main():
+    arg = sys.argv[1] if len(sys.argv) > 1 else ""
+    import test_cuda_ops as T
+    if arg == "--list":
+        for name, smoke, _, _ in cases(T):
+            print(("smoke  " if smoke else "       ") + name)
+        return 0
+    selected = [(n, f, a) for n, smoke, f, a in cases(T)
+                if (arg == "--all") or (arg and arg in n) or (not arg and smoke)]
+    if not selected:
+        print(f"cuda_emulation: no case matches {arg!r} (see --list)")
+        return 2
+
+    from lara_kernels import _ops
+    if not _ops.built():
+        print(f"cuda_emulation: lara_kernels._C is not built ({_ops.C_ERROR}); the tests compare against "
+              "the CPU ops: build it first (pip install --no-build-isolation -e .)")
+        return 2
+
+    from build import build
+    t0 = time.time()
+    E = build(REPO, REPO / os.environ.get("CUDA_EMU_BUILD_DIR", "build/cuda_emulation"))
+    print(f"built the emulated ops in {time.time() - t0:.0f}s", flush=True)
+    E.set_device(4, 166912)  # 4 SMs (more splits of the long axes per SM), 163 KiB opt-in shared memory
+
+    state = {"cuda": False}
+
+    def to_dev(t, device):
+        if t is None:
+            return None
+        state["cuda"] = device == "cuda"
+        return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype).copy_(t)
+
+    class Ops:
+        def __getattr__(self, name):
+            real, emu = getattr(torch.ops.lara_kernels, name), getattr(E, name)
+            return lambda *a: (emu if state["cuda"] else real)(*a)
+
+    T.to_dev = to_dev
+    T.poison_cache = lambda: None
+    T.OPS = Ops()
+
+    fails = 0
+    t_all = time.time()
+    for name, fn, args in selected:
+        t = time.time()
+        try:
+            fn(*args)
+            print(f"ok   {name}  {time.time() - t:.1f}s", flush=True)
+        except Exception as e:  # noqa: BLE001 - report every case, fail at the end
+            fails += 1
+            print(f"FAIL {name}: {type(e).__name__}: {str(e)[:400]}", flush=True)
+    print(f"{len(selected) - fails} passed, {fails} failed, {len(selected)} cases in {time.time() - t_all:.0f}s")
+    return 1 if fails else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

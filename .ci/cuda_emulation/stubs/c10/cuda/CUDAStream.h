@@ -1,0 +1,5 @@
+// Emulated CUDA stand-ins for the torch headers the launchers include (see .ci/cuda_emulation.sh).
+#pragma once
+#include <cuda_runtime.h>
+namespace c10 { namespace cuda { struct EmuStream { cudaStream_t stream() const { return nullptr; } };
+inline EmuStream getCurrentCUDAStream() { return {}; } } }

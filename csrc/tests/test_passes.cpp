@@ -1,0 +1,106 @@
+// ctest for the fused CPU passes, through the dispatcher: each op against the same
+// formulas written with ATen ops (float64, padding, several chunks and tiles), and the
+// backward ops against autograd of those formulas. Small enough to run under valgrind
+// (.ci/valgrind_check.sh), which is its other purpose.
+#include <torch/torch.h>
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <cstdio>
+
+namespace {
+
+int failures = 0;
+
+void expect_close(const at::Tensor& a, const at::Tensor& b, const char* what) {
+  const double err = (a - b).abs().max().item<double>() / std::max(1e-300, b.abs().max().item<double>());
+  if (!(err < 1e-12)) {
+    std::printf("FAIL %s: relative max error %g\n", what, err);
+    ++failures;
+  } else {
+    std::printf("ok   %s (%.1e)\n", what, err);
+  }
+}
+
+using Opt = c10::optional<at::Tensor>;
+
+}  // namespace
+
+int main() {
+  auto& d = c10::Dispatcher::singleton();
+  auto key_fwd = d.findSchemaOrThrow("lara_kernels::key_pass_fwd", "")
+                     .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const Opt&,
+                                                               const Opt&, double, bool)>();
+  auto key_bwd = d.findSchemaOrThrow("lara_kernels::key_pass_bwd", "")
+                     .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                         const at::Tensor&, const at::Tensor&, const Opt&, const Opt&, double, bool, const at::Tensor&,
+                         const Opt&, const at::Tensor&, const Opt&)>();
+  auto query_fwd = d.findSchemaOrThrow("lara_kernels::query_pass_fwd", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const at::Tensor&, const Opt&, double, const Opt&, const Opt&, const Opt&,
+                                         double)>();
+  auto query_bwd =
+      d.findSchemaOrThrow("lara_kernels::query_pass_bwd", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              const Opt&, double, const Opt&, const Opt&, const Opt&, double, const at::Tensor&)>();
+
+  torch::manual_seed(0);
+  const auto f64 = at::TensorOptions().dtype(at::kDouble);
+  const int64_t B = 2, H = 1, L = 700, D = 12, DV = 5, C = 6;
+  const double ss = 0.6, beta = 1.5;
+  at::Tensor pad = at::zeros({B, L}, at::kBool);
+  pad.index_put_({1, at::indexing::Slice(300, 650)}, true);   // spans a chunk boundary (512)
+  const at::Tensor valid = pad.logical_not().unsqueeze(1).unsqueeze(-1).to(at::kDouble);   // (B, 1, L, 1)
+  at::Tensor x = at::randn({B, H, L, D}, f64).requires_grad_();
+  at::Tensor v = at::randn({B, H, L, DV}, f64).requires_grad_();
+  at::Tensor w = at::randn({B, H, C, D}, f64).requires_grad_();
+
+  // key pass: l = ss w.k - ss^2 |k|^2 / 2, -inf where padded; Z = LSE; kap = softmax @ v
+  at::Tensor kh = ss * x * valid;
+  at::Tensor l = at::matmul(w, kh.transpose(-1, -2)) - 0.5 * kh.pow(2).sum(-1).unsqueeze(-2);
+  l = l.masked_fill(pad.unsqueeze(1).unsqueeze(1), -std::numeric_limits<double>::infinity());
+  at::Tensor Z = l.logsumexp(-1);
+  at::Tensor kap = at::matmul(at::softmax(l, -1), v * valid);
+  auto [Zo, kapo] = key_fwd.call(w.detach(), x.detach(), v.detach(), pad, ss, true);
+  expect_close(Zo, Z.detach(), "key_pass_fwd Z");
+  expect_close(kapo, kap.detach(), "key_pass_fwd kap");
+  at::Tensor dZ = at::randn({B, H, C}, f64), dkap = at::randn({B, H, C, DV}, f64);
+  auto g = torch::autograd::grad({Z, kap}, {w, x, v}, {dZ, dkap});
+  auto [dw, dk, dv] = key_bwd.call(w.detach(), x.detach(), v.detach(), pad, ss, true, Zo, kapo, dZ, dkap);
+  expect_close(dw, g[0], "key_pass_bwd dw");
+  expect_close(dk, g[1], "key_pass_bwd dk");
+  expect_close(dv, g[2], "key_pass_bwd dv");
+
+  // query pass with the MIS term: alpha = bh + beta (r - mean r), L = s + log(max(alpha, 1e-8))
+  at::Tensor qt = (0.3 * at::randn({B, H, C, D}, f64)).requires_grad_();
+  at::Tensor bias = at::randn({B, H, C}, f64).requires_grad_();
+  at::Tensor bh = at::rand({B, H, C}, f64).requires_grad_();
+  at::Tensor kp = at::randn({B, H, C, DV}, f64).requires_grad_();
+  at::Tensor qh = ss * x * valid;
+  at::Tensor t = at::matmul(qh, qt.transpose(-1, -2));
+  at::Tensor lam = t.masked_fill(pad.unsqueeze(1).unsqueeze(-1), -std::numeric_limits<double>::infinity())
+                       .logsumexp(-2);   // (B, H, C)
+  at::Tensor lam_in = lam.detach().requires_grad_();
+  at::Tensor r = at::exp(t - lam_in.unsqueeze(-2));
+  at::Tensor alpha = bh.unsqueeze(-2) + beta * (r - r.mean(-1, true));
+  at::Tensor logits = at::matmul(qh, w.transpose(-1, -2)) + bias.unsqueeze(-2) + at::log(at::clamp_min(alpha, 1e-8));
+  at::Tensor y = at::matmul(at::softmax(logits, -1), kp) * valid;
+  const at::Tensor c_eff = at::full({B}, C, at::kLong);
+  at::Tensor yo = query_fwd.call(x.detach(), w.detach(), bias.detach(), kp.detach(), c_eff, pad, ss, qt.detach(),
+                                 lam.detach(), bh.detach(), beta);
+  expect_close(yo, y.detach(), "query_pass_fwd y");
+  at::Tensor dy = at::randn({B, H, L, DV}, f64);
+  auto gq = torch::autograd::grad({y}, {x, w, bias, kp, qt, lam_in, bh}, {dy});
+  auto out = query_bwd.call(x.detach(), w.detach(), bias.detach(), kp.detach(), c_eff, pad, ss, qt.detach(),
+                            lam.detach(), bh.detach(), beta, dy);
+  expect_close(std::get<0>(out), gq[0], "query_pass_bwd dq");
+  expect_close(std::get<1>(out), gq[1], "query_pass_bwd dw");
+  expect_close(std::get<2>(out), gq[2], "query_pass_bwd dbias");
+  expect_close(std::get<3>(out), gq[3], "query_pass_bwd dkap");
+  expect_close(std::get<4>(out), gq[4], "query_pass_bwd dqt");
+  expect_close(std::get<5>(out), gq[5], "query_pass_bwd dlam");
+  expect_close(std::get<6>(out), gq[6], "query_pass_bwd dbh");
+
+  std::printf("%s\n", failures ? "FAILED" : "all passed");
+  return failures ? 1 : 0;
+}
