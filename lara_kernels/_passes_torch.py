@@ -74,7 +74,7 @@ def query_pass(q, w, bias, kap, c_eff, padding, ss, mis):
         r = torch.exp(qh @ qt.transpose(-1, -2) - Lam[..., None, :])   # (B, H, N, C)
         r_mean = (r * active).sum(-1, keepdim=True) / c_eff[:, None, None, None]
         alpha = bh[..., None, :] + beta * (r - r_mean)
-        logits = logits + torch.log(torch.clamp(alpha, min=ALPHA_FLOOR))
+        logits = logits + torch.log(torch.where(alpha > ALPHA_FLOOR, alpha, torch.full_like(alpha, ALPHA_FLOOR)))
     logits = logits.masked_fill(~active, NEG_INF)
     y = logits.softmax(-1) @ kap
     if padding is not None:

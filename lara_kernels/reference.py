@@ -178,7 +178,9 @@ def lara_reference(
         bh = torch.exp(rho - log_den)                                   # balance heuristic
         r_mean = (r * act_c).sum(-1, keepdim=True) / c_eff[:, None, None, None]
         alpha = bh[..., None, :] + beta * (r - r_mean)                  # (B, H, N, C)
-        la = torch.log(torch.clamp(alpha, min=ALPHA_FLOOR))
+        # max(alpha, 1e-8) with the gradient of kernels.md: 1 where alpha > 1e-8, else 0
+        # (torch.clamp would also pass it at alpha == 1e-8)
+        la = torch.log(torch.where(alpha > ALPHA_FLOOR, alpha, torch.full_like(alpha, ALPHA_FLOOR)))
     elif weighting == "balance":
         la = (rho - log_den)[..., None, :]                              # (B, H, 1, C)
     else:

@@ -125,7 +125,7 @@ def _query_bwd_kernel(
     # P = softmax_c(L); dp_nc = dy_n . kap_c; delta_n = sum_c P_nc dp_nc = dy_n . y_n
     # dL = P (dp - delta);  dkap_c = sum_n P_nc dy_n;  dqh_n = sum_c dL_nc w_c (+ dt_cn qt_c)
     # dw_c = sum_n dL_nc qh_n;  dbias_c = sum_n dL_nc
-    # MIS: dalpha = dL / alpha where alpha >= 1e-8; dbh_c = sum_n dalpha_nc
+    # MIS: dalpha = dL / alpha where alpha > 1e-8 (kernels.md); dbh_c = sum_n dalpha_nc
     #      dr = beta (dalpha - mean over active c' of dalpha); dt = dr r
     #      dLam_c = -sum_n dt_cn;  dqt_c = sum_n dt_cn qh_n
     pid_s = tl.program_id(0)
@@ -207,7 +207,7 @@ def _query_bwd_kernel(
         acc_dw += tl.dot(tl.trans(dl), qhj, input_precision="ieee")
         acc_db += tl.sum(dl, axis=0)
         if MIS:
-            ok = keep & (alpha >= ALPHA_FLOOR)                         # clamp passes no gradient below
+            ok = keep & (alpha > ALPHA_FLOOR)                          # no gradient at or below the floor
             dal = tl.where(ok, dl / tl.where(ok, alpha, 1.0), 0.0)
             acc_dbh += tl.sum(dal, axis=0)
             dal_mean = tl.sum(dal, axis=1) / ce.to(tl.float32)
