@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the CUDA passes (csrc/cuda/*_pass_kernel.cu, passes_cuda.cpp) on the CPU, without a GPU,
-# through tests/test_cuda_ops.py (by hand, not in every CI run). Fails if any case fails.
+# through tests/test_cuda_ops.py. CI runs the smoke subset (.ci/run); --all by hand. Fails if
+# any case fails.
 #
 # How: .ci/cuda_emulation/gen.py copies the CUDA sources into build/cuda_emulation/gen, only
 # rewriting the launch syntax <<<...>>>; they are compiled as host C++ against emu.h, where
