@@ -49,7 +49,11 @@ def drop_inputs(keep, *tensors):
     """Zero the inputs of dropped elements (no valid query or key): their output is 0 and
     they are computed on stand-in masks, so their padded data must not enter the passes.
     Copies only when some element is dropped."""
-    if keep is None or bool(keep.all()):
+    if keep is None:
+        return tensors
+    # Eagerly, skip the copies when nothing is dropped; a compiled graph cannot branch on
+    # the values, so it always masks (same result).
+    if not torch.compiler.is_compiling() and bool(keep.all()):
         return tensors
     return tuple(None if t is None else t.masked_fill(~keep[:, None, None, None], 0.0) for t in tensors)
 

@@ -337,3 +337,18 @@ def test_compiles_without_graph_breaks():
     torch.testing.assert_close(y, y0)
     for a, b in zip(torch.autograd.grad(y.sum(), (q, k, v)), torch.autograd.grad(y0.sum(), (q, k, v))):
         torch.testing.assert_close(a, b)
+
+
+def test_compiles_with_masks_without_graph_breaks():
+    g = torch.Generator().manual_seed(96)
+    q, k, v = (torch.randn(2, 2, 40, 16, generator=g, requires_grad=True) for _ in range(3))
+    kpm, qpm = padding_mask(2, 40, fully=True, seed=97), padding_mask(2, 40, seed=98)
+
+    def f(q, k, v):
+        return lara_attention(q, k, v, num_samples=8, backend="cpu", key_padding_mask=kpm, query_padding_mask=qpm)
+
+    y = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v)
+    y0 = f(q, k, v)
+    torch.testing.assert_close(y, y0)
+    for a, b in zip(torch.autograd.grad(y.sum(), (q, k, v)), torch.autograd.grad(y0.sum(), (q, k, v))):
+        torch.testing.assert_close(a, b)
