@@ -305,6 +305,42 @@ const bool* padding_rows(const at::Tensor& pad, int64_t b) {
 }
 
 // ---------------------------------------------------------------------------------
+// The tile computations that a forward does and its backward redoes (recomputation must
+// be the same arithmetic, so both call these).
+
+// Key tile m0 .. m0 + nr of one (b, h): kh = ss k rows (padded rows 0), nb = column
+// offsets, lg (C x nr, leading dim kTile) = w kh^T.
+template <typename S, typename T>
+void key_tile_logits(const at::Tensor& k, const S* kbh, const bool* prow, int64_t m0, int64_t nr, T ss,
+                     bool sub_norm, const T* wbh, int64_t C, T* kh, T* nb, T* lg) {
+  const int64_t D = k.size(3);
+  load_rows(kbh, k.stride(2), k.stride(3), m0, nr, D, ss, prow, kh);
+  column_offsets(kh, nr, D, sub_norm, prow, m0, nb);
+  gemm(false, true, C, nr, D, T(1), wbh, D, kh, D, T(0), lg, kTile);
+}
+
+struct QueryArgs {
+  at::Tensor q, w, bias, kap, c_eff, pad, qt, lam, bh;
+  bool mis;
+};
+
+// Query tile n0 .. n0 + nr of (b, h) = (bh / H, bh % H): qh = ss q rows (padded rows 0)
+// and p (nr x C) = softmax_c(L); with the MIS term also r and alpha (see query_probs).
+template <typename S, typename T>
+void query_tile_probs(const QueryArgs& a, int64_t bh, const bool* prow, int64_t n0, int64_t nr, T ss, T beta,
+                      T* qh, T* p, T* r, T* al) {
+  const at::Tensor& q = a.q;
+  const int64_t H = q.size(1), D = q.size(3), C = a.w.size(2), b = bh / H, h = bh % H;
+  const S* qbh = q.data_ptr<S>() + b * q.stride(0) + h * q.stride(1);
+  load_rows(qbh, q.stride(2), q.stride(3), n0, nr, D, ss, prow, qh);
+  gemm(false, true, nr, C, D, T(1), qh, D, a.w.data_ptr<T>() + bh * C * D, D, T(0), p, C);
+  if (a.mis) gemm(false, true, nr, C, D, T(1), qh, D, a.qt.data_ptr<T>() + bh * C * D, D, T(0), r, C);
+  query_probs(p, a.mis ? r : nullptr, a.mis ? al : nullptr, nr, C, a.c_eff.data_ptr<int64_t>()[b],
+              a.bias.data_ptr<T>() + bh * C, a.mis ? a.lam.data_ptr<T>() + bh * C : nullptr,
+              a.mis ? a.bh.data_ptr<T>() + bh * C : nullptr, beta);
+}
+
+// ---------------------------------------------------------------------------------
 // Key pass
 
 template <typename S, typename T>
@@ -345,9 +381,7 @@ void key_fwd_impl(const at::Tensor& w, const at::Tensor& k, const at::Tensor& v,
       const int64_t m_end = std::min(M, (s + 1) * ch.len);
       for (int64_t m0 = s * ch.len; m0 < m_end; m0 += kTile) {
         const int64_t nr = std::min(kTile, m_end - m0);
-        load_rows(kbh, k.stride(2), k.stride(3), m0, nr, D, ss, prow, kh.data());
-        column_offsets(kh.data(), nr, D, sub_norm, prow, m0, nb.data());
-        gemm(false, true, C, nr, D, T(1), wbh, D, kh.data(), D, T(0), lg.data(), kTile);
+        key_tile_logits(k, kbh, prow, m0, nr, ss, sub_norm, wbh, C, kh.data(), nb.data(), lg.data());
         key_fwd_tile(lg.data(), kTile, C, nr, nb.data(), mrun, lrun, resc.data());
         if (has_v) {
           load_rows(vbh, v.stride(2), v.stride(3), m0, nr, DV, T(1), prow, vt.data());
@@ -438,9 +472,7 @@ void key_bwd_impl(const at::Tensor& w, const at::Tensor& k, const at::Tensor& v,
       const int64_t m_end = std::min(M, (s + 1) * ch.len);
       for (int64_t m0 = s * ch.len; m0 < m_end; m0 += kTile) {
         const int64_t nr = std::min(kTile, m_end - m0);
-        load_rows(kbh, k.stride(2), k.stride(3), m0, nr, D, ss, prow, kh.data());
-        column_offsets(kh.data(), nr, D, sub_norm, prow, m0, nb.data());
-        gemm(false, true, C, nr, D, T(1), wbh, D, kh.data(), D, T(0), lg.data(), kTile);
+        key_tile_logits(k, kbh, prow, m0, nr, ss, sub_norm, wbh, C, kh.data(), nb.data(), lg.data());
         if (has_v) {
           load_rows(vbh, v.stride(2), v.stride(3), m0, nr, DV, T(1), prow, vt.data());
           gemm(false, true, C, nr, DV, T(1), dkbh, DV, vt.data(), DV, T(0), g.data(), kTile);
@@ -467,22 +499,12 @@ void key_bwd_impl(const at::Tensor& w, const at::Tensor& k, const at::Tensor& v,
 // ---------------------------------------------------------------------------------
 // Query pass
 
-struct QueryArgs {
-  at::Tensor q, w, bias, kap, c_eff, pad, qt, lam, bh;
-  bool mis;
-};
-
 template <typename S, typename T>
 void query_fwd_impl(const QueryArgs& a, T ss, T beta, at::Tensor& y) {
   const at::Tensor& q = a.q;
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3), C = a.w.size(2), DV = a.kap.size(3);
   const int64_t BH = B * H, ntiles = (N + kTile - 1) / kTile;
-  const S* qp = q.data_ptr<S>();
-  const T *wp = a.w.data_ptr<T>(), *biasp = a.bias.data_ptr<T>(), *kapp = a.kap.data_ptr<T>();
-  const T* qtp = a.mis ? a.qt.data_ptr<T>() : nullptr;
-  const T* lamp = a.mis ? a.lam.data_ptr<T>() : nullptr;
-  const T* bhp = a.mis ? a.bh.data_ptr<T>() : nullptr;
-  const int64_t* cep = a.c_eff.data_ptr<int64_t>();
+  const T* kapp = a.kap.data_ptr<T>();
   S* yp = y.data_ptr<S>();
 
   at::parallel_for(0, BH * ntiles, 1, [&](int64_t begin, int64_t end) {
@@ -492,14 +514,10 @@ void query_fwd_impl(const QueryArgs& a, T ss, T beta, at::Tensor& y) {
     auto al = scratch<T>(a.mis ? kTile * C : 0);
     auto yt = scratch<T>(kTile * DV);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / ntiles, n0 = (task % ntiles) * kTile, b = bh / H, h = bh % H;
-      const int64_t nr = std::min(kTile, N - n0), ce = cep[b];
-      const bool* prow = padding_rows(a.pad, b);
-      load_rows(qp + b * q.stride(0) + h * q.stride(1), q.stride(2), q.stride(3), n0, nr, D, ss, prow, qh.data());
-      gemm(false, true, nr, C, D, T(1), qh.data(), D, wp + bh * C * D, D, T(0), sc.data(), C);
-      if (a.mis) gemm(false, true, nr, C, D, T(1), qh.data(), D, qtp + bh * C * D, D, T(0), t.data(), C);
-      query_probs(sc.data(), a.mis ? t.data() : nullptr, a.mis ? al.data() : nullptr, nr, C, ce, biasp + bh * C,
-                  a.mis ? lamp + bh * C : nullptr, a.mis ? bhp + bh * C : nullptr, beta);
+      const int64_t bh = task / ntiles, n0 = (task % ntiles) * kTile;
+      const int64_t nr = std::min(kTile, N - n0);
+      const bool* prow = padding_rows(a.pad, bh / H);
+      query_tile_probs<S, T>(a, bh, prow, n0, nr, ss, beta, qh.data(), sc.data(), t.data(), al.data());
       gemm(false, false, nr, DV, C, T(1), sc.data(), C, kapp + bh * C * DV, DV, T(0), yt.data(), DV);
       store_rows(yt.data(), n0, nr, DV, T(1), prow, yp + bh * N * DV);
     }
@@ -521,12 +539,9 @@ void query_bwd_impl(const QueryArgs& a, T ss, T beta, const at::Tensor& dy, at::
   auto dqt_part = scratch<T>(mis ? ch.count * BH * C * D : 0);
   auto dbh_part = scratch<T>(mis ? ch.count * BH * C : 0);
   auto dlam_part = scratch<T>(mis ? ch.count * BH * C : 0);
-  const S* qp = q.data_ptr<S>();
   const S* dyp = dy.data_ptr<S>();
-  const T *wp = a.w.data_ptr<T>(), *biasp = a.bias.data_ptr<T>(), *kapp = a.kap.data_ptr<T>();
+  const T *wp = a.w.data_ptr<T>(), *kapp = a.kap.data_ptr<T>();
   const T* qtp = mis ? a.qt.data_ptr<T>() : nullptr;
-  const T* lamp = mis ? a.lam.data_ptr<T>() : nullptr;
-  const T* bhp = mis ? a.bh.data_ptr<T>() : nullptr;
   const int64_t* cep = a.c_eff.data_ptr<int64_t>();
   S* dqp = dq.data_ptr<S>();
 
@@ -559,17 +574,12 @@ void query_bwd_impl(const QueryArgs& a, T ss, T beta, const at::Tensor& dy, at::
       const T* kbh = kapp + bh * C * DV;
       const T* qtbh = mis ? qtp + bh * C * D : nullptr;
       const bool* prow = padding_rows(a.pad, b);
-      const S* qbh = qp + b * q.stride(0) + h * q.stride(1);
       const S* dybh = dyp + b * dy.stride(0) + h * dy.stride(1);
       const int64_t n_end = std::min(N, (s + 1) * ch.len);
       for (int64_t n0 = s * ch.len; n0 < n_end; n0 += kTile) {
         const int64_t nr = std::min(kTile, n_end - n0);
-        load_rows(qbh, q.stride(2), q.stride(3), n0, nr, D, ss, prow, qh.data());
+        query_tile_probs<S, T>(a, bh, prow, n0, nr, ss, beta, qh.data(), p.data(), r.data(), al.data());
         load_rows(dybh, dy.stride(2), dy.stride(3), n0, nr, DV, T(1), prow, dyt.data());
-        gemm(false, true, nr, C, D, T(1), qh.data(), D, wbh, D, T(0), p.data(), C);
-        if (mis) gemm(false, true, nr, C, D, T(1), qh.data(), D, qtbh, D, T(0), r.data(), C);
-        query_probs(p.data(), mis ? r.data() : nullptr, mis ? al.data() : nullptr, nr, C, ce, biasp + bh * C,
-                    mis ? lamp + bh * C : nullptr, mis ? bhp + bh * C : nullptr, beta);
         gemm(false, true, nr, C, DV, T(1), dyt.data(), DV, kbh, DV, T(0), g.data(), C);
         query_bwd_rows(p.data(), g.data(), mis ? r.data() : nullptr, mis ? al.data() : nullptr, nr, C, ce, beta,
                        dbp, dbhp, dlp);

@@ -45,6 +45,15 @@ at::Tensor small_input(const char* op, const char* name, const at::Tensor& t, at
   return t.to(ct).contiguous();
 }
 
+// The padding pointer and strides of a problem (key or query pass); left null without one.
+template <typename Problem>
+void set_padding(const OptTensor& padding, Problem& p) {
+  if (!padding.has_value()) return;
+  p.pad = padding->data_ptr<bool>();
+  p.sp[0] = padding->stride(0);
+  p.sp[1] = padding->stride(1);
+}
+
 cuda::KeyPassProblem key_problem(const Tensor& w, const Tensor& k, const OptTensor& v, const OptTensor& padding,
                                  double ss, bool subtract_norm) {
   cuda::KeyPassProblem p;
@@ -56,11 +65,7 @@ cuda::KeyPassProblem key_problem(const Tensor& w, const Tensor& k, const OptTens
     p.v = v->data_ptr();
     strides_of(*v, p.sv);
   }
-  if (padding.has_value()) {
-    p.pad = padding->data_ptr<bool>();
-    p.sp[0] = padding->stride(0);
-    p.sp[1] = padding->stride(1);
-  }
+  set_padding(padding, p);
   p.B = k.size(0);
   p.H = k.size(1);
   p.M = k.size(2);
@@ -88,11 +93,7 @@ cuda::QueryPassProblem query_problem(const Tensor& q, const Tensor& w, const Ten
     p.lam = lam->data_ptr();
     p.bh = bh->data_ptr();
   }
-  if (padding.has_value()) {
-    p.pad = padding->data_ptr<bool>();
-    p.sp[0] = padding->stride(0);
-    p.sp[1] = padding->stride(1);
-  }
+  set_padding(padding, p);
   p.B = q.size(0);
   p.H = q.size(1);
   p.N = q.size(2);
