@@ -104,3 +104,19 @@ def compare_to_reference(fn, backend, leaves, build, masks, dy, opts, dtype=torc
     grads, grads64 = [g for g in grads if g is not None], [g for g in grads64 if g is not None]
     assert torch.isfinite(y).all() and all(torch.isfinite(g).all() for g in grads)
     return [rel_rms(y, y64)] + [rel_rms(a, b) for a, b in zip(grads, grads64)]
+
+
+def runs_with_padded_fill(backend, fills, N=30, M=26, C=5, H=2):
+    """The defining property of the masks, as a setup: lara_attention on ``backend`` with the
+    padded rows of q, k, v filled with each value of ``fills`` (same valid rows, masks and
+    incoming gradient). Returns ([(y, grads of q, k, v)] per fill, query padding mask)."""
+    Bn = 2
+    kpm, qpm = padding_mask(Bn, M, seed=50), padding_mask(Bn, N, seed=51)
+    leaves, build, masks, dy = make_case(Bn, H, N, M, 16, 8, C, seed=52, kpm=kpm, qpm=qpm)
+    q, k, v, _, _ = build(leaves)
+    outs = []
+    for fill in fills:
+        ls = [x.masked_fill(m[:, None, :, None], fill).requires_grad_() for x, m in ((q, qpm), (k, kpm), (v, kpm))]
+        y = lara_attention(*ls, num_samples=C, backend=backend, **masks)
+        outs.append((y, torch.autograd.grad(y, ls, dy)))
+    return outs, qpm

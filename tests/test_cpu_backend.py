@@ -23,7 +23,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import compare_to_reference, make_case, padding_mask, rel_rms, run
+from helpers import compare_to_reference, make_case, padding_mask, rel_rms, run, runs_with_padded_fill
 from lara_kernels import _ops, _passes_torch, dispatch, lara_attention
 
 pytestmark = pytest.mark.skipif(not _ops.built(), reason=f"lara_kernels._C is not built ({_ops.C_ERROR})")
@@ -179,16 +179,7 @@ def test_bitwise_deterministic_across_runs_and_thread_counts():
 
 @pytest.mark.parametrize("garbage", [1e30, float("inf"), float("nan")], ids=["huge", "inf", "nan"])
 def test_padded_positions_are_never_read(garbage):
-    Bn, N, M, C = 2, 300, 260, 5
-    kpm, qpm = padding_mask(Bn, M, seed=50), padding_mask(Bn, N, seed=51)
-    leaves, build, masks, dy = make_case(Bn, H, N, M, 16, 8, C, seed=52, kpm=kpm, qpm=qpm)
-    q, k, v, _, _ = build(leaves)
-    outs = []
-    for fill in (0.0, garbage):
-        ls = [x.masked_fill(m[:, None, :, None], fill).requires_grad_() for x, m in ((q, qpm), (k, kpm), (v, kpm))]
-        y = lara_attention(*ls, num_samples=C, backend="cpu", **masks)
-        outs.append((y, torch.autograd.grad(y, ls, dy)))
-    (y0, g0), (y1, g1) = outs
+    ((y0, g0), (y1, g1)), qpm = runs_with_padded_fill("cpu", (0.0, garbage), N=300, M=260)
     assert torch.equal(y1, y0) and all(torch.equal(a, b) for a, b in zip(g1, g0))
     assert torch.equal(y1[1, :, qpm[1]], torch.zeros_like(y1[1, :, qpm[1]]))
 

@@ -33,7 +33,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from helpers import compare_to_reference, make_case, padding_mask, rel_rms, run  # noqa: E402
+from helpers import compare_to_reference, make_case, padding_mask, rel_rms, run, runs_with_padded_fill  # noqa: E402,E501
 from lara_kernels import _passes_torch, _pipeline, dispatch, lara_attention, rfa_attention  # noqa: E402
 from lara_kernels import _triton_backend as tb  # noqa: E402
 from lara_kernels.triton_kernels import _common  # noqa: E402
@@ -459,17 +459,7 @@ def test_padded_positions_are_never_read(garbage):
 
     if garbage != garbage and not _ops.built():
         pytest.skip("the torch landmarks fallback multiplies padded rows by 0 (0 * nan = nan)")
-    Bn, N, M, C = 2, 30, 26, 5
-    kpm, qpm = _kpm(Bn, M, seed=50), _kpm(Bn, N, seed=51)
-    leaves, build, masks, dy = make_case(Bn, H, N, M, 16, 8, C, seed=52, kpm=kpm, qpm=qpm)
-    q, k, v, _, _ = build(leaves)
-    outs = []
-    for fill in (0.0, garbage):
-        ls = [x.masked_fill(m[:, None, :, None], fill).requires_grad_() for x, m in ((q, qpm), (k, kpm), (v, kpm))]
-        y = lara_attention(*ls, num_samples=C, backend="triton", **masks)
-        g = torch.autograd.grad(y, ls, dy)
-        outs.append((y, g))
-    (y0, g0), (y1, g1) = outs
+    ((y0, g0), (y1, g1)), qpm = runs_with_padded_fill("triton", (0.0, garbage))
     assert torch.isfinite(y1).all() and all(torch.isfinite(g).all() for g in g1)
     assert torch.equal(y1[1, :, qpm[1]], torch.zeros_like(y1[1, :, qpm[1]]))
     assert rel_rms(y1, y0) <= FWD_TOL
