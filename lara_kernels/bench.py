@@ -1,15 +1,20 @@
 """``lara-bench`` (also ``python -m lara_kernels.bench``): time and memory of every backend.
 
 For each shape of a preset (all shapes are declared in ``SHAPES`` below), it times
-``lara_attention`` and ``rfa_attention`` on every backend that can run the inputs, next to
-two baselines: ``torch.nn.functional.scaled_dot_product_attention`` (exact softmax
-attention) and the eager reference (``backend="reference"``), forward and forward+backward.
+``lara_attention`` and ``rfa_attention`` on every backend that can run the inputs (or the
+ones named by ``--backends``), next to two baselines:
+``torch.nn.functional.scaled_dot_product_attention`` (exact softmax attention; on CUDA with
+float16/bfloat16 inputs pinned to its flash backend through
+``torch.nn.attention.sdpa_kernel``, see ``--sdpa``) and the eager reference
+(``backend="reference"``), forward and forward+backward. The definition every backend
+computes is docs/math.md.
 
 - **Correctness gate first**: each backend is compared with ``backend="reference"`` on the
   same small inputs (float64 where the backend supports it, else float32), output and the
   gradients of q, k, v. Speed-ups are printed only for backends whose gate passed.
 - **Timing**: ``triton.testing.do_bench`` on CUDA (median and 25/75 % quantiles);
-  ``torch.utils.benchmark.Timer.blocked_autorange`` on CPU (median and IQR).
+  ``torch.utils.benchmark.Timer.blocked_autorange`` on CPU (median and IQR). A spread is
+  shown only where there were several runs; a single run says "1 run".
 - **Peak memory**: on CUDA, ``torch.cuda.max_memory_allocated`` during one call minus
   what was allocated before it. On CPU, torch has no peak counter: the call runs once
   under ``torch.profiler`` with ``profile_memory=True`` and the peak is the running
@@ -20,8 +25,9 @@ attention) and the eager reference (``backend="reference"``), forward and forwar
 - Backends with ``not_supported_reasons`` are skipped with their reasons; the Triton
   interpreter (``triton`` on CPU tensors under ``TRITON_INTERPRET=1``) is never timed.
 
-Writes ``<out>/bench-<preset>-<device>.json`` (device, versions, commit, date, every
-figure), ``.md`` (the printed table) and ``.png`` (time and memory against N, log-log).
+Writes ``<out>/<stem>.json`` (device, versions, commit, date, every figure), ``.md`` (the
+printed table and the key figures) and ``.png`` (time and memory against N, log-log);
+the stem is ``bench-<preset>-<device type>`` unless ``--stem`` names one.
 """
 
 from __future__ import annotations
@@ -154,17 +160,18 @@ INTERPRETER_REASON = ("Triton interpreter on CPU tensors (TRITON_INTERPRET): cor
                       "to time; never benchmarked")
 
 
-def runnable_backends(op: str, q, k, v, num_samples: int):
+def runnable_backends(op: str, q, k, v, num_samples: int, only: Optional[List[str]] = None):
     """(names that can run ``op`` on these inputs, fastest first; {skipped name: reasons}).
 
     The reference comes last; the Triton interpreter on CPU is never listed as runnable.
+    ``only``: consider these backends alone (default: every registered one).
     """
     regs = dispatch.backends()
     order = [n for n in dispatch.auto_order(q.device.type) if n != "reference"]
     order += [n for n in regs if n not in order and n != "reference"] + ["reference"]
     run, skipped = [], {}
     for name in order:
-        if name not in regs:
+        if name not in regs or (only is not None and name not in only):
             continue
         reasons = regs[name].not_supported_reasons(op, q, k, v, num_samples=num_samples)
         if not reasons and name == "triton" and q.device.type != "cuda":
@@ -176,14 +183,40 @@ def runnable_backends(op: str, q, k, v, num_samples: int):
     return run, skipped
 
 
-def attention_fn(method: str, C: int, seed: int = 0) -> Callable:
+# --sdpa choices: torch's own pick, or one of torch.nn.attention.SDPBackend pinned
+SDPA_KERNELS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH",
+                "cudnn": "CUDNN_ATTENTION"}
+
+
+def sdpa_choice(requested: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The SDPA kernel to time: ``auto`` pins flash on CUDA for float16/bfloat16 (the
+    strongest exact baseline there), and leaves the choice to torch elsewhere."""
+    if requested != "auto":
+        return requested
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+        return "flash"
+    return "default"
+
+
+def attention_fn(method: str, C: int, seed: int = 0, sdpa: str = "default") -> Callable:
     """``fn(q, k, v) -> y`` for a method label: ``sdpa``, ``lara/<backend>``, ``rfa/<backend>``.
 
     RFA gets a generator in a fixed state on every call, so two backends see the same
-    features (and the draw is part of the timed work, as in real use).
+    features (and the draw is part of the timed work, as in real use). ``sdpa``:
+    ``default`` (torch picks) or a key of ``SDPA_KERNELS``, pinned with ``sdpa_kernel``.
     """
     if method == "sdpa":
-        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v)
+        if sdpa == "default":
+            return lambda q, k, v: F.scaled_dot_product_attention(q, k, v)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        kernel = getattr(SDPBackend, SDPA_KERNELS[sdpa])
+
+        def pinned(q, k, v):
+            with sdpa_kernel(kernel):
+                return F.scaled_dot_product_attention(q, k, v)
+
+        return pinned
     op, backend = method.split("/")
     if op == "lara":
         return lambda q, k, v: lara_attention(q, k, v, num_samples=C, backend=backend)
@@ -250,19 +283,27 @@ def _sync(device):
 
 
 def time_ms(fn: Callable, device: torch.device, min_run_time: float) -> dict:
-    """Median and spread of ``fn()`` in milliseconds."""
+    """Median and spread of ``fn()`` in milliseconds.
+
+    ``runs`` is the number of measurements the median is taken over (``None`` where the
+    timer does not say: ``do_bench`` times many repetitions). With a single measurement
+    there is no spread: the quantiles and ``iqr_ms`` are ``None``.
+    """
     if device.type == "cuda":
         import triton.testing
 
         med, q25, q75 = triton.testing.do_bench(fn, quantiles=[0.5, 0.25, 0.75])
         return {"median_ms": med, "q25_ms": q25, "q75_ms": q75, "iqr_ms": q75 - q25,
-                "timer": "triton.testing.do_bench"}
+                "runs": None, "timer": "triton.testing.do_bench"}
     m = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()
                         ).blocked_autorange(min_run_time=min_run_time)
     times = sorted(t * 1e3 for t in m.times)
-    q25, _, q75 = statistics.quantiles(times, n=4) if len(times) > 1 else (times[0],) * 3
-    return {"median_ms": m.median * 1e3, "q25_ms": q25, "q75_ms": q75, "iqr_ms": q75 - q25,
-            "runs": len(times), "timer": "torch.utils.benchmark blocked_autorange"}
+    rec = {"median_ms": m.median * 1e3, "q25_ms": None, "q75_ms": None, "iqr_ms": None,
+           "runs": len(times), "timer": "torch.utils.benchmark blocked_autorange"}
+    if len(times) > 1:
+        q25, _, q75 = statistics.quantiles(times, n=4)
+        rec.update(q25_ms=q25, q75_ms=q75, iqr_ms=q75 - q25)
+    return rec
 
 
 MEMORY_METHOD = {
@@ -320,9 +361,10 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-def measure(method: str, shape: Shape, mode: str, device: torch.device, min_run_time: float) -> dict:
+def measure(method: str, shape: Shape, mode: str, device: torch.device, min_run_time: float,
+            sdpa: str = "default") -> dict:
     """Time and peak memory of one method, ``mode`` = "fwd" or "fwd+bwd"."""
-    f = attention_fn(method, shape.C)
+    f = attention_fn(method, shape.C, sdpa=sdpa)
     q, k, v = make_inputs(shape.B, shape.H, shape.N, shape.D, shape.torch_dtype, device)
     if mode == "fwd":
         def fn():
@@ -350,15 +392,21 @@ def measure(method: str, shape: Shape, mode: str, device: torch.device, min_run_
 
 # --------------------------------------------------------------------------- run, report
 def run(preset: str, device: torch.device, lengths=None, min_run_time: float = 0.1,
-        progress: bool = True) -> dict:
+        progress: bool = True, backends: Optional[List[str]] = None, ops=("lara", "rfa"),
+        sdpa: str = "auto", key_n: Optional[int] = None, ratio: Optional[tuple] = None) -> dict:
+    """Gate and measure every method of a preset. ``backends``: only these (default all);
+    ``ops``: "lara" and/or "rfa"; ``sdpa``: see ``sdpa_choice``; ``key_n`` and ``ratio``
+    (N_hi, N_lo): the key figures of the summary (forward at N=key_n, forward time at
+    N_hi over N_lo)."""
     shapes = shapes_for(preset, lengths)
     env = environment(device)
     # backends: decided once per preset on a representative input of its first shape
     s0 = shapes[0]
+    sdpa = sdpa_choice(sdpa, device, s0.torch_dtype)
     probe = torch.empty((1, 1, 8, s0.D), device=device, dtype=s0.torch_dtype)
     methods, skipped, gates = ["sdpa"], {}, {}
-    for op in ("lara", "rfa"):
-        run_b, skip_b = runnable_backends(op, probe, probe, probe, s0.C)
+    for op in ops:
+        run_b, skip_b = runnable_backends(op, probe, probe, probe, s0.C, only=backends)
         methods += [f"{op}/{b}" for b in run_b]
         skipped.update({f"{op}/{b}": r for b, r in skip_b.items()})
     for m in methods:
@@ -375,7 +423,7 @@ def run(preset: str, device: torch.device, lengths=None, min_run_time: float = 0
     for s, m, mode in it:
         if hasattr(it, "set_postfix_str"):
             it.set_postfix_str(f"N={s.N} {m} {mode}")
-        rec = measure(m, s, mode, device, min_run_time)
+        rec = measure(m, s, mode, device, min_run_time, sdpa=sdpa)
         results.append({"shape": asdict(s), "method": m, "mode": mode, **rec})
     return {
         "env": env,
@@ -383,7 +431,13 @@ def run(preset: str, device: torch.device, lengths=None, min_run_time: float = 0
         "preset_help": PRESET_HELP.get(preset, ""),
         "memory_method": MEMORY_METHOD["cuda" if device.type == "cuda" else "cpu"],
         "methods": methods,
-        "baselines": {"sdpa": "torch.nn.functional.scaled_dot_product_attention (exact softmax)",
+        "requested_backends": backends,
+        "sdpa_kernel": sdpa,
+        "key_n": key_n,
+        "ratio": list(ratio) if ratio else None,
+        "baselines": {"sdpa": "torch.nn.functional.scaled_dot_product_attention (exact softmax; "
+                              + ("torch's own kernel choice" if sdpa == "default" else
+                                 f"pinned to SDPBackend.{SDPA_KERNELS[sdpa]} with sdpa_kernel") + ")",
                       "lara/reference": "eager reference (backend='reference')",
                       "rfa/reference": "eager reference (backend='reference')"},
         "gates": gates,
@@ -414,7 +468,11 @@ def format_table(report: dict) -> str:
     ]
 
     def cell_t(r):
-        return "OOM" if "error" in r else f"{r['median_ms']:.2f} ±{r['iqr_ms']:.2f}"
+        if "error" in r:
+            return "OOM"
+        if r.get("iqr_ms") is None:   # one measurement: no spread to show
+            return f"{r['median_ms']:.2f} (1 run)" if r.get("runs") == 1 else f"{r['median_ms']:.2f}"
+        return f"{r['median_ms']:.2f} ±{r['iqr_ms']:.2f}"
 
     def cell_m(r):
         return "OOM" if "error" in r else f"{r['peak_bytes'] / 2**20:.1f}"
@@ -445,6 +503,8 @@ def format_table(report: dict) -> str:
             lines.append(f"| {N} | {m} | {g} | {cell_t(f)} | {cell_t(fb)} | {cell_m(f)} | {cell_m(fb)} | {sp} | {sr} |")
     lines.append("")
     lines.append(f"Timer: {report['results'][0].get('timer', '?')}, median. Peak memory: {report['memory_method']}.")
+    lines.append(f"Baseline sdpa: {report.get('baselines', {}).get('sdpa', 'scaled_dot_product_attention')}.")
+    lines += key_figures(report)
     for m, reasons in report["skipped"].items():
         lines.append(f"Skipped {m}: {'; '.join(reasons)}")
     for m, gt in report["gates"].items():
@@ -455,6 +515,45 @@ def format_table(report: dict) -> str:
         elif "error" in gt:
             lines.append(f"Gate {m}: FAIL ({gt['error']})")
     return "\n".join(lines)
+
+
+def key_figures(report: dict) -> List[str]:
+    """Lines "Key figure: ..." for the summary: every method's forward time at
+    N = ``report["key_n"]`` (with its speed-up over SDPA where its gate passed), and the
+    ratio of its forward times at the two lengths of ``report["ratio"]`` (linear scaling
+    gives the ratio of the lengths, quadratic its square)."""
+    tab = _lookup(report)
+    lines = []
+
+    def fwd(N, m):
+        r = tab.get((N, m, "fwd"))
+        return None if r is None or "error" in r else r["median_ms"]
+
+    def ok(m):
+        return m == "sdpa" or report["gates"][m]["passed"]
+
+    key_n = report.get("key_n")
+    if key_n:
+        base = fwd(key_n, "sdpa")
+        cells = []
+        for m in report["methods"]:
+            t = fwd(key_n, m)
+            if t is None:
+                cells.append(f"{m} not measured" if (key_n, m, "fwd") not in tab else f"{m} OOM")
+            elif not ok(m):
+                cells.append(f"{m} {t:.3f} ms (gate FAILED)")
+            else:
+                cells.append(f"{m} {t:.3f} ms" + ("" if m == "sdpa" or base is None else f" ({base / t:.2f}x SDPA)"))
+        lines.append(f"Key figure: forward at N={key_n}: " + "; ".join(cells))
+    if report.get("ratio"):
+        hi, lo = report["ratio"]
+        cells = []
+        for m in report["methods"]:
+            a, b = fwd(hi, m), fwd(lo, m)
+            cells.append(f"{m} " + ("not measured" if a is None or b is None else f"{a / b:.2f}")
+                         + ("" if ok(m) else " (gate FAILED)"))
+        lines.append(f"Key figure: forward time N={hi} / N={lo} (N ratio {hi / lo:g}): " + "; ".join(cells))
+    return lines
 
 
 def plot(report: dict, path: Path) -> Optional[Path]:
@@ -500,39 +599,125 @@ def plot(report: dict, path: Path) -> Optional[Path]:
     return path
 
 
-def main(argv=None) -> None:
+def _positive(kind):
+    """argparse type: a number of ``kind`` >= 1 (int) or > 0 (float), else a usage error naming it."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if (kind is int and value < 1) or not value > 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be {'>= 1' if kind is int else '> 0'}")
+        return value
+
+    parse.__name__ = "positive " + kind.__name__
+    return parse
+
+
+def parse_device(parser: argparse.ArgumentParser, text: Optional[str]) -> torch.device:
+    """``--device``: a torch device that can run here (cpu, or cuda with a GPU present)."""
+    if text is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError) as exc:
+        parser.error(f"--device {text!r} is not a torch device ({exc})")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            parser.error(f"--device {text!r}: no CUDA device available (torch.cuda.is_available() is False)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            parser.error(f"--device {text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        parser.error(f"--device {text!r}: lara-bench measures on cpu or cuda only")
+    return device
+
+
+KEY_FIGURES_GPU = (8192, "32768/4096")   # the gpu preset's key figures: forward at 8k, 32k over 4k
+
+
+def sanitize(name: str) -> str:
+    """A device name as a file-name part: lower case, runs of other characters as '-'."""
+    out = "".join(ch if ch.isascii() and ch.isalnum() else "-" for ch in name.lower())
+    return "-".join(filter(None, out.split("-"))) or "unknown"
+
+
+def main(argv=None) -> int:
+    """Run lara-bench; returns (and, as a script, exits with) 1 when a gate failed or a
+    backend named in ``--backends`` could not run, else 0. Usage errors exit with 2."""
     parser = argparse.ArgumentParser(
         prog="lara-bench", description=__doc__.split("\n\n")[0],
         epilog="presets: " + "; ".join(f"{k}: {v}" for k, v in PRESET_HELP.items()))
     parser.add_argument("--preset", choices=PRESETS, default="quick")
     parser.add_argument("--out", default="bench/results", help="directory for the JSON, table and PNG "
                         "(default: bench/results, created if missing)")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--lengths", type=int, nargs="+", help="override the preset's sequence lengths")
-    parser.add_argument("--min-run-time", type=float, default=0.1,
+    parser.add_argument("--stem", default=None,
+                        help="file name of the results without suffix (default: bench-<preset>-<device type>)")
+    parser.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available, else cpu)")
+    parser.add_argument("--lengths", type=_positive(int), nargs="+", help="override the preset's sequence lengths")
+    parser.add_argument("--backends", default=None,
+                        help="comma-separated backends to time (default: every one that can run the inputs); "
+                             "SDPA is always timed as the baseline")
+    parser.add_argument("--ops", default="lara,rfa", help="comma-separated: lara, rfa (default: both)")
+    parser.add_argument("--sdpa", default="auto", choices=["auto", "default", *SDPA_KERNELS],
+                        help="SDPA kernel of the baseline: auto (flash on CUDA for float16/bfloat16, else "
+                             "torch's choice), default (torch's choice) or one pinned with sdpa_kernel")
+    parser.add_argument("--key-n", type=_positive(int), default=None,
+                        help="length of the key figure 'forward at N' (gpu preset default: 8192)")
+    parser.add_argument("--ratio", default=None,
+                        help="HI/LO: key figure 'forward time at N=HI over N=LO' (gpu preset default: 32768/4096)")
+    parser.add_argument("--min-run-time", type=_positive(float), default=0.1,
                         help="seconds per measurement on CPU (torch.utils.benchmark; default 0.1)")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=_positive(int), default=None,
                         help="torch CPU threads (default: torch's own; on a shared machine 1 is steadier)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = parse_device(parser, args.device)
+    known = sorted(dispatch.backends())
+    backends = None
+    if args.backends is not None:
+        backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+        unknown = [b for b in backends if b not in known]
+        if not backends or unknown:
+            parser.error(f"--backends {args.backends!r}: unknown backend(s) {unknown or backends}; known: {known}")
+    ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+    if not ops or any(o not in ("lara", "rfa") for o in ops):
+        parser.error(f"--ops {args.ops!r}: give lara, rfa or both, comma-separated")
+    key_n, ratio = args.key_n, None
+    if args.preset == "gpu":
+        key_n = key_n or KEY_FIGURES_GPU[0]
+        args.ratio = args.ratio or KEY_FIGURES_GPU[1]
+    if args.ratio is not None:
+        try:
+            ratio = tuple(int(x) for x in args.ratio.split("/"))
+            if len(ratio) != 2 or min(ratio) < 1:
+                raise ValueError
+        except ValueError:
+            parser.error(f"--ratio {args.ratio!r}: give two lengths >= 1 as HI/LO, e.g. 32768/4096")
     if args.preset == "gpu" and device.type != "cuda" and not args.lengths:
         parser.error("the gpu preset needs a CUDA device (N up to 32k, B=8, H=12); "
                      "pass --lengths to run a cut-down version on CPU")
-    report = run(args.preset, device, args.lengths, args.min_run_time, progress=not args.no_progress)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report = run(args.preset, device, args.lengths, args.min_run_time, progress=not args.no_progress,
+                 backends=backends, ops=ops, sdpa=args.sdpa, key_n=key_n, ratio=ratio)
     table = format_table(report)
     print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"bench-{args.preset}-{device.type}"
+    stem = out / (args.stem or f"bench-{args.preset}-{device.type}")
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
     stem.with_suffix(".md").write_text(table + "\n")
     png = plot(report, stem.with_suffix(".png"))
     print(f"\nwrote {stem.with_suffix('.json')}, {stem.with_suffix('.md')}" + (f", {png}" if png else ""))
+    failed = [m for m, g in report["gates"].items() if not g["passed"]]
+    missing = [m for m in report["skipped"] if backends is not None and m.split("/")[1] in backends]
+    if failed or missing:
+        print(f"lara-bench: gate failed for {failed or 'none'}; requested but not run: {missing or 'none'}",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
