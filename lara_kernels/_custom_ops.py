@@ -1,59 +1,206 @@
-"""``lara_attention`` as a ``torch.library`` custom op, so ``torch.compile`` sees one op.
+"""``lara_attention`` and RFA as ``torch.library`` custom ops, so ``torch.compile`` sees
+one op per attention call and never breaks the graph.
 
     torch.ops.lara_kernels.lara_attention(q, k, v, eps, key_padding_mask, query_padding_mask,
         q_landmarks, k_landmarks, num_samples, proposal, weighting, beta, scale, backend) -> y
+    torch.ops.lara_kernels.rfa_attention(q, k, v, w, key_padding_mask, query_padding_mask,
+        scale, backend) -> y
+    torch.ops.lara_kernels.randn(generator_key, shape, device) -> float32 N(0, I) draw
+    torch.ops.lara_kernels.check_padding_mask(mask, name) -> ()       (raises at run time)
+    torch.ops.lara_kernels.check_finite_layer(x, padding, name) -> ()  (raises at run time)
 
-Three registrations, after flash-attention's ``hopper/flash_attn_interface.py``: the op
-itself (runs the backend that ``dispatch`` selects, exactly what :func:`lara_attention`
-runs), a fake implementation (output shape and dtype only, for tracing), and an autograd
-formula. The backward is a second opaque op, ``lara_attention_backward``, that recomputes
-the forward with the selected backend's own autograd and takes its vector-Jacobian
-product, so the gradients are those of eager ``lara_attention``; only the inputs are
-saved (the price: the forward runs twice per training step). Double backward is not
-supported.
+Each attention op has three registrations, after flash-attention's
+``hopper/flash_attn_interface.py``: the op itself (runs the backend that ``dispatch``
+selects, exactly what :func:`lara_attention` / :func:`rfa_attention` run), a fake
+implementation (output shape and dtype only, for tracing), and an autograd formula.
+The backward is a second opaque op (``..._backward``) that recomputes the forward with
+the selected backend's own autograd and takes its vector-Jacobian product, so the
+gradients are those of eager ``lara_attention``; only the inputs are saved (the price:
+the forward runs twice per training step).
 
-eps is an input of the op, drawn by :func:`lara_attention_op` before the call exactly as
-``api.lara_attention`` draws it (float32 ``randn((B, H, C, D), generator=generator)``), so
-the compiled and eager paths compute the same function of the same randomness.
+Double backward (``create_graph=True``): outside ``torch.compile`` the op's backward
+recomputes the forward with the backends' autograd and keeps the graph, so second
+derivatives are those of eager ``lara_attention``. A compiled graph's backward is
+opaque: its backward op raises a RuntimeError that says so when it is differentiated
+(use eager ``lara_attention`` / the layers outside ``torch.compile`` for that).
+
+Randomness. ``torch.compile`` cannot take a ``torch.Generator`` into a graph, so the
+draws go through the op ``lara_kernels::randn``: it calls ``torch.randn(shape,
+generator=g, dtype=float32)`` with the generator registered under ``generator_key``
+(0 = torch's global generator). It is registered as a side effect, so compiled graphs
+keep every draw, in program order, never merged: with the same generator state the
+compiled and eager paths draw the same numbers, with any backend (``aot_eager``,
+``inductor``). eps is drawn by :func:`lara_attention_op` before the attention op exactly
+as ``api.lara_attention`` draws it (float32 ``randn((B, H, C, D), generator=generator)``),
+so the compiled and eager paths compute the same function of the same randomness.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import contextlib
+import weakref
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from . import api
+from . import api, dispatch
 
-__all__ = ["lara_attention_op"]
-
-
-def _run(q, k, v, eps, key_padding_mask, query_padding_mask, q_landmarks, k_landmarks,
-         num_samples, proposal, weighting, beta, scale, backend):
-    if q.shape[0] * q.shape[1] * q.shape[2] == 0 or k.shape[2] == 0:
-        return q.new_zeros(q.shape[:3] + (v.shape[3],))
-    return api.run_lara(q, k, v, eps, backend, num_samples=num_samples, proposal=proposal, weighting=weighting,
-                        beta=beta, scale=scale, key_padding_mask=key_padding_mask,
-                        query_padding_mask=query_padding_mask, q_landmarks=q_landmarks,
-                        k_landmarks=k_landmarks)
+__all__ = ["lara_attention_op", "rfa_features", "draw_normal", "generator_key"]
 
 
-@torch.library.custom_op("lara_kernels::lara_attention", mutates_args=())
-def _lara_op(q: Tensor, k: Tensor, v: Tensor, eps: Optional[Tensor],
-             key_padding_mask: Optional[Tensor], query_padding_mask: Optional[Tensor],
-             q_landmarks: Optional[Tensor], k_landmarks: Optional[Tensor], num_samples: int,
-             proposal: str, weighting: str, beta: float, scale: float, backend: str) -> Tensor:
-    y = _run(q, k, v, eps, key_padding_mask, query_padding_mask, q_landmarks, k_landmarks,
-             num_samples, proposal, weighting, beta, scale, backend)
-    return y.contiguous()
+def _autocast_inputs(*tensors):
+    """``api._autocast_inputs``: SDPA's autocast casts (float64 and None pass through)."""
+    return api._autocast_inputs(*tensors)
 
 
-@_lara_op.register_fake
-def _lara_op_fake(q, k, v, eps, key_padding_mask, query_padding_mask, q_landmarks, k_landmarks,
-                  num_samples, proposal, weighting, beta, scale, backend):
-    return q.new_empty(q.shape[:3] + (v.shape[3],))
+def _no_autocast(device):
+    fn = getattr(api, "_no_autocast", None)
+    if fn is not None:
+        return fn(device)
+    try:
+        torch.is_autocast_enabled(device.type)
+    except RuntimeError:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
 
+
+def _keep(op):
+    """Register an op as a side effect (kept, ordered, never merged in compiled graphs)."""
+    return api._keep_in_compiled_graphs(op)
+
+
+# ---------------------------------------------------------------- random draws
+
+_GENERATORS: "weakref.WeakValueDictionary[int, torch.Generator]" = weakref.WeakValueDictionary()
+
+
+@torch._dynamo.assume_constant_result
+def generator_key(generator: Optional[torch.Generator]) -> int:
+    """A key for ``generator`` that a compiled graph can hold as a constant (0 = None).
+
+    Dynamo guards on the generator object the caller reads (a layer's ``generator``
+    attribute, a global), so a new generator gives a new key and a recompile.
+    """
+    if generator is None:
+        return 0
+    key = id(generator)
+    _GENERATORS[key] = generator
+    return key
+
+
+@torch.library.custom_op("lara_kernels::randn", mutates_args=())
+def _randn_op(generator_key: int, shape: Sequence[int], device: torch.device) -> Tensor:
+    generator = None
+    if generator_key != 0:
+        generator = _GENERATORS.get(generator_key)
+        if generator is None:
+            raise RuntimeError("lara_kernels::randn: the generator of this compiled graph no longer exists")
+    return torch.randn(list(shape), generator=generator, device=device, dtype=torch.float32)
+
+
+@_randn_op.register_fake
+def _randn_fake(generator_key, shape, device):
+    return torch.empty(list(shape), device=device, dtype=torch.float32)
+
+
+_RANDN_KEPT = _keep(torch.ops.lara_kernels.randn.default)
+
+
+def draw_normal(shape, generator: Optional[torch.Generator], device) -> Tensor:
+    """float32 ``torch.randn(shape, generator=generator)`` on ``device``; under
+    ``torch.compile`` through ``lara_kernels::randn`` (same numbers, no graph break)."""
+    if not torch.compiler.is_compiling():
+        return torch.randn(tuple(shape), generator=generator, device=device, dtype=torch.float32)
+    if not _RANDN_KEPT:
+        raise NotImplementedError(
+            f"random draws under torch.compile need a torch that can mark an op as a side effect "
+            f"(torch {torch.__version__} cannot); run the layer in eval() or outside torch.compile")
+    return torch.ops.lara_kernels.randn(generator_key(generator), list(shape), device)
+
+
+# ---------------------------------------------------------------- run-time checks for the layers
+
+def _first_index(bad: Tensor) -> Tuple[int, ...]:
+    flat = int(bad.reshape(-1).to(torch.uint8).argmax())          # argmax: the first maximum
+    index = []
+    for size in reversed(bad.shape):
+        flat, i = divmod(flat, size)
+        index.append(i)
+    return tuple(reversed(index))
+
+
+def check_padding_mask_values(mask: Tensor, name: str) -> None:
+    """ValueError unless the float mask ``mask`` holds only 0 (keep) and -inf (pad)."""
+    bad = ~((mask == 0) | torch.isneginf(mask))
+    if bool(bad.any()):
+        index = _first_index(bad)
+        raise ValueError(
+            f"{name} is a float mask with values other than 0 and -inf (first {float(mask[index])} at index "
+            f"{index} of shape {tuple(mask.shape)}); LARA supports padding only (0 = keep, -inf = pad), "
+            "not additive biases. Pass a bool mask, True = padding")
+
+
+def check_finite_values(x: Tensor, padding: Optional[Tensor], name: str) -> None:
+    """ValueError if ``x`` holds NaN or +-inf where ``padding`` (broadcastable to x, True
+    = padding) is False; the index is in x's own shape."""
+    bad = ~torch.isfinite(x.detach())
+    if padding is not None:
+        bad = bad & ~padding
+    n = int(bad.sum())
+    if n:
+        index = _first_index(bad)
+        raise ValueError(
+            f"check_finite: {name} has {n} non-finite value{'s' if n != 1 else ''} (first "
+            f"{float(x[index])} at index {index} of shape {tuple(x.shape)})")
+
+
+@torch.library.custom_op("lara_kernels::check_padding_mask", mutates_args=())
+def _check_padding_mask_op(mask: Tensor, name: str) -> None:
+    check_padding_mask_values(mask, name)
+
+
+@_check_padding_mask_op.register_fake
+def _check_padding_mask_fake(mask, name):
+    return None
+
+
+@torch.library.custom_op("lara_kernels::check_finite_layer", mutates_args=())
+def _check_finite_layer_op(x: Tensor, padding: Optional[Tensor], name: str) -> None:
+    check_finite_values(x, padding, name)
+
+
+@_check_finite_layer_op.register_fake
+def _check_finite_layer_fake(x, padding, name):
+    return None
+
+
+_CHECKS_KEPT = (_keep(torch.ops.lara_kernels.check_padding_mask.default)
+                and _keep(torch.ops.lara_kernels.check_finite_layer.default))
+
+
+def _run_check(eager, op, *args):
+    if not torch.compiler.is_compiling():
+        eager(*args)
+    elif _CHECKS_KEPT:
+        op(*args)
+    else:
+        raise NotImplementedError(
+            f"this check under torch.compile needs a torch that can mark an op as a side effect "
+            f"(torch {torch.__version__} cannot)")
+
+
+def check_padding_mask(mask: Tensor, name: str) -> None:
+    """:func:`check_padding_mask_values`, now (eager) or when the compiled graph runs."""
+    _run_check(check_padding_mask_values, torch.ops.lara_kernels.check_padding_mask, mask, name)
+
+
+def check_finite_layer(x: Tensor, padding: Optional[Tensor], name: str) -> None:
+    """:func:`check_finite_values`, now (eager) or when the compiled graph runs."""
+    _run_check(check_finite_values, torch.ops.lara_kernels.check_finite_layer, x, padding, name)
+
+
+# ---------------------------------------------------------------- shared autograd plumbing
 
 def _autograd_inside_op():
     """Re-enable autograd dispatch inside an op's implementation.
@@ -72,27 +219,88 @@ def _autograd_inside_op():
     return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
 
 
+def _vjp(run, grad, inputs):
+    """Gradients of ``run(*inputs)`` with ``grad`` for every floating input (zeros where
+    unused; an empty tensor for a None input), recorded with the backends' autograd."""
+    leaves = [None if t is None else t.detach().requires_grad_(t.is_floating_point()) for t in inputs]
+    with _autograd_inside_op(), torch.enable_grad():
+        y = run(*leaves)
+        wrt = [t for t in leaves if t is not None]
+        grads = list(torch.autograd.grad(y, wrt, grad.to(y.dtype), allow_unused=True))
+    out = []
+    for t in leaves:
+        if t is None:
+            out.append(inputs[0].new_empty(0))
+        else:
+            g = grads.pop(0)
+            out.append(torch.zeros(t.shape, dtype=t.dtype, device=t.device) if g is None else g.contiguous().clone())
+    return out
+
+
+def _differentiable_vjp(run, grad, inputs):
+    """``create_graph=True`` outside torch.compile: the backends' autograd graph of the
+    recomputed forward, differentiated with the graph kept (double backward)."""
+    wrt = [t for t in inputs if t is not None and t.requires_grad]
+    with _no_autocast(grad.device):
+        y = run(*inputs)
+    grads = iter(torch.autograd.grad(y, wrt, grad.to(y.dtype), create_graph=True, allow_unused=True))
+    return [next(grads) if t is not None and t.requires_grad else None for t in inputs]
+
+
+def _double_backward_error(name):
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"double backward (create_graph=True, torch.func.hessian, ...) through the compiled path of "
+            f"lara_kernels ({name}) is not supported: a torch.compile graph's backward is one opaque op. "
+            "Eager lara_attention, rfa_attention and the lara_kernels.nn layers outside torch.compile "
+            "support it; so does torch.ops.lara_kernels.lara_attention called eagerly")
+
+    def setup_context(ctx, inputs, output):
+        pass
+
+    return backward, setup_context
+
+
+# ---------------------------------------------------------------- LARA
+
+def _run_lara(q, k, v, eps, key_padding_mask, query_padding_mask, q_landmarks, k_landmarks,
+              num_samples, proposal, weighting, beta, scale, backend):
+    if q.shape[0] * q.shape[1] * q.shape[2] == 0 or k.shape[2] == 0:
+        return api._empty_result(q, k, v)
+    with _no_autocast(q.device):
+        return api.run_lara(q, k, v, eps, backend, num_samples=num_samples, proposal=proposal,
+                            weighting=weighting, beta=beta, scale=scale, key_padding_mask=key_padding_mask,
+                            query_padding_mask=query_padding_mask, q_landmarks=q_landmarks,
+                            k_landmarks=k_landmarks)
+
+
+@torch.library.custom_op("lara_kernels::lara_attention", mutates_args=())
+def _lara_op(q: Tensor, k: Tensor, v: Tensor, eps: Optional[Tensor],
+             key_padding_mask: Optional[Tensor], query_padding_mask: Optional[Tensor],
+             q_landmarks: Optional[Tensor], k_landmarks: Optional[Tensor], num_samples: int,
+             proposal: str, weighting: str, beta: float, scale: float, backend: str) -> Tensor:
+    y = _run_lara(q, k, v, eps, key_padding_mask, query_padding_mask, q_landmarks, k_landmarks,
+                  num_samples, proposal, weighting, beta, scale, backend)
+    return y.detach().contiguous()
+
+
+@_lara_op.register_fake
+def _lara_op_fake(q, k, v, eps, key_padding_mask, query_padding_mask, q_landmarks, k_landmarks,
+                  num_samples, proposal, weighting, beta, scale, backend):
+    return q.new_empty(q.shape[:3] + (v.shape[3],))
+
+
 @torch.library.custom_op("lara_kernels::lara_attention_backward", mutates_args=())
 def _lara_bwd_op(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, eps: Optional[Tensor],
                  key_padding_mask: Optional[Tensor], query_padding_mask: Optional[Tensor],
                  q_landmarks: Optional[Tensor], k_landmarks: Optional[Tensor], num_samples: int,
                  proposal: str, weighting: str, beta: float, scale: float,
                  backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    inputs = [q, k, v, q_landmarks, k_landmarks]
-    leaves = [None if t is None else t.detach().requires_grad_(t.is_floating_point()) for t in inputs]
-    with _autograd_inside_op(), torch.enable_grad():
-        y = _run(leaves[0], leaves[1], leaves[2], eps, key_padding_mask, query_padding_mask, leaves[3],
-                 leaves[4], num_samples, proposal, weighting, beta, scale, backend)
-        wrt = [t for t in leaves if t is not None]
-        grads = list(torch.autograd.grad(y, wrt, grad.to(y.dtype), allow_unused=True))
-    out = []
-    for t in leaves:
-        if t is None:
-            out.append(q.new_empty(0))
-        else:
-            g = grads.pop(0)
-            out.append(torch.zeros(t.shape, dtype=t.dtype, device=t.device) if g is None else g.contiguous().clone())
-    gq, gk, gv, gql, gkl = out
+    def run(q_, k_, v_, ql_, kl_):
+        return _run_lara(q_, k_, v_, eps, key_padding_mask, query_padding_mask, ql_, kl_,
+                         num_samples, proposal, weighting, beta, scale, backend)
+
+    gq, gk, gv, gql, gkl = _vjp(run, grad, [q, k, v, q_landmarks, k_landmarks])
     return gq, gk, gv, gql, gkl
 
 
@@ -105,24 +313,34 @@ def _lara_bwd_fake(grad, q, k, v, eps, key_padding_mask, query_padding_mask, q_l
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), gql, gkl
 
 
-_NONTENSOR = ("num_samples", "proposal", "weighting", "beta", "scale", "backend")
+_bwd, _ctx = _double_backward_error("lara_kernels::lara_attention")
+_lara_bwd_op.register_autograd(_bwd, setup_context=_ctx)
+
+_LARA_STATIC = ("num_samples", "proposal", "weighting", "beta", "scale", "backend")
 
 
-def _setup_context(ctx, inputs, output):
+def _lara_setup_context(ctx, inputs, output):
     q, k, v, eps, kpm, qpm, ql, kl = inputs[:8]
     ctx.save_for_backward(q, k, v, eps, kpm, qpm, ql, kl)
     ctx.static = inputs[8:]
 
 
-def _backward(ctx, grad):
+def _lara_backward(ctx, grad):
     q, k, v, eps, kpm, qpm, ql, kl = ctx.saved_tensors
-    gq, gk, gv, gql, gkl = torch.ops.lara_kernels.lara_attention_backward(
-        grad, q, k, v, eps, kpm, qpm, ql, kl, *ctx.static)
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        # create_graph=True on an eager call of the op: a differentiable backward
+        def run(q_, k_, v_, ql_, kl_):
+            return _run_lara(q_, k_, v_, eps, kpm, qpm, ql_, kl_, *ctx.static)
+
+        gq, gk, gv, gql, gkl = _differentiable_vjp(run, grad, [q, k, v, ql, kl])
+    else:
+        gq, gk, gv, gql, gkl = torch.ops.lara_kernels.lara_attention_backward(
+            grad, q, k, v, eps, kpm, qpm, ql, kl, *ctx.static)
     return (gq, gk, gv, None, None, None,
-            gql if ql is not None else None, gkl if kl is not None else None) + (None,) * len(_NONTENSOR)
+            gql if ql is not None else None, gkl if kl is not None else None) + (None,) * len(_LARA_STATIC)
 
 
-_lara_op.register_autograd(_backward, setup_context=_setup_context)
+_lara_op.register_autograd(_lara_backward, setup_context=_lara_setup_context)
 
 
 def lara_attention_op(q: Tensor, k: Tensor, v: Tensor, *, num_samples: int = 64, proposal: str = "segment",
@@ -132,8 +350,17 @@ def lara_attention_op(q: Tensor, k: Tensor, v: Tensor, *, num_samples: int = 64,
                       q_landmarks: Optional[Tensor] = None, k_landmarks: Optional[Tensor] = None,
                       backend: str = "auto", check_finite: bool = False) -> Tensor:
     """:func:`lara_kernels.lara_attention` through the custom op (same arguments, checks,
-    eps draw and result); use it in code that ``torch.compile(fullgraph=True)`` traces.
-    ``check_finite`` as in :func:`lara_kernels.lara_attention`."""
+    autocast casts, eps draw and result); use it in code that ``torch.compile(fullgraph=True)``
+    traces. ``generator`` works under ``torch.compile`` (see the module doc: the draw is the
+    op ``lara_kernels::randn``, identical to eager's). ``check_finite`` as in
+    :func:`lara_kernels.lara_attention`.
+
+    ``scale`` is a float argument of the op: under ``torch.compile`` a new value is a new
+    constant of the graph (dynamo specializes Python floats), i.e. one recompile per
+    distinct value up to dynamo's recompile limit; pass the same scale, or leave it None,
+    in a compiled loop."""
+    if isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor):
+        q, k, v, q_landmarks, k_landmarks = _autocast_inputs(q, k, v, q_landmarks, k_landmarks)
     api._check_qkv(q, k, v)
     B, H, N, D = q.shape
     M = k.shape[2]
@@ -153,7 +380,96 @@ def lara_attention_op(q: Tensor, k: Tensor, v: Tensor, *, num_samples: int = 64,
                       key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask)
     eps = None
     if training and B * H * N > 0 and M > 0:
-        eps = torch.randn((B, H, C, D), generator=generator, device=q.device, dtype=torch.float32)
+        eps = draw_normal((B, H, C, D), generator, q.device)
     return torch.ops.lara_kernels.lara_attention(
         q, k, v, eps, key_padding_mask, query_padding_mask, q_landmarks, k_landmarks,
         C, proposal, weighting, beta, scale, backend)
+
+
+# ---------------------------------------------------------------- RFA with given features
+
+def _run_rfa(q, k, v, w, key_padding_mask, query_padding_mask, scale, backend):
+    if q.shape[0] * q.shape[1] * q.shape[2] == 0 or k.shape[2] == 0:
+        return api._empty_result(q, k, v)
+    options = dict(scale=scale, key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask)
+    with _no_autocast(q.device):
+        impl = dispatch.select("rfa", backend, q, k, v, num_samples=w.shape[2], **options)
+        return impl.rfa(q, k, v, w, **options)
+
+
+@torch.library.custom_op("lara_kernels::rfa_attention", mutates_args=())
+def _rfa_op(q: Tensor, k: Tensor, v: Tensor, w: Tensor, key_padding_mask: Optional[Tensor],
+            query_padding_mask: Optional[Tensor], scale: float, backend: str) -> Tensor:
+    return _run_rfa(q, k, v, w, key_padding_mask, query_padding_mask, scale, backend).detach().contiguous()
+
+
+@_rfa_op.register_fake
+def _rfa_op_fake(q, k, v, w, key_padding_mask, query_padding_mask, scale, backend):
+    return q.new_empty(q.shape[:3] + (v.shape[3],))
+
+
+@torch.library.custom_op("lara_kernels::rfa_attention_backward", mutates_args=())
+def _rfa_bwd_op(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, w: Tensor, key_padding_mask: Optional[Tensor],
+                query_padding_mask: Optional[Tensor], scale: float,
+                backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    def run(q_, k_, v_):
+        return _run_rfa(q_, k_, v_, w, key_padding_mask, query_padding_mask, scale, backend)
+
+    gq, gk, gv = _vjp(run, grad, [q, k, v])
+    return gq, gk, gv
+
+
+@_rfa_bwd_op.register_fake
+def _rfa_bwd_fake(grad, q, k, v, w, key_padding_mask, query_padding_mask, scale, backend):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+_bwd, _ctx = _double_backward_error("lara_kernels::rfa_attention")
+_rfa_bwd_op.register_autograd(_bwd, setup_context=_ctx)
+
+
+def _rfa_setup_context(ctx, inputs, output):
+    q, k, v, w, kpm, qpm = inputs[:6]
+    ctx.save_for_backward(q, k, v, w, kpm, qpm)
+    ctx.static = inputs[6:]
+
+
+def _rfa_backward(ctx, grad):
+    q, k, v, w, kpm, qpm = ctx.saved_tensors
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        def run(q_, k_, v_):
+            return _run_rfa(q_, k_, v_, w, kpm, qpm, *ctx.static)
+
+        gq, gk, gv = _differentiable_vjp(run, grad, [q, k, v])
+    else:
+        gq, gk, gv = torch.ops.lara_kernels.rfa_attention_backward(grad, q, k, v, w, kpm, qpm, *ctx.static)
+    return gq, gk, gv, None, None, None, None, None
+
+
+_rfa_op.register_autograd(_rfa_backward, setup_context=_rfa_setup_context)
+
+
+def rfa_features(q: Tensor, k: Tensor, v: Tensor, w: Tensor, *, scale: Optional[float] = None,
+                 key_padding_mask: Optional[Tensor] = None, query_padding_mask: Optional[Tensor] = None,
+                 backend: str = "auto") -> Tensor:
+    """RFA / Performer attention with the given features ``w`` (B, H, S, D), float32.
+
+    :func:`lara_kernels.rfa_attention` draws ``w`` itself; this takes it, for a layer that
+    keeps one fixed set of features in evaluation. Eager: the selected backend with its
+    own autograd; under ``torch.compile``: the op ``lara_kernels::rfa_attention``. Same
+    checks and autocast casts as the function.
+    """
+    q, k, v = _autocast_inputs(q, k, v)
+    api._check_qkv(q, k, v)
+    B, H, N, D = q.shape
+    M = k.shape[2]
+    if not isinstance(w, Tensor) or tuple(w.shape[:2]) != (B, H) or w.dim() != 4 or w.shape[3] != D:
+        raise ValueError(f"w must be a tensor of shape (B, H, S, D) = ({B}, {H}, S, {D}), got "
+                         f"{tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__}")
+    scale = api._check_scale(scale, D)
+    key_padding_mask = api._check_mask("key_padding_mask", key_padding_mask, B, M, "M", q.device)
+    query_padding_mask = api._check_mask("query_padding_mask", query_padding_mask, B, N, "N", q.device)
+    backend = api._check_backend(backend)
+    if not torch.compiler.is_compiling():
+        return _run_rfa(q, k, v, w, key_padding_mask, query_padding_mask, scale, backend)
+    return torch.ops.lara_kernels.rfa_attention(q, k, v, w, key_padding_mask, query_padding_mask, scale, backend)

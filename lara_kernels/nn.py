@@ -1,42 +1,63 @@
 """Drop-in attention layers: ``LaraAttention``, ``PerformerAttention``, ``LaraEncoderLayer``.
 
-``LaraAttention`` stands where ``torch.nn.MultiheadAttention`` stood: same constructor
-arguments (``embed_dim, num_heads, dropout, bias, kdim, vdim, batch_first``), the same
+``LaraAttention`` stands where ``torch.nn.MultiheadAttention`` stood: the same constructor
+arguments in the same order (``embed_dim, num_heads, dropout, bias, add_bias_kv,
+add_zero_attn, kdim, vdim, batch_first, device, dtype``) with the same defaults
+(``batch_first=False``: inputs are (L, B, E) unless you say otherwise), the same
 parameter names (``in_proj_weight`` or ``q/k/v_proj_weight``, ``in_proj_bias``,
-``out_proj``), so an MHA state dict loads into it, and the same call
-``attn(query, key, value, key_padding_mask=...) -> (output, None)``.
+``out_proj``), so an MHA state dict loads into it with ``strict=True`` and its state dict
+loads into MHA, and the same call ``attn(query, key, value, key_padding_mask=...) ->
+(output, None)`` on batched or unbatched inputs. ``LaraEncoderLayer`` does the same for
+``nn.TransformerEncoderLayer`` and stacks in ``nn.TransformerEncoder``.
 
 Differences from ``nn.MultiheadAttention``, on purpose:
 
 - ``need_weights`` defaults to False and True raises ValueError: LARA never forms the
   N x M attention matrix.
-- ``attn_mask`` and ``is_causal=True`` raise NotImplementedError (LARA is non-causal).
+- ``attn_mask``, ``is_causal=True``, ``add_bias_kv=True`` and ``add_zero_attn=True``
+  raise NotImplementedError (LARA is non-causal and supports padding masks only).
 - ``dropout`` is applied to the attention output (before ``out_proj``), not to attention
   probabilities, which do not exist here.
 - ``key_padding_mask``: bool (True = padding) or, as MHA accepts, a float mask added to
-  the logits; a float mask must hold only 0 (keep) and -inf (pad), anything else raises.
-- In self-attention (``query is key``) the key padding mask is also the query padding
-  mask, so padded positions do not enter the query landmarks; their output rows are
-  ``out_proj`` of zeros (MHA computes something there, which callers ignore anyway).
-  Pass ``query_padding_mask`` to set it explicitly.
-- Randomness: in ``train()`` mode every forward draws fresh eps from ``self.generator``
-  (None = torch's global RNG); in ``eval()`` the result is deterministic.
-- ``check_finite=True`` (constructor) passes ``check_finite`` to the attention function:
-  ValueError if the projected q, k, v (B, H, L, head_dim), or the landmarks, hold NaN or
-  inf at a non-padded position; the index in the message is in that layout.
+  the logits; a float mask must hold only 0 (keep) and -inf (pad), anything else raises
+  ValueError (under ``torch.compile`` when the compiled code runs).
+- Self-attention: when ``query is key`` (the same tensor object, as
+  ``nn.TransformerEncoderLayer`` passes it) the key padding mask is also the query
+  padding mask, so padded positions do not enter the query landmarks; their output rows
+  are ``out_proj`` of zeros (MHA computes something there, which callers ignore anyway).
+  Equal values in two different tensors are not taken as self-attention (that would be
+  a guess: cross-attention of a sequence with a copy of itself is legitimate); pass
+  ``query_padding_mask`` to set the query mask explicitly in any call.
+- Randomness: in ``train()`` mode every forward draws fresh eps (LARA) or features
+  (Performer) from ``self.generator`` (None = torch's global RNG); in ``eval()`` the
+  result is deterministic. Under ``torch.compile`` the draws are the op
+  ``lara_kernels::randn``, which calls ``torch.randn`` with that generator: compiled
+  and eager runs draw the same numbers (with ``aot_eager`` and ``inductor``). The
+  layer's ``dropout`` is ``F.dropout``: under ``inductor`` it uses inductor's own random
+  numbers, which differ from eager's (as for any torch model).
+- ``check_finite=True`` (constructor): ValueError if ``query``, ``key``, ``value``, their
+  projections or the layer's landmarks hold NaN or inf at a non-padded position; the
+  index in the message is in the shape of the tensor named (the user's layout for the
+  inputs and projections; (batch, head, num_samples, head_dim) for landmarks).
+- Compiled code (``torch.compile(fullgraph=True)``, ``torch.export``) runs the attention
+  as the custom ops of :mod:`lara_kernels._custom_ops`; eager code calls
+  :func:`lara_kernels.lara_attention` (the backends' own autograd). Double backward
+  (``create_graph=True``) works eagerly and raises a RuntimeError through a compiled
+  graph.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .api import PROPOSALS, WEIGHTINGS, lara_attention, rfa_attention
-from .api import _check_bool, _check_int
+from . import _custom_ops as _ops
+from .api import PROPOSALS, WEIGHTINGS, lara_attention
+from .api import _autocast_inputs, _check_backend, _check_bool, _check_int, _check_real
 from .api import _check_choice as _choice
 
 __all__ = ["LaraAttention", "PerformerAttention", "LaraEncoderLayer", "segment_pool", "LANDMARKS"]
@@ -44,23 +65,60 @@ __all__ = ["LaraAttention", "PerformerAttention", "LaraEncoderLayer", "segment_p
 LANDMARKS = ("mean", "learned", "pool2d")
 
 
-def _bool_padding_mask(name: str, mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """MHA's mask conventions -> bool, True = padding."""
+def _check_probability(name, p):
+    p = _check_real(name, p)
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"{name} probability has to be between 0 and 1, but got {p}")
+    return p
+
+
+def _check_optional_dim(name, value):
+    return None if value is None else _check_int(name, value, 1)
+
+
+def _shape(t):
+    return tuple(t.shape)
+
+
+def _to_user_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """(B, L, ...) -> the caller's layout."""
+    if layout == "seq_first":
+        return x.transpose(0, 1)
+    if layout == "unbatched":
+        return x.squeeze(0)
+    return x
+
+
+def _user_padding(pad: Optional[torch.Tensor], layout: str) -> Optional[torch.Tensor]:
+    """(B, L) padding -> broadcastable to a (.., .., E) tensor in the caller's layout."""
+    return None if pad is None else _to_user_layout(pad, layout)[..., None]
+
+
+def _padding_mask(name: str, mask, batch: Optional[int], length: int, layout: str, of: str,
+                  like: torch.Tensor) -> Optional[torch.Tensor]:
+    """MHA's mask conventions -> bool (B, L), True = padding; shapes in the caller's terms."""
     if mask is None:
         return None
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{name} must be a tensor or None, got {type(mask).__name__}")
+    want = (length,) if layout == "unbatched" else (batch, length)
+    if _shape(mask) != want:
+        what = "(source length,)" if layout == "unbatched" else "(batch, source length)"
+        if name == "query_padding_mask":
+            what = what.replace("source", "target")
+        raise ValueError(f"{name} must have shape {what} = {want} for {of}, got {_shape(mask)}")
+    if mask.device != like.device:
+        raise ValueError(f"{name} is on {mask.device} but the inputs are on {like.device}")
     if mask.dtype == torch.bool:
-        return mask
-    if mask.is_floating_point():
+        pad = mask
+    elif mask.is_floating_point():
+        # 0 = keep, -inf = pad; the check of the other values is data-dependent, so under
+        # torch.compile it is an op kept in the graph that raises when the graph runs
+        _ops.check_padding_mask(mask, name)
         pad = torch.isneginf(mask)
-        if not bool(((mask == 0) | pad).all()):
-            raise ValueError(
-                f"{name} is a float mask with values other than 0 and -inf; LARA supports padding "
-                "only (0 = keep, -inf = pad), not additive biases. Pass a bool mask, True = padding"
-            )
-        return pad
-    raise TypeError(f"{name} must be a bool (True = padding) or float (0 / -inf) tensor, got dtype {mask.dtype}")
+    else:
+        raise TypeError(f"{name} must be a bool (True = padding) or float (0 / -inf) tensor, got dtype {mask.dtype}")
+    return pad.unsqueeze(0) if layout == "unbatched" else pad
 
 
 def segment_pool(x: torch.Tensor, padding: Optional[torch.Tensor], num_segments: int,
@@ -92,18 +150,26 @@ def _c_eff(B, N, M, C, q_pad, k_pad, device):
 
 
 class _ProjectedAttention(nn.Module):
-    """MHA's projections and parameter names; subclasses supply ``_attend``."""
+    """MHA's projections, parameter names and calling conventions; subclasses supply ``_attend``."""
 
-    def __init__(self, embed_dim, num_heads, *, dropout=0.0, bias=True, add_bias_kv=False,
-                 add_zero_attn=False, kdim=None, vdim=None, batch_first=True, device=None,
+    def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False,
+                 add_zero_attn=False, kdim=None, vdim=None, batch_first=False, device=None,
                  dtype=None):
         super().__init__()
-        if add_bias_kv or add_zero_attn:
-            raise NotImplementedError("add_bias_kv and add_zero_attn are not supported")
-        if embed_dim <= 0 or num_heads <= 0:
-            raise ValueError(f"embed_dim and num_heads must be > 0, got {embed_dim} and {num_heads}")
+        embed_dim = _check_int("embed_dim", embed_dim, 1)
+        num_heads = _check_int("num_heads", num_heads, 1)
         if embed_dim % num_heads != 0:
-            raise ValueError(f"embed_dim must be divisible by num_heads, got {embed_dim} and {num_heads}")
+            raise ValueError(f"embed_dim must be divisible by num_heads, got embed_dim={embed_dim} and "
+                             f"num_heads={num_heads}")
+        dropout = _check_probability("dropout", dropout)
+        bias = _check_bool("bias", bias)
+        if _check_bool("add_bias_kv", add_bias_kv) or _check_bool("add_zero_attn", add_zero_attn):
+            raise NotImplementedError(f"{type(self).__name__} does not support add_bias_kv=True or "
+                                      "add_zero_attn=True (got add_bias_kv={add_bias_kv}, add_zero_attn={add_zero_attn})"
+                                      .format(add_bias_kv=add_bias_kv, add_zero_attn=add_zero_attn))
+        kdim = _check_optional_dim("kdim", kdim)
+        vdim = _check_optional_dim("vdim", vdim)
+        batch_first = _check_bool("batch_first", batch_first)
         fk = {"device": device, "dtype": dtype}
         self.embed_dim = embed_dim
         self.kdim = kdim if kdim is not None else embed_dim
@@ -150,6 +216,9 @@ class _ProjectedAttention(nn.Module):
 
     def project(self, query, key, value):
         """(B, N, E), (B, M, kdim), (B, M, vdim) -> q, k, v as (B, H, L, head_dim)."""
+        return tuple(self._heads(t) for t in self._linear_qkv(query, key, value))
+
+    def _linear_qkv(self, query, key, value):
         E = self.embed_dim
         if self._same_dims:
             wq, wk, wv = self.in_proj_weight.split(E)
@@ -158,12 +227,43 @@ class _ProjectedAttention(nn.Module):
         bq = bk = bv = None
         if self.in_proj_bias is not None:
             bq, bk, bv = self.in_proj_bias.split(E)
-        q, k, v = F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
+        return F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
 
-        def heads(x):
-            return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+    def _heads(self, x):
+        return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
 
-        return heads(q), heads(k), heads(v)
+    def _check_inputs(self, query, key, value):
+        """Shapes in the caller's terms; returns the layout and (B or None, N, M)."""
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if query.dim() not in (2, 3):
+            raise ValueError(f"query must be 3-D (batched) or 2-D (unbatched), got shape {_shape(query)}")
+        for name, t in (("key", key), ("value", value)):
+            if t.dim() != query.dim():
+                raise ValueError(f"{name} must be {query.dim()}-D like query, got {name} of shape {_shape(t)} "
+                                 f"and query of shape {_shape(query)}")
+        for name, t, dim, what in (("query", query, self.embed_dim, "embed_dim"), ("key", key, self.kdim, "kdim"),
+                                   ("value", value, self.vdim, "vdim")):
+            if t.shape[-1] != dim:
+                raise ValueError(f"{name}'s last dimension must be {what}={dim}, got {name} of shape {_shape(t)}")
+        if query.dim() == 2:
+            layout, lens = "unbatched", (None, query.shape[0], key.shape[0])
+            seq = 0
+        else:
+            layout = "batch_first" if self.batch_first else "seq_first"
+            b = 0 if self.batch_first else 1
+            seq = 1 - b
+            for name, t in (("key", key), ("value", value)):
+                if t.shape[b] != query.shape[b]:
+                    raise ValueError(
+                        f"query and {name} must have the same batch size (dim {b} with batch_first="
+                        f"{self.batch_first}), got query of shape {_shape(query)} and {name} of shape {_shape(t)}")
+            lens = (query.shape[b], query.shape[seq], key.shape[seq])
+        if value.shape[seq] != key.shape[seq]:
+            raise ValueError(f"key and value must have the same sequence length (dim {seq}), got key of shape "
+                             f"{_shape(key)} and value of shape {_shape(value)}")
+        return layout, lens
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = False,
@@ -172,10 +272,11 @@ class _ProjectedAttention(nn.Module):
                 grid: Optional[Tuple[int, int]] = None) -> Tuple[torch.Tensor, None]:
         """Like ``nn.MultiheadAttention.forward``; returns ``(output, None)``.
 
-        query (B, N, E), key (B, M, kdim), value (B, M, vdim) with ``batch_first=True``
-        (else (N, B, E) ...); unbatched (N, E) inputs are accepted as MHA does.
-        key_padding_mask (B, M): bool, True = padding, or float 0 / -inf.
-        query_padding_mask (B, N): bool; defaults to key_padding_mask when ``query is key``.
+        query (L, B, E), key (S, B, kdim), value (S, B, vdim) with ``batch_first=False``
+        (the default), (B, L, E) ... with ``batch_first=True``, or unbatched (L, E) ...
+        key_padding_mask (B, S) ((S,) unbatched): bool, True = padding, or float 0 / -inf.
+        query_padding_mask (B, L) ((L,) unbatched), same conventions; defaults to
+        key_padding_mask when ``query is key`` (see the module doc).
         grid: (h, w) token grid for ``landmarks="pool2d"`` (overrides the constructor's).
         """
         if need_weights:
@@ -185,66 +286,52 @@ class _ProjectedAttention(nn.Module):
             )
         if attn_mask is not None:
             raise NotImplementedError(
-                "attn_mask is not supported; pass key_padding_mask (B, M), True = padding"
+                "attn_mask is not supported; pass key_padding_mask (B, S), True = padding"
             )
         if is_causal:
             raise NotImplementedError(f"is_causal=True is not supported: {type(self).__name__} is non-causal")
+        layout, (B, N, M) = self._check_inputs(query, key, value)
         self_attention = query is key
-        unbatched = query.dim() == 2
-        if unbatched:
-            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
-            if key_padding_mask is not None:
-                key_padding_mask = key_padding_mask.unsqueeze(0)
-            if query_padding_mask is not None:
-                query_padding_mask = query_padding_mask.unsqueeze(0)
-        elif query.dim() != 3:
-            raise ValueError(f"query must be 2-D (unbatched) or 3-D, got shape {tuple(query.shape)}")
-        elif not self.batch_first:
-            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-        if query.shape[-1] != self.embed_dim:
-            raise ValueError(f"query's last dim must be embed_dim={self.embed_dim}, got shape {tuple(query.shape)}")
-        k_pad = _bool_padding_mask("key_padding_mask", key_padding_mask)
-        q_pad = _bool_padding_mask("query_padding_mask", query_padding_mask)
+        of_key = f"key of shape {_shape(key)}" + ("" if layout == "unbatched" else f" (batch_first={self.batch_first})")
+        of_query = f"query of shape {_shape(query)}" + ("" if layout == "unbatched" else f" (batch_first={self.batch_first})")
+        k_pad = _padding_mask("key_padding_mask", key_padding_mask, B, M, layout, of_key, key)
+        q_pad = _padding_mask("query_padding_mask", query_padding_mask, B, N, layout, of_query, query)
         if q_pad is None and self_attention:
             q_pad = k_pad
-        B, N, _ = query.shape
-        q, k, v = self.project(query, key, value)
-        y = self._attend(q, k, v, q_pad, k_pad, grid)                     # (B, H, N, D)
+        if self.check_finite:
+            self._check_finite_inputs(query, key, value, q_pad, k_pad, layout)
+        if layout == "unbatched":
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+        elif layout == "seq_first":
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        q, k, v = self._linear_qkv(query, key, value)                    # (B, L, E)
+        if self.check_finite:
+            for name, t, pad in (("projected query", q, q_pad), ("projected key", k, k_pad),
+                                 ("projected value", v, k_pad)):
+                _ops.check_finite_layer(_to_user_layout(t, layout), _user_padding(pad, layout), name)
+        y = self._attend(self._heads(q), self._heads(k), self._heads(v), q_pad, k_pad, grid)   # (B, H, N, D)
         y = y.transpose(1, 2).flatten(2)                                  # (B, N, E)
         y = F.dropout(y, self.dropout, self.training)
         out = self.out_proj(y)
-        if unbatched:
-            out = out.squeeze(0)
-        elif not self.batch_first:
-            out = out.transpose(0, 1)
-        return out, None
+        return _to_user_layout(out, layout), None
+
+    def _check_finite_inputs(self, query, key, value, q_pad, k_pad, layout):
+        seen = []
+        for name, t, pad in (("query", query, q_pad), ("key", key, k_pad), ("value", value, k_pad)):
+            if any(t is s for s in seen):          # self-attention: one check of x
+                continue
+            seen.append(t)
+            _ops.check_finite_layer(t, _user_padding(pad, layout), name)
 
     def _attend(self, q, k, v, q_pad, k_pad, grid):
         raise NotImplementedError
 
 
-def _autocast_qkv(q, k, v, *extra):
-    """Cast as SDPA is cast under autocast: to the autocast dtype, all in one dtype."""
-    dev = q.device.type
-    if torch.is_autocast_enabled(dev):
-        dt = torch.get_autocast_dtype(dev)
-    else:
-        dt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
-    cast = [t.to(dt) for t in (q, k, v)]
-    cast += [None if t is None else t.to(dt) for t in extra]
-    return cast
-
-
-def _compiled_lara():
-    from ._custom_ops import lara_attention_op
-
-    return lara_attention_op
-
-
 class LaraAttention(_ProjectedAttention):
     """Multi-head LARA attention, a drop-in for ``nn.MultiheadAttention`` (see module doc).
 
-    Args (beyond MHA's):
+    Args: MHA's, in MHA's order and with its defaults (``batch_first=False``), then,
+    keyword-only:
         num_samples: C, samples/proposals/landmarks per head.
         proposal, weighting, beta: as in :func:`lara_kernels.lara_attention`.
         landmarks: ``"mean"`` (segment means of the projected q/k, lara_attention's own),
@@ -254,17 +341,23 @@ class LaraAttention(_ProjectedAttention):
             sqrt(C) x sqrt(C) grid, as the paper's ViTs; C must be a perfect square).
         landmark_proj: apply the learned Linear + LayerNorm after pooling; default True
             for ``"learned"``, False for ``"pool2d"``; must be True for ``"learned"``.
+            With ``proposal="attend"`` the key landmarks are not used (mu = qt + the
+            attention of qt over the keys), so the key-side projection is not created:
+            every parameter of the layer gets a gradient (DDP with
+            ``find_unused_parameters=False`` works for every configuration).
         grid: (h, w) of the token grid for ``"pool2d"``; may also be given to forward.
         backend: lara_attention's backend (``"auto"`` picks the fastest that fits).
-        check_finite: lara_attention's ``check_finite`` (see module doc), at every forward.
+        generator: the torch.Generator eps is drawn from in training (None = global RNG).
+        check_finite: see the module doc.
 
-    Attribute ``generator``: the torch.Generator eps is drawn from in training (None =
-    global RNG). eps is redrawn at every training forward, never in eval().
+    Attribute ``generator``: eps is redrawn from it at every training forward, never in
+    eval(). Under ``torch.autocast`` float32 inputs run and return in the autocast dtype,
+    as ``nn.MultiheadAttention`` does; float64 inputs are never cast.
     """
 
-    def __init__(self, embed_dim, num_heads, *, dropout=0.0, bias=True, add_bias_kv=False,
-                 add_zero_attn=False, kdim=None, vdim=None, batch_first=True, device=None,
-                 dtype=None, num_samples=64, proposal="segment", weighting="optimal", beta=1.0,
+    def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False,
+                 add_zero_attn=False, kdim=None, vdim=None, batch_first=False, device=None,
+                 dtype=None, *, num_samples=64, proposal="segment", weighting="optimal", beta=1.0,
                  landmarks="mean", landmark_proj=None, grid=None, backend="auto",
                  generator: Optional[torch.Generator] = None, check_finite=False):
         super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias, add_bias_kv=add_bias_kv,
@@ -273,10 +366,11 @@ class LaraAttention(_ProjectedAttention):
         self.num_samples = _check_int("num_samples", num_samples, 1)
         self.proposal = _choice("proposal", proposal, PROPOSALS)
         self.weighting = _choice("weighting", weighting, WEIGHTINGS)
-        self.beta = float(beta)
+        self.beta = _check_real("beta", beta)
         self.landmarks = _choice("landmarks", landmarks, LANDMARKS)
         if landmark_proj is None:
             landmark_proj = landmarks == "learned"
+        landmark_proj = _check_bool("landmark_proj", landmark_proj)
         if landmarks == "learned" and not landmark_proj:
             raise ValueError("landmarks='learned' needs landmark_proj=True (use landmarks='mean' for plain means)")
         if landmarks == "mean" and landmark_proj:
@@ -288,21 +382,26 @@ class LaraAttention(_ProjectedAttention):
                 raise ValueError(f"landmarks='pool2d' needs num_samples to be a perfect square, got {num_samples}")
             self.pool_side = side
         self.grid = None if grid is None else self._check_grid(grid)
-        self.backend = backend
-        self.generator = generator
+        self.backend = _check_backend(backend)
+        self.generator = _check_generator_type(generator)
         self.check_finite = _check_bool("check_finite", check_finite)
         fk = {"device": device, "dtype": dtype}
+        D = self.head_dim
+        self.q_landmark_proj = self.k_landmark_proj = None
         if landmark_proj:
-            D = self.head_dim
             self.q_landmark_proj = nn.Sequential(nn.Linear(D, D, **fk), nn.LayerNorm(D, **fk))
-            self.k_landmark_proj = nn.Sequential(nn.Linear(D, D, **fk), nn.LayerNorm(D, **fk))
-        else:
-            self.q_landmark_proj = self.k_landmark_proj = None
+            if self.uses_key_landmarks:
+                self.k_landmark_proj = nn.Sequential(nn.Linear(D, D, **fk), nn.LayerNorm(D, **fk))
+
+    @property
+    def uses_key_landmarks(self) -> bool:
+        """False for ``proposal="attend"``, whose proposal means never read the key landmarks."""
+        return self.proposal != "attend"
 
     @staticmethod
     def _check_grid(grid):
         if (not isinstance(grid, (tuple, list)) or len(grid) != 2
-                or not all(isinstance(g, int) and g > 0 for g in grid)):
+                or not all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in grid)):
             raise ValueError(f"grid must be a pair (h, w) of positive ints, got {grid!r}")
         return (int(grid[0]), int(grid[1]))
 
@@ -312,15 +411,19 @@ class LaraAttention(_ProjectedAttention):
                 f"landmarks={self.landmarks!r}, batch_first={self.batch_first}")
 
     def compute_landmarks(self, q, k, q_pad, k_pad, grid=None):
-        """The (q_landmarks, k_landmarks) this layer passes to lara_attention, or (None, None)."""
+        """The (q_landmarks, k_landmarks) this layer passes to lara_attention, or (None, None).
+
+        k_landmarks is None when the proposal does not use them (``"attend"``)."""
         if self.landmarks == "mean":
             return None, None
         B, H, N, D = q.shape
         M = k.shape[2]
         C = self.num_samples
+        with_k = self.uses_key_landmarks
         if self.landmarks == "learned":
             c_eff = _c_eff(B, N, M, C, q_pad, k_pad, q.device)
-            ql, kl = segment_pool(q, q_pad, C, c_eff), segment_pool(k, k_pad, C, c_eff)
+            ql = segment_pool(q, q_pad, C, c_eff)
+            kl = segment_pool(k, k_pad, C, c_eff) if with_k else None
         else:
             grid = self._check_grid(grid) if grid is not None else self.grid
             if grid is None:
@@ -329,7 +432,8 @@ class LaraAttention(_ProjectedAttention):
                 raise NotImplementedError("landmarks='pool2d' does not support padding masks")
             h, w = grid
             if N != h * w or M != h * w:
-                raise ValueError(f"landmarks='pool2d' with grid {grid} needs N = M = {h * w} tokens, got N={N}, M={M}")
+                raise ValueError(f"landmarks='pool2d' with grid {grid} needs {h * w} queries and keys, got "
+                                 f"{N} queries and {M} keys")
             if C > N:
                 raise ValueError(f"landmarks='pool2d' needs num_samples <= the number of tokens, got {C} > {N}")
             side = self.pool_side
@@ -338,111 +442,193 @@ class LaraAttention(_ProjectedAttention):
                 img = x.transpose(-1, -2).reshape(B * H, D, h, w)
                 return F.adaptive_avg_pool2d(img, side).reshape(B, H, D, C).transpose(-1, -2)
 
-            ql, kl = pool(q), pool(k)
+            ql, kl = pool(q), (pool(k) if with_k else None)
         if self.q_landmark_proj is not None:
-            ql, kl = self.q_landmark_proj(ql), self.k_landmark_proj(kl)
+            ql = self.q_landmark_proj(ql)
+            kl = None if kl is None else self.k_landmark_proj(kl)
         return ql, kl
 
     def _attend(self, q, k, v, q_pad, k_pad, grid):
         ql, kl = self.compute_landmarks(q, k, q_pad, k_pad, grid)
-        q, k, v, ql, kl = _autocast_qkv(q, k, v, ql, kl)
-        # Eager: the function with its backends' own autograd. Under torch.compile: the same
-        # computation as one custom op (lara_kernels._custom_ops), so the graph does not break.
-        fn = _compiled_lara() if torch.compiler.is_compiling() else lara_attention
-        with torch.autocast(q.device.type, enabled=False):
+        if self.check_finite:
+            for name, t in (("q_landmarks", ql), ("k_landmarks", kl)):
+                if t is not None:
+                    _ops.check_finite_layer(t, None, f"{name} (batch, head, num_samples, head_dim)")
+        # SDPA's autocast casts (float64 never cast), then the backends run without autocast
+        q, k, v, ql, kl = _autocast_inputs(q, k, v, ql, kl)
+        # Eager: the function with its backends' own autograd. Under torch.compile / export:
+        # the same computation as one custom op (lara_kernels._custom_ops), so the graph
+        # does not break and the eps draw is the op lara_kernels::randn.
+        fn = _ops.lara_attention_op if torch.compiler.is_compiling() else lara_attention
+        with _ops._no_autocast(q.device):
             return fn(
                 q, k, v, num_samples=self.num_samples, proposal=self.proposal,
                 weighting=self.weighting, beta=self.beta, training=self.training,
                 generator=self.generator if self.training else None,
                 key_padding_mask=k_pad, query_padding_mask=q_pad,
-                q_landmarks=ql, k_landmarks=kl, backend=self.backend, check_finite=self.check_finite,
+                q_landmarks=ql, k_landmarks=kl, backend=self.backend,
             )
 
 
-class PerformerAttention(_ProjectedAttention):
-    """Multi-head RFA / Performer attention (positive random features) via rfa_attention.
+def _check_generator_type(generator):
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    return generator
 
-    Same interface as :class:`LaraAttention`. In training every forward draws fresh
-    features from ``self.generator`` (None = global RNG). In eval() the features come
-    from a generator seeded with the ``feature_seed`` buffer (saved in the state dict),
-    so evaluation is deterministic: one fixed draw of shape (B, H, S, D), i.e. the same
-    features for the same batch size and position in the batch. ``check_finite`` as in
-    :class:`LaraAttention`.
+
+def _features_bits(seed: int, num_heads: int, num_samples: int, head_dim: int, device) -> torch.Tensor:
+    """The evaluation features of PerformerAttention, float32 N(0, I) of shape
+    (1, H, S, D) drawn on the CPU from ``seed``, stored as their int32 bit patterns so that
+    ``module.half()`` / ``.double()`` never round them (``.to(device)`` moves them)."""
+    g = torch.Generator().manual_seed(int(seed))
+    w = torch.randn((1, num_heads, num_samples, head_dim), generator=g, dtype=torch.float32)
+    return w.view(torch.int32).to(device)
+
+
+class PerformerAttention(_ProjectedAttention):
+    """Multi-head RFA / Performer attention (positive random features).
+
+    Same interface and conventions as :class:`LaraAttention` (MHA's arguments and
+    defaults, then keyword-only ``num_samples, backend, generator, seed, check_finite``).
+
+    Training: every forward draws fresh features ``w`` as float32
+    ``randn((B, H, S, D), generator=self.generator)`` (None = global RNG), exactly as
+    :func:`lara_kernels.rfa_attention` draws them, so it equals that function called with
+    a generator in the same state.
+
+    Evaluation: one fixed set of features of shape (H, S, D), drawn from ``seed`` (a
+    random one by default) and shared by every batch element, so the result is
+    deterministic and does not depend on an element's position in the batch. The seed is
+    the buffer ``feature_seed``, saved in the state dict; loading a state dict without it
+    (an ``nn.MultiheadAttention`` one, with ``strict=True``) keeps the current seed.
+    Loading a PerformerAttention state dict into ``nn.MultiheadAttention`` needs
+    ``strict=False`` (or the key ``feature_seed`` removed).
     """
 
-    def __init__(self, embed_dim, num_heads, *, dropout=0.0, bias=True, add_bias_kv=False,
-                 add_zero_attn=False, kdim=None, vdim=None, batch_first=True, device=None,
-                 dtype=None, num_samples=64, backend="auto", generator=None, seed=None, check_finite=False):
+    def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False,
+                 add_zero_attn=False, kdim=None, vdim=None, batch_first=False, device=None,
+                 dtype=None, *, num_samples=64, backend="auto", generator=None, seed=None, check_finite=False):
         super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias, add_bias_kv=add_bias_kv,
                          add_zero_attn=add_zero_attn, kdim=kdim, vdim=vdim, batch_first=batch_first,
                          device=device, dtype=dtype)
         self.num_samples = _check_int("num_samples", num_samples, 1)
-        self.backend = backend
-        self.generator = generator
+        self.backend = _check_backend(backend)
+        self.generator = _check_generator_type(generator)
         self.check_finite = _check_bool("check_finite", check_finite)
         if seed is None:
             seed = int(torch.randint(0, 2**62, (), generator=generator))
-        self.register_buffer("feature_seed", torch.tensor(int(seed), dtype=torch.int64))
+        seed = _check_int("seed", seed, 0)
+        self.register_buffer("feature_seed", torch.tensor(seed, dtype=torch.int64, device=device))
+        self.register_buffer("_eval_features", _features_bits(seed, num_heads, self.num_samples,
+                                                              self.head_dim, device), persistent=False)
+        self.register_load_state_dict_pre_hook(_keep_seed_if_absent)
+        self.register_load_state_dict_post_hook(_redraw_features)
 
     def extra_repr(self):
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_samples={self.num_samples}, "
                 f"batch_first={self.batch_first}")
 
+    def eval_features(self) -> torch.Tensor:
+        """The fixed evaluation features, float32 (1, H, S, D)."""
+        return self._eval_features.view(torch.float32)
+
     def _attend(self, q, k, v, q_pad, k_pad, grid):
         if grid is not None:
             raise ValueError("grid is only used by LaraAttention(landmarks='pool2d')")
+        B, H, _, D = q.shape
         if self.training:
-            gen = self.generator
+            w = _ops.draw_normal((B, H, self.num_samples, D), self.generator, q.device)
         else:
-            gen = torch.Generator(device=q.device)
-            gen.manual_seed(int(self.feature_seed))
-        q, k, v = _autocast_qkv(q, k, v)
-        with torch.autocast(q.device.type, enabled=False):
-            return rfa_attention(q, k, v, num_samples=self.num_samples, generator=gen,
-                                 key_padding_mask=k_pad, query_padding_mask=q_pad, backend=self.backend,
-                                 check_finite=self.check_finite)
+            w = self.eval_features().expand(B, H, self.num_samples, D)
+        with _ops._no_autocast(q.device):
+            return _ops.rfa_features(*_autocast_inputs(q, k, v), w, key_padding_mask=k_pad,
+                                     query_padding_mask=q_pad, backend=self.backend)
+
+
+def _keep_seed_if_absent(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                         error_msgs):
+    """A state dict without ``feature_seed`` (nn.MultiheadAttention's) keeps the layer's seed."""
+    key = prefix + "feature_seed"
+    if key not in state_dict:
+        state_dict[key] = module.feature_seed.detach().clone()
+
+
+def _redraw_features(module, incompatible_keys):
+    f = module._eval_features
+    module._eval_features = _features_bits(int(module.feature_seed), module.num_heads, module.num_samples,
+                                           module.head_dim, f.device)
 
 
 ATTENTIONS = ("lara", "performer", "softmax")
 
 
-class LaraEncoderLayer(nn.Module):
-    """A transformer encoder layer (``batch_first=True``) with a choice of attention.
+def _activation(activation):
+    if isinstance(activation, str):
+        if activation == "relu":
+            return F.relu
+        if activation == "gelu":
+            return F.gelu
+        raise RuntimeError(f"activation should be relu/gelu, not {activation}")   # torch's error
+    if not callable(activation):
+        raise TypeError(f"activation must be 'relu', 'gelu' or a callable, got {activation!r}")
+    return activation
 
-    Same structure and arguments as ``nn.TransformerEncoderLayer`` (self-attention, then
-    a two-layer feed-forward block, each with dropout and a residual; ``norm_first``
-    chooses pre-norm or post-norm). ``attention`` picks ``"lara"`` (:class:`LaraAttention`),
-    ``"performer"`` (:class:`PerformerAttention`) or ``"softmax"``
-    (``nn.MultiheadAttention``, i.e. SDPA); ``**attn_kwargs`` go to the attention's
-    constructor (e.g. ``num_samples=16, landmarks="learned"``, ``check_finite=True``).
+
+class LaraEncoderLayer(nn.Module):
+    """``nn.TransformerEncoderLayer`` with a choice of attention.
+
+    Same arguments in the same order and with the same defaults as
+    ``nn.TransformerEncoderLayer`` (``d_model, nhead, dim_feedforward=2048, dropout=0.1,
+    activation=relu, layer_norm_eps=1e-5, batch_first=False, norm_first=False, bias=True,
+    device, dtype``; ``activation`` is ``"relu"``, ``"gelu"`` or a callable), the same
+    structure (self-attention, then a two-layer feed-forward block, each with dropout and
+    a residual; ``norm_first`` chooses pre-norm or post-norm) and the same parameter
+    names, so a torch layer's state dict loads into it (``strict=True``) and it stacks in
+    ``nn.TransformerEncoder``. Keyword-only: ``attention`` picks ``"lara"``
+    (:class:`LaraAttention`), ``"performer"`` (:class:`PerformerAttention`) or
+    ``"softmax"`` (``nn.MultiheadAttention``, i.e. SDPA); ``**attn_kwargs`` go to the
+    attention's constructor (e.g. ``num_samples=16, landmarks="learned"``,
+    ``check_finite=True``). ``src_mask`` and ``is_causal=True`` raise NotImplementedError
+    (padding masks only: ``src_key_padding_mask``, bool or float 0 / -inf).
     """
 
-    def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, activation="relu",
-                 layer_norm_eps=1e-5, norm_first=False, bias=True, attention="lara", device=None,
-                 dtype=None, **attn_kwargs):
+    def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1,
+                 activation: Union[str, Callable[[torch.Tensor], torch.Tensor]] = F.relu,
+                 layer_norm_eps=1e-5, batch_first=False, norm_first=False, bias=True, device=None,
+                 dtype=None, *, attention="lara", **attn_kwargs):
         super().__init__()
         fk = {"device": device, "dtype": dtype}
         self.attention = _choice("attention", attention, ATTENTIONS)
+        d_model = _check_int("d_model", d_model, 1)
+        nhead = _check_int("nhead", nhead, 1)
+        dim_feedforward = _check_int("dim_feedforward", dim_feedforward, 1)
+        dropout = _check_probability("dropout", dropout)
+        layer_norm_eps = _check_real("layer_norm_eps", layer_norm_eps, positive=True)
+        batch_first = _check_bool("batch_first", batch_first)
+        self.norm_first = _check_bool("norm_first", norm_first)
+        bias = _check_bool("bias", bias)
+        act = _activation(activation)
         if attention == "softmax":
             if attn_kwargs:
                 raise ValueError(f"attention='softmax' takes no extra arguments, got {sorted(attn_kwargs)}")
             self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, bias=bias,
-                                                   batch_first=True, **fk)
+                                                   batch_first=batch_first, **fk)
         else:
             cls = LaraAttention if attention == "lara" else PerformerAttention
-            self.self_attn = cls(d_model, nhead, dropout=dropout, bias=bias, batch_first=True, **fk,
+            self.self_attn = cls(d_model, nhead, dropout=dropout, bias=bias, batch_first=batch_first, **fk,
                                  **attn_kwargs)
         self.linear1 = nn.Linear(d_model, dim_feedforward, bias=bias, **fk)
         self.linear2 = nn.Linear(dim_feedforward, d_model, bias=bias, **fk)
-        self.norm_first = norm_first
         self.norm1 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **fk)
         self.norm2 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **fk)
         self.dropout = nn.Dropout(dropout)
         self.dropout1 = nn.Dropout(dropout)
         self.dropout2 = nn.Dropout(dropout)
-        if isinstance(activation, str):
-            activation = {"relu": F.relu, "gelu": F.gelu}[activation]
-        self.activation = activation
+        self.activation = act
+
+    @property
+    def batch_first(self) -> bool:
+        return self.self_attn.batch_first
 
     def _sa(self, x, key_padding_mask):
         y = self.self_attn(x, x, x, key_padding_mask=key_padding_mask, need_weights=False)[0]

@@ -29,6 +29,7 @@ def _x(B=2, N=10, E=E, seed=0, dtype=torch.float32):
 def _attn(cls, **kw):
     torch.manual_seed(0)
     kw.setdefault("num_samples", 4)
+    kw.setdefault("batch_first", True)   # these tests use (B, L, E); MHA's default layout is tested in test_layers_dropin.py
     return cls(E, H, **kw)
 
 
@@ -85,7 +86,7 @@ def test_mha_state_dict_loads_and_round_trip():
     for cls, kw in [(LaraAttention, {"landmarks": "learned"}), (PerformerAttention, {})]:
         a = _attn(cls, **kw).eval()
         torch.manual_seed(123)
-        b = cls(E, H, num_samples=4, **kw).eval()
+        b = cls(E, H, num_samples=4, batch_first=True, **kw).eval()
         x = _x()
         assert not torch.equal(a(x, x, x)[0], b(x, x, x)[0])
         b.load_state_dict(a.state_dict())
@@ -183,8 +184,18 @@ def test_pool2d_landmarks_are_2d_average_pools():
 def test_performer_equals_rfa_attention_with_seeded_generator():
     m = _attn(PerformerAttention, seed=7).eval()
     x = _x()
+    out = m(x, x, x)[0]
+    # eval: the fixed features are randn((1, H, S, D)) from the seed, shared by every
+    # batch element, so each element equals rfa_attention on it alone with that generator
+    for b in range(2):
+        qh, kh, vh = m.project(x[b:b + 1], x[b:b + 1], x[b:b + 1])
+        y = rfa_attention(qh, kh, vh, num_samples=4, generator=torch.Generator().manual_seed(7))
+        torch.testing.assert_close(out[b:b + 1], m.out_proj(y.transpose(1, 2).flatten(2)), rtol=0, atol=0)
+    # training: fresh features drawn exactly as rfa_attention draws them
+    m.train()
+    m.generator = torch.Generator().manual_seed(11)
     qh, kh, vh = m.project(x, x, x)
-    y = rfa_attention(qh, kh, vh, num_samples=4, generator=torch.Generator().manual_seed(7))
+    y = rfa_attention(qh, kh, vh, num_samples=4, generator=torch.Generator().manual_seed(11))
     torch.testing.assert_close(m(x, x, x)[0], m.out_proj(y.transpose(1, 2).flatten(2)), rtol=0, atol=0)
 
 
@@ -197,7 +208,7 @@ def test_key_padding_mask_matches_unpadded_call(cls):
     kpm = torch.zeros(2, 10, dtype=torch.bool)
     kpm[0, 7:] = True
     out, _ = m(x, x, x, key_padding_mask=kpm)
-    # element 0 alone without its padding (Performer: same features only at batch position 0)
+    # element 0 alone without its padding
     alone, _ = m(x[:1, :7], x[:1, :7], x[:1, :7])
     torch.testing.assert_close(out[0, :7], alone[0], rtol=1e-5, atol=1e-6)
     # padded query rows carry no attention (out_proj of zeros)
@@ -260,7 +271,8 @@ def test_performer_eval_fixed_features_train_redraws():
 def test_encoder_layer(attention, norm_first):
     kw = {} if attention == "softmax" else {"num_samples": 4}
     torch.manual_seed(0)
-    layer = LaraEncoderLayer(E, H, 32, dropout=0.0, norm_first=norm_first, attention=attention, **kw)
+    layer = LaraEncoderLayer(E, H, 32, dropout=0.0, norm_first=norm_first, batch_first=True, attention=attention,
+                             **kw)
     x = _x().requires_grad_()
     kpm = torch.zeros(2, 10, dtype=torch.bool)
     kpm[1, 8:] = True
@@ -297,7 +309,8 @@ def test_autocast_bf16(cls, kw):
 def test_short_training_loss_falls(attention):
     torch.manual_seed(0)
     model = nn.Sequential(
-        LaraEncoderLayer(E, H, 32, dropout=0.0, norm_first=True, attention=attention, num_samples=4),
+        LaraEncoderLayer(E, H, 32, dropout=0.0, norm_first=True, batch_first=True, attention=attention,
+                         num_samples=4),
         nn.LayerNorm(E),
     )
     head = nn.Linear(E, 3)
@@ -366,8 +379,9 @@ def test_custom_op_opcheck():
 def test_torch_compile_two_layer_model_fullgraph():
     torch.manual_seed(0)
     model = nn.Sequential(
-        LaraEncoderLayer(E, H, 32, dropout=0.0, attention="lara", num_samples=4),
-        LaraEncoderLayer(E, H, 32, dropout=0.0, attention="lara", num_samples=4, landmarks="learned"),
+        LaraEncoderLayer(E, H, 32, dropout=0.0, batch_first=True, attention="lara", num_samples=4),
+        LaraEncoderLayer(E, H, 32, dropout=0.0, batch_first=True, attention="lara", num_samples=4,
+                         landmarks="learned"),
     ).eval()
     x = _x()
     torch._dynamo.reset()
