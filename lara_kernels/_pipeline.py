@@ -1,4 +1,4 @@
-"""The function every fast backend computes, cut into passes (design/kernels.md).
+"""The function every fast backend computes, cut into passes (docs/design.md).
 
 The long passes (landmarks, key pass, query normalizer, query pass) come from a
 backend's ``passes`` object; the C x D and C x C steps between them (proposal means,
@@ -48,14 +48,22 @@ def prepare_masks(B, N, M, C, query_padding_mask, key_padding_mask, device):
 def drop_inputs(keep, *tensors):
     """Zero the inputs of dropped elements (no valid query or key): their output is 0 and
     they are computed on stand-in masks, so their padded data must not enter the passes.
-    Copies only when some element is dropped."""
+
+    On CPU tensors (eager) the copies are skipped when nothing is dropped: reading
+    ``keep`` there costs no device synchronization. Elsewhere (GPU, or a compiled graph,
+    which cannot branch on values) the inputs are always masked, so the call never waits
+    for the device and can be captured in a CUDA graph; the result is the same.
+    """
     if keep is None:
         return tensors
-    # Eagerly, skip the copies when nothing is dropped; a compiled graph cannot branch on
-    # the values, so it always masks (same result).
-    if not torch.compiler.is_compiling() and bool(keep.all()):
+    if keep.device.type == "cpu" and not torch.compiler.is_compiling() and bool(keep.all()):
         return tensors
     return tuple(None if t is None else t.masked_fill(~keep[:, None, None, None], 0.0) for t in tensors)
+
+
+def _mask_inactive(x, act_c):
+    """-inf at the inactive samples c' (last axis) of a (B, H, C, C) matrix; act_c None = all active."""
+    return x if act_c is None else x.masked_fill(~act_c, NEG_INF)
 
 
 def _zero_dropped(y, keep):
@@ -69,13 +77,20 @@ def lara_forward(passes, q, k, v, eps, *, num_samples, proposal, weighting, beta
                  k_landmarks=None) -> torch.Tensor:
     B, H, N, D = q.shape
     M = k.shape[2]
-    C = num_samples
+    # Samples c >= C_eff = min(C, N_valid, M_valid) are inactive: run only the first
+    # min(C, N, M) rows, which hold every active one (exact; the result does not depend on C
+    # beyond C_eff, and the dropped rows of given landmarks get zero gradients).
+    C = min(num_samples, N, M)
+    if C < num_samples:
+        eps = None if eps is None else eps[:, :, :C]
+        q_landmarks = None if q_landmarks is None else q_landmarks[:, :, :C]
+        k_landmarks = None if k_landmarks is None else k_landmarks[:, :, :C]
     ct = compute_dtype(q.dtype)
     ss = math.sqrt(scale)
     q_pad, k_pad, keep, c_eff = prepare_masks(B, N, M, C, query_padding_mask, key_padding_mask, q.device)
     q, k, v, q_landmarks, k_landmarks = drop_inputs(keep, q, k, v, q_landmarks, k_landmarks)
-    active = torch.arange(C, device=q.device)[None, :] < c_eff[:, None]      # (B, C)
-    act_c = active[:, None, None, :]
+    # Without masks every sample is active (C_eff = C for every element): no masking needed.
+    act_c = None if keep is None else (torch.arange(C, device=q.device)[None, :] < c_eff[:, None])[:, None, None, :]
 
     # 1. landmarks, in the scaled space
     qt = ss * (q_landmarks.to(ct) if q_landmarks is not None else passes.landmarks(q, q_pad, c_eff, C))
@@ -85,7 +100,7 @@ def lara_forward(passes, q, k, v, eps, *, num_samples, proposal, weighting, beta
     if proposal == "segment":
         mu = qt + kt
     elif proposal == "mixed":
-        a = (kt @ kt.transpose(-1, -2)).masked_fill(~act_c, NEG_INF).softmax(-1)
+        a = _mask_inactive(kt @ kt.transpose(-1, -2), act_c).softmax(-1)
         mu = qt + a @ kt
     else:  # "attend": a key pass with values k and no -|kh|^2/2 term
         _, mean_k = passes.key_pass(qt, k, k, k_pad, ss, False)
@@ -100,7 +115,7 @@ def lara_forward(passes, q, k, v, eps, *, num_samples, proposal, weighting, beta
     # 6. densities g_cc' and weights (C x C)
     g = w @ mu.transpose(-1, -2) - 0.5 * mu.pow(2).sum(-1)[..., None, :]
     rho = torch.diagonal(g, dim1=-2, dim2=-1)
-    log_den = g.masked_fill(~act_c, NEG_INF).logsumexp(-1)
+    log_den = _mask_inactive(g, act_c).logsumexp(-1)
     if weighting == "optimal":
         Lam = passes.query_normalizer(qt, q, q_pad, ss)                     # 5.
         bh = torch.exp(rho - log_den)

@@ -3,13 +3,15 @@
 Layout (B, H, N, D) as in ``torch.nn.functional.scaled_dot_product_attention``.
 The randomness (LARA's eps, RFA's features) is drawn here, once, in float32 with the
 caller's generator, and handed to whichever backend runs, so every backend computes the
-same function of the same inputs (design/lara-math.md section 3).
+same function of the same inputs (docs/math.md section 3).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
+import warnings
 from typing import Optional
 
 import torch
@@ -23,6 +25,40 @@ _FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 def _shape(t):
     return tuple(t.shape)
+
+
+def _autocast_inputs(*tensors):
+    """Cast as ``scaled_dot_product_attention`` is cast under ``torch.autocast``.
+
+    SDPA is on autocast's lower-precision list: while autocast is enabled for the first
+    tensor's device type, every floating tensor that is not float64 is cast to the
+    autocast dtype (so float32 and mixed float32/half inputs run, and return, in that
+    dtype); float64 tensors and ``None`` pass through unchanged. Outside autocast the
+    tensors are returned as they are. The backends then run with autocast disabled, so
+    their internal float32 (or float64) accumulation is not cast down.
+    """
+    first = tensors[0]
+    if not isinstance(first, torch.Tensor):
+        return tensors
+    dev = first.device.type
+    try:
+        enabled = torch.is_autocast_enabled(dev)
+    except RuntimeError:          # a device type autocast does not know (meta, ...)
+        return tensors
+    if not enabled:
+        return tensors
+    dt = torch.get_autocast_dtype(dev)
+    return tuple(t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+                 else t for t in tensors)
+
+
+def _no_autocast(device):
+    """Autocast off for the backend run (a no-op context on device types autocast does not know)."""
+    try:
+        torch.is_autocast_enabled(device.type)
+    except RuntimeError:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
 
 
 def _check_qkv(q, k, v):
@@ -149,16 +185,105 @@ def _check_backend(backend):
     return backend
 
 
-def _empty_result(q, k, v):
-    """Zeros of the output's shape, still connected to the inputs for autograd."""
-    out = q.new_zeros(q.shape[:3] + (v.shape[3],))
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        out = out + 0.0 * (q.sum() + k.sum() + v.sum())
-    return out
+class _ZeroOutput(torch.autograd.Function):
+    """Zeros of the output's shape (B, H, N, Dv), for degenerate shapes (N, M or Dv = 0).
+
+    Connected to the inputs for autograd with gradients that are exactly 0: never
+    ``0 * x``, which is NaN where x holds inf. Works under double backward, torch.func
+    and torch.compile (a pure function of the shapes).
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(q, k, v, q_landmarks, k_landmarks):
+        return q.new_zeros(q.shape[:3] + (v.shape[3],))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.like = [None if t is None else (t.shape, t.dtype, t.device) for t in inputs]
+
+    @staticmethod
+    def backward(ctx, grad):
+        return tuple(None if m is None else torch.zeros(m[0], dtype=m[1], device=m[2]) for m in ctx.like)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        shape, dtype, device = ctx.like[0]
+        return torch.zeros(shape[:3] + (ctx.like[2][0][3],), dtype=dtype, device=device)
 
 
-def _check_finite_values(q, k, v, q_landmarks, k_landmarks, key_padding_mask, query_padding_mask):
-    """Raise ValueError if q, k, v or the landmarks hold NaN or +-inf at a valid position.
+def _degenerate(q, k, v):
+    """No query, no key, or no value feature: the output is all zeros (docs/math.md, Degenerate shapes)."""
+    return q.shape[0] * q.shape[1] * q.shape[2] == 0 or k.shape[2] == 0 or v.shape[3] == 0
+
+
+def _empty_result(q, k, v, q_landmarks=None, k_landmarks=None):
+    """Zeros of the output's shape, connected to the inputs for autograd (zero gradients)."""
+    return _ZeroOutput.apply(q, k, v, q_landmarks, k_landmarks)
+
+
+_WARNED = set()
+
+
+def _warn_once(key, message):
+    """A warning shown once per process for each ``key`` (``_WARNED.clear()`` re-arms them)."""
+    if key in _WARNED or torch.compiler.is_compiling():
+        return
+    _WARNED.add(key)
+    warnings.warn(message, UserWarning, stacklevel=3)
+
+
+def _resolve_padding(padding_mask, key_padding_mask, query_padding_mask, B, N, M, device, op):
+    """``padding_mask`` (self-attention) -> (key_padding_mask, query_padding_mask), checked."""
+    if padding_mask is not None:
+        if key_padding_mask is not None or query_padding_mask is not None:
+            given = [n for n, m in (("key_padding_mask", key_padding_mask),
+                                    ("query_padding_mask", query_padding_mask)) if m is not None]
+            raise ValueError(f"padding_mask sets both key_padding_mask and query_padding_mask; do not also pass "
+                             f"{' and '.join(given)}")
+        if N != M:
+            raise ValueError(f"padding_mask is for self-attention (as many queries as keys), got N={N} queries and "
+                             f"M={M} keys; pass key_padding_mask (B, M) and query_padding_mask (B, N) instead")
+        padding_mask = _check_mask("padding_mask", padding_mask, B, N, "N", device)
+        return padding_mask, padding_mask
+    key_padding_mask = _check_mask("key_padding_mask", key_padding_mask, B, M, "M", device)
+    query_padding_mask = _check_mask("query_padding_mask", query_padding_mask, B, N, "N", device)
+    if op == "lara" and key_padding_mask is not None and query_padding_mask is None and N == M:
+        _warn_once("key-mask-only", (
+            "lara_attention got key_padding_mask but no query_padding_mask with N == M: padded query rows "
+            "still enter the query landmarks, so the valid outputs depend on the amount of padding. For "
+            "self-attention pass padding_mask=mask (it sets both masks); for cross-attention whose queries "
+            "have no padding pass query_padding_mask explicitly (this warning is shown once)"))
+    return key_padding_mask, query_padding_mask
+
+
+# Range within which every backend's result is finite (docs/math.md, Numeric range): every
+# logit the passes form (w . kh, |kh|^2 / 2, g, Z - rho, t, L, and their differences) is
+# at most 21 R^2 in size, R^2 the largest scale * |x|^2 over the valid rows x of q, k
+# and given landmarks (|mu|, |w| <= 2R up to eps). RANGE_DIVISOR = 64 keeps a margin of 3x.
+RANGE_DIVISOR = 64.0
+
+
+def range_bound(dtype: torch.dtype) -> float:
+    """Largest ``scale * |x|^2`` (x a valid row of q, k or given landmarks) with finite results:
+    ``finfo(compute dtype).max / 64``, float32 for float32/float16/bfloat16 inputs."""
+    ct = torch.float64 if dtype == torch.float64 else torch.float32
+    return torch.finfo(ct).max / RANGE_DIVISOR
+
+
+def _first_index(bad, shape):
+    flat = int(bad.reshape(-1).to(torch.uint8).argmax())          # argmax: the first maximum
+    index = []
+    for size in reversed(shape):
+        flat, i = divmod(flat, size)
+        index.append(i)
+    return tuple(reversed(index))
+
+
+def _check_finite_values(q, k, v, q_landmarks, k_landmarks, key_padding_mask, query_padding_mask, scale=None):
+    """Raise ValueError if q, k, v or the landmarks hold NaN or +-inf at a valid position,
+    or a valid row x of q, k or the landmarks has ``scale * |x|^2`` above :func:`range_bound`.
 
     Positions marked True (padding) in query_padding_mask (rows of q) or key_padding_mask
     (rows of k and v) are not looked at. A screen first: the sum of each row is finite
@@ -166,49 +291,65 @@ def _check_finite_values(q, k, v, q_landmarks, k_landmarks, key_padding_mask, qu
     synchronization for all tensors; only a tensor that fails it is counted element by
     element. "first" is the first bad element in row-major order of the argument's shape.
     """
-    items = (("q", q, query_padding_mask), ("k", k, key_padding_mask), ("v", v, key_padding_mask),
-             ("q_landmarks", q_landmarks, None), ("k_landmarks", k_landmarks, None))
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    bound = range_bound(q.dtype)
+    items = (("q", q, query_padding_mask, True), ("k", k, key_padding_mask, True), ("v", v, key_padding_mask, False),
+             ("q_landmarks", q_landmarks, None, True), ("k_landmarks", k_landmarks, None, True))
     screened = []
-    for name, t, pad in items:
+    for name, t, pad, ranged in items:
         if t is None or t.numel() == 0 or t.device.type == "meta":   # meta: no values to check
             continue
-        rows = t.detach().sum(-1, dtype=torch.float32 if t.element_size() < 4 else t.dtype)   # (B, H, L)
+        ct = torch.float64 if t.dtype == torch.float64 else torch.float32
+        x = t.detach()
+        rows = x.sum(-1, dtype=ct)                                    # (B, H, L)
         if pad is not None:
             rows = rows.masked_fill(pad[:, None, :], 0)
-        screened.append((name, t, pad, torch.isfinite(rows).all()))
+        ok = torch.isfinite(rows).all()
+        big = None
+        if ranged:
+            sq = x.to(ct).pow(2).sum(-1) * scale                      # (B, H, L), inf if it overflows
+            if pad is not None:
+                sq = sq.masked_fill(pad[:, None, :], 0)
+            big = sq > bound
+            ok = ok & ~big.any()
+        screened.append((name, t, pad, ok, big, sq if ranged else None))
     if not screened:
         return
-    passed = torch.stack([ok for *_, ok in screened]).tolist()
-    for (name, t, pad, _), ok in zip(screened, passed):
+    passed = torch.stack([item[3] for item in screened]).tolist()
+    for (name, t, pad, _, big, sq), ok in zip(screened, passed):
         if ok:
             continue
         bad = ~torch.isfinite(t.detach())
         if pad is not None:
             bad.masked_fill_(pad[:, None, :, None], False)
         n = int(bad.sum())
-        if n == 0:                                                    # the screen's sum overflowed
-            continue
-        flat = int(bad.reshape(-1).to(torch.uint8).argmax())          # argmax: the first maximum
-        index = []
-        for size in reversed(t.shape):
-            flat, i = divmod(flat, size)
-            index.append(i)
-        index = tuple(reversed(index))
-        value = float(t[index].item())
-        raise ValueError(
-            f"check_finite: {name} has {n} non-finite value{'s' if n != 1 else ''} (first {value} at index {index})"
-        )
+        if n > 0:
+            index = _first_index(bad, t.shape)
+            value = float(t[index].item())
+            raise ValueError(
+                f"check_finite: {name} has {n} non-finite value{'s' if n != 1 else ''} (first {value} at index {index})"
+            )
+        if big is not None and bool(big.any()):
+            rows = int(big.sum())
+            index = _first_index(big, big.shape)
+            ct = "float64" if t.dtype == torch.float64 else "float32"
+            raise ValueError(
+                f"check_finite: {name} has {rows} row{'s' if rows != 1 else ''} outside the range where results are "
+                f"finite: scale * |{name}[{', '.join(map(str, index))}]|^2 = {float(sq[index]):.3g} > "
+                f"{bound:.3g} (finfo({ct}).max / {RANGE_DIVISOR:g}, docs/math.md 'Numeric range'); rescale the "
+                f"inputs or compute in float64"
+            )
 
 
 @torch.library.custom_op("lara_kernels::check_finite", mutates_args=())
 def _check_finite_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_landmarks: Optional[torch.Tensor],
                      k_landmarks: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
-                     query_padding_mask: Optional[torch.Tensor]) -> None:
-    _check_finite_values(q, k, v, q_landmarks, k_landmarks, key_padding_mask, query_padding_mask)
+                     query_padding_mask: Optional[torch.Tensor], scale: float) -> None:
+    _check_finite_values(q, k, v, q_landmarks, k_landmarks, key_padding_mask, query_padding_mask, scale)
 
 
 @_check_finite_op.register_fake
-def _check_finite_fake(q, k, v, q_landmarks, k_landmarks, key_padding_mask, query_padding_mask):
+def _check_finite_fake(q, k, v, q_landmarks, k_landmarks, key_padding_mask, query_padding_mask, scale):
     return None
 
 
@@ -232,11 +373,12 @@ _CHECK_KEPT_WHEN_COMPILED = _keep_in_compiled_graphs(torch.ops.lara_kernels.chec
 
 
 def _check_finite(check_finite, q, k, v, *, q_landmarks=None, k_landmarks=None, key_padding_mask=None,
-                  query_padding_mask=None):
+                  query_padding_mask=None, scale=None):
     """The opt-in ``check_finite`` of the public functions, on checked arguments."""
     if not _check_bool("check_finite", check_finite):
         return
-    args = (q, k, v, q_landmarks, k_landmarks, key_padding_mask, query_padding_mask)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    args = (q, k, v, q_landmarks, k_landmarks, key_padding_mask, query_padding_mask, scale)
     if not torch.compiler.is_compiling():
         _check_finite_values(*args)
     elif _CHECK_KEPT_WHEN_COMPILED:
@@ -265,6 +407,7 @@ def lara_attention(
     generator: Optional[torch.Generator] = None,
     key_padding_mask: Optional[torch.Tensor] = None,
     query_padding_mask: Optional[torch.Tensor] = None,
+    padding_mask: Optional[torch.Tensor] = None,
     q_landmarks: Optional[torch.Tensor] = None,
     k_landmarks: Optional[torch.Tensor] = None,
     backend: str = "auto",
@@ -273,11 +416,15 @@ def lara_attention(
     dropout_p: float = 0.0,
     check_finite: bool = False,
 ) -> torch.Tensor:
-    """Linear randomized attention (LARA), as defined in design/lara-math.md.
+    """Linear randomized attention (LARA), as defined in docs/math.md.
 
     Args:
         q: (B, H, N, D) queries; k: (B, H, M, D) keys; v: (B, H, M, Dv) values. One
-            floating dtype and one device for all three; any strides.
+            floating dtype and one device for all three; any strides. Under
+            ``torch.autocast`` they are cast as ``scaled_dot_product_attention``'s are:
+            float32 (and mixed float32/half) inputs run and return in the autocast
+            dtype, float64 is left alone. N, M or Dv = 0 give zeros of shape
+            (B, H, N, Dv) with zero gradients.
         num_samples: C, the number of proposals/samples (and landmarks).
         proposal: ``"segment"`` (mu = qt + kt), ``"mixed"`` or ``"attend"``.
         weighting: ``"optimal"`` (query-specific MIS weights, Eq. 38) or ``"balance"``.
@@ -288,9 +435,14 @@ def lara_attention(
             deterministic.
         key_padding_mask: (B, M) bool, True = padding. query_padding_mask: (B, N) bool.
             Padded query rows are 0; an element whose keys (or queries) are all padding
-            gives 0 for all its rows.
+            gives 0 for all its rows. Queries enter the landmarks, so in self-attention
+            pass ``padding_mask`` (B, N), which sets both; a key mask alone with N == M
+            warns once, because padded queries would then shift the valid outputs.
+        padding_mask: (B, N) bool for self-attention (N == M): the key and the query
+            padding mask at once. Not together with the other two masks.
         q_landmarks, k_landmarks: optional (B, H, C, D) landmarks in q's units, replacing
-            the segment means (gradients flow to them).
+            the segment means (gradients flow to them). ``proposal="attend"`` does not use
+            key landmarks and rejects ``k_landmarks``.
         backend: ``"auto"`` or a registered name (see ``python -m lara_kernels.info``).
         is_causal, attn_mask, dropout_p: accepted for SDPA compatibility; anything but
             the defaults raises NotImplementedError.
@@ -302,11 +454,16 @@ def lara_attention(
             as a side effect, raising the same error when the compiled code runs. If False
             (default), nothing is checked, at no cost, and what non-finite values at valid
             positions give is not specified (NaN or inf in output rows, or an error from
-            deeper down, such as the sampler of :func:`ra_attention`).
+            deeper down, such as the sampler of :func:`ra_attention`). It also rejects a
+            valid row x of q, k or the landmarks with ``scale * |x|^2`` above
+            :func:`range_bound` (``finfo.max / 64`` of the compute dtype: 5.3e36 for
+            float32, float16 and bfloat16 inputs), the range within which every backend's
+            result is guaranteed finite.
 
     Returns:
         (B, H, N, Dv) in q's dtype.
     """
+    q, k, v, q_landmarks, k_landmarks = _autocast_inputs(q, k, v, q_landmarks, k_landmarks)
     _check_qkv(q, k, v)
     _check_unsupported(is_causal, attn_mask, dropout_p)
     B, H, N, D = q.shape
@@ -318,26 +475,39 @@ def lara_attention(
     scale = _check_scale(scale, D)
     training = _check_bool("training", training)
     generator = _check_generator(generator, q.device)
-    key_padding_mask = _check_mask("key_padding_mask", key_padding_mask, B, M, "M", q.device)
-    query_padding_mask = _check_mask("query_padding_mask", query_padding_mask, B, N, "N", q.device)
+    key_padding_mask, query_padding_mask = _resolve_padding(
+        padding_mask, key_padding_mask, query_padding_mask, B, N, M, q.device, "lara")
     q_landmarks = _check_landmarks("q_landmarks", q_landmarks, q, C)
     k_landmarks = _check_landmarks("k_landmarks", k_landmarks, q, C)
+    _check_landmarks_used(proposal, k_landmarks)
     backend = _check_backend(backend)
     _check_finite(check_finite, q, k, v, q_landmarks=q_landmarks, k_landmarks=k_landmarks,
-                  key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask)
+                  key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask, scale=scale)
 
-    if B * H * N == 0 or M == 0:
-        return _empty_result(q, k, v)
+    if _degenerate(q, k, v):
+        return _empty_result(q, k, v, q_landmarks, k_landmarks)
     eps = None
     if training:
         eps = torch.randn((B, H, C, D), generator=generator, device=q.device, dtype=torch.float32)
-    return run_lara(q, k, v, eps, backend, num_samples=C, proposal=proposal, weighting=weighting, beta=beta,
-                    scale=scale, key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask,
-                    q_landmarks=q_landmarks, k_landmarks=k_landmarks)
+    with _no_autocast(q.device):
+        return run_lara(q, k, v, eps, backend, num_samples=C, proposal=proposal, weighting=weighting, beta=beta,
+                        scale=scale, key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask,
+                        q_landmarks=q_landmarks, k_landmarks=k_landmarks)
+
+
+def _check_landmarks_used(proposal, k_landmarks):
+    if proposal == "attend" and k_landmarks is not None:
+        raise ValueError(
+            "k_landmarks is not used by proposal='attend' (mu_c = qt_c + the attention of qt_c over the keys; "
+            "docs/math.md section 2); pass k_landmarks=None, or use proposal='segment' or 'mixed'")
 
 
 def run_lara(q, k, v, eps, backend, **options):
-    """Select the backend for checked inputs and run it (shared with the custom op)."""
+    """Select the backend for checked inputs and run it (shared with the custom op).
+
+    Degenerate shapes (N, M or Dv = 0) give zeros without running a backend."""
+    if _degenerate(q, k, v):
+        return q.new_zeros(q.shape[:3] + (v.shape[3],))
     impl = dispatch.select("lara", backend, q, k, v, **options)
     return impl.lara(q, k, v, eps, **options)
 
@@ -352,19 +522,22 @@ def rfa_attention(
     generator: Optional[torch.Generator] = None,
     key_padding_mask: Optional[torch.Tensor] = None,
     query_padding_mask: Optional[torch.Tensor] = None,
+    padding_mask: Optional[torch.Tensor] = None,
     backend: str = "auto",
     is_causal: bool = False,
     attn_mask: Optional[torch.Tensor] = None,
     dropout_p: float = 0.0,
     check_finite: bool = False,
 ) -> torch.Tensor:
-    """RFA / Performer attention with positive random features (lara-math.md, Relatives).
+    """RFA / Performer attention with positive random features (docs/math.md, Relatives).
 
     Every call draws S = ``num_samples`` features ``w ~ N(0, I)`` as float32
     ``randn((B, H, S, D), generator=generator)``; for one fixed set, pass a generator in
-    the same state. Same arguments and conventions as :func:`lara_attention`, including
-    ``check_finite`` (on q, k and v).
+    the same state. Same arguments and conventions as :func:`lara_attention` (autocast,
+    masks, ``padding_mask``, degenerate shapes), including ``check_finite`` (on q, k and
+    v). RFA has no landmarks, so a key mask alone is enough in self-attention.
     """
+    q, k, v = _autocast_inputs(q, k, v)
     _check_qkv(q, k, v)
     _check_unsupported(is_causal, attn_mask, dropout_p)
     B, H, N, D = q.shape
@@ -372,15 +545,24 @@ def rfa_attention(
     S = _check_int("num_samples", num_samples, 1)
     scale = _check_scale(scale, D)
     generator = _check_generator(generator, q.device)
-    key_padding_mask = _check_mask("key_padding_mask", key_padding_mask, B, M, "M", q.device)
-    query_padding_mask = _check_mask("query_padding_mask", query_padding_mask, B, N, "N", q.device)
+    key_padding_mask, query_padding_mask = _resolve_padding(
+        padding_mask, key_padding_mask, query_padding_mask, B, N, M, q.device, "rfa")
     backend = _check_backend(backend)
-    _check_finite(check_finite, q, k, v, key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask)
-    if B * H * N == 0 or M == 0:
+    _check_finite(check_finite, q, k, v, key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask,
+                  scale=scale)
+    if _degenerate(q, k, v):
         return _empty_result(q, k, v)
     w = torch.randn((B, H, S, D), generator=generator, device=q.device, dtype=torch.float32)
-    options = dict(scale=scale, key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask)
-    impl = dispatch.select("rfa", backend, q, k, v, num_samples=S, **options)
+    with _no_autocast(q.device):
+        return run_rfa(q, k, v, w, backend, scale=scale, key_padding_mask=key_padding_mask,
+                       query_padding_mask=query_padding_mask)
+
+
+def run_rfa(q, k, v, w, backend, **options):
+    """Select the backend for checked inputs and run RFA (shared with the custom op)."""
+    if _degenerate(q, k, v):
+        return q.new_zeros(q.shape[:3] + (v.shape[3],))
+    impl = dispatch.select("rfa", backend, q, k, v, num_samples=w.shape[2], **options)
     return impl.rfa(q, k, v, w, **options)
 
 
@@ -395,6 +577,7 @@ def ra_attention(
     generator: Optional[torch.Generator] = None,
     key_padding_mask: Optional[torch.Tensor] = None,
     query_padding_mask: Optional[torch.Tensor] = None,
+    padding_mask: Optional[torch.Tensor] = None,
     is_causal: bool = False,
     attn_mask: Optional[torch.Tensor] = None,
     dropout_p: float = 0.0,
@@ -407,6 +590,7 @@ def ra_attention(
     calls converges to softmax attention (Prop. 3.2). ``biased=True`` is Eq. 31, with
     eps drawn only when ``training``. ``check_finite`` as in :func:`lara_attention`.
     """
+    q, k, v = _autocast_inputs(q, k, v)
     _check_qkv(q, k, v)
     _check_unsupported(is_causal, attn_mask, dropout_p)
     B, H, N, D = q.shape
@@ -415,14 +599,16 @@ def ra_attention(
     scale = _check_scale(scale, D)
     training = _check_bool("training", training)
     generator = _check_generator(generator, q.device)
-    key_padding_mask = _check_mask("key_padding_mask", key_padding_mask, B, M, "M", q.device)
-    query_padding_mask = _check_mask("query_padding_mask", query_padding_mask, B, N, "N", q.device)
-    _check_finite(check_finite, q, k, v, key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask)
-    if B * H * N == 0 or M == 0:
+    key_padding_mask, query_padding_mask = _resolve_padding(
+        padding_mask, key_padding_mask, query_padding_mask, B, N, M, q.device, "ra")
+    _check_finite(check_finite, q, k, v, key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask,
+                  scale=scale)
+    if _degenerate(q, k, v):
         return _empty_result(q, k, v)
     from .reference import ra_reference
 
-    return ra_reference(
-        q, k, v, biased=biased, training=training, scale=scale, generator=generator,
-        key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask,
-    )
+    with _no_autocast(q.device):
+        return ra_reference(
+            q, k, v, biased=biased, training=training, scale=scale, generator=generator,
+            key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask,
+        )

@@ -8,6 +8,7 @@ does not fit, the error lists every backend's reasons.
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Dict, List
 
 import torch
@@ -42,11 +43,20 @@ class Backend:
             reasons.append(f"device {q.device.type!r} not in {self.devices}")
         if q.dtype not in self.dtypes:
             reasons.append(f"dtype {q.dtype} not in {[str(d) for d in self.dtypes]}")
+        return reasons + self.capacity_reasons(op, q, k, v, num_samples)
+
+    def capacity_reasons(self, op: str, q, k, v, num_samples: int = 1) -> List[str]:
+        """Reasons of size only (head dims, samples): what auto warns about when it passes over
+        this backend for a slower one. LARA is judged on the samples that can be active,
+        ``min(C, N, M)`` (C_eff never exceeds it; the pipeline runs only those rows)."""
+        reasons = []
         for what, dim in (("head dim", q.shape[-1]), ("value head dim", v.shape[-1])):
             if self.max_head_dim is not None and dim > self.max_head_dim:
                 reasons.append(f"{what} {dim} > {self.max_head_dim}")
-        if self.max_samples is not None and num_samples > self.max_samples:
-            reasons.append(f"num_samples {num_samples} > {self.max_samples}")
+        samples = active_samples(op, num_samples, q, k)
+        if self.max_samples is not None and samples > self.max_samples:
+            what = "active samples min(num_samples, N, M)" if op == "lara" else "num_samples"
+            reasons.append(f"{what} {samples} > {self.max_samples}")
         return reasons
 
     def lara(self, q, k, v, eps, **options):
@@ -58,7 +68,7 @@ class Backend:
 
 class ReferenceBackend(Backend):
     name = "reference"
-    description = "eager PyTorch of lara-math.md, the oracle (materializes N x C and M x C)"
+    description = "eager PyTorch of docs/math.md, the oracle (materializes N x C and M x C)"
     devices = ("cpu", "cuda", "mps", "xpu", "meta")
 
     def lara(self, q, k, v, eps, **options):
@@ -72,7 +82,12 @@ class ReferenceBackend(Backend):
         return rfa_reference(q, k, v, w, **options)
 
 
-MAX_COMPILED_DIM = 256  # head dims and sample counts of the compiled passes (csrc/lara_ops.h kMaxDim)
+def active_samples(op: str, num_samples: int, q, k) -> int:
+    """Samples a call can have active: LARA's C_eff <= min(C, N, M); RFA uses all S features."""
+    return min(num_samples, q.shape[2], k.shape[2]) if op == "lara" else num_samples
+
+
+MAX_COMPILED_DIM = 256  # head dims and sample counts of the CUDA passes (csrc/lara_ops.h kMaxDim)
 
 
 class CpuBackend(Backend):
@@ -96,6 +111,8 @@ class CudaBackend(CpuBackend):
     name = "cuda"
     description = "fused CUDA C++ passes; CUDA tensors (the fallback where Triton is absent)"
     devices = ("cuda",)
+    max_head_dim = MAX_COMPILED_DIM
+    max_samples = MAX_COMPILED_DIM
 
     def availability_reasons(self):
         if not built():
@@ -132,9 +149,17 @@ def select(op: str, name: str, q, k, v, **options) -> Backend:
     if name != "auto" and name not in _REGISTRY:
         raise ValueError(f"backend must be 'auto' or one of {sorted(_REGISTRY)}, got {name!r}")
     candidates = auto_order(q.device.type) if name == "auto" else [name]
+    skipped = []                       # faster backends auto passed over for their size limits only
     for cand in candidates:
-        if not _REGISTRY[cand].not_supported_reasons(op, q, k, v, **options):
-            return _REGISTRY[cand]
+        backend = _REGISTRY[cand]
+        reasons = backend.not_supported_reasons(op, q, k, v, **options)
+        if not reasons:
+            if skipped:
+                _warn_capacity(op, backend, skipped, q, k, v, options.get("num_samples", 1))
+            return backend
+        capacity = backend.capacity_reasons(op, q, k, v, options.get("num_samples", 1))
+        if capacity and len(capacity) == len(reasons):
+            skipped.append((cand, capacity))
     lines = []
     for bname, backend in _REGISTRY.items():
         reasons = backend.not_supported_reasons(op, q, k, v, **options)
@@ -146,6 +171,30 @@ def select(op: str, name: str, q, k, v, **options) -> Backend:
         f"{what} {op}_attention on {q.device.type} {q.dtype} inputs "
         f"q{tuple(q.shape)}, k{tuple(k.shape)}, v{tuple(v.shape)}:\n" + "\n".join(lines)
     )
+
+
+_WARNED = set()
+
+
+def _warn_capacity(op, chosen, skipped, q, k, v, num_samples):
+    """One warning per (op, skipped backend, chosen backend, reasons) and process: auto fell
+    back from a fused backend because of a size limit, to a slower one that may hold more."""
+    key = (op, chosen.name, tuple((n, tuple(r)) for n, r in skipped))
+    if key in _WARNED or torch.compiler.is_compiling():
+        return
+    _WARNED.add(key)
+    why = "; ".join(f"{n}: {', '.join(r)}" for n, r in skipped)
+    extra = ""
+    if chosen.name == "reference":
+        B, H, N = q.shape[:3]
+        M = k.shape[2]
+        C = active_samples(op, num_samples, q, k)
+        size = 8 if q.dtype == torch.float64 else 4
+        mib = lambda L: B * H * L * C * size / 2**20  # noqa: E731
+        extra = (f"; it materializes (B, H, N, C) and (B, H, M, C) matrices, {mib(N):.1f} MiB and {mib(M):.1f} MiB "
+                 f"each here, several of them held for the backward, where the fused passes hold none")
+    warnings.warn(f"{op}_attention(backend='auto') passed over {why}, and runs backend {chosen.name!r}{extra}. "
+                  f"This warning is shown once.", UserWarning, stacklevel=4)
 
 
 register_backend(ReferenceBackend())

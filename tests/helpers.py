@@ -85,7 +85,9 @@ def run(fn, backend, leaves, build, masks, dy, dtype, device, **opts):
         y = rfa_attention(q, k, v, backend=backend, **masks, **opts)
     else:
         if qlm is not None:
-            opts = dict(opts, q_landmarks=qlm, k_landmarks=klm)
+            opts = dict(opts, q_landmarks=qlm)
+        if klm is not None and opts.get("proposal") != "attend":   # "attend" rejects key landmarks
+            opts = dict(opts, k_landmarks=klm)
         y = lara_attention(q, k, v, backend=backend, **masks, **opts)
     grads = torch.autograd.grad(y, ls, dy.to(device=device, dtype=y.dtype), allow_unused=True)
     return y, grads

@@ -92,12 +92,19 @@ def test_other_dtypes_and_strided_inputs(dtype):
 
 
 def test_finite_values_whose_sums_overflow_pass():
-    # the screen sums rows (overflow -> inf); such rows are then counted element by element
+    # the screen sums rows (overflow -> inf); such rows are then counted element by element.
+    # Values are not range-checked: a huge finite v passes.
     q, k, v = make_qkv(B, H, N, M, D, dtype=torch.float32)
-    k = k.clone()
-    k[0, 0, 0] = 3e38                                 # the row's sum overflows; every value is finite
+    v = v.clone()
+    v[0, 0, 0] = 3e38                                 # the row's sum overflows; every value is finite
     y = lara_attention(q, k, v, num_samples=C, check_finite=True, backend="reference")
     assert y.shape == (B, H, N, D)
+    # a key row that large is finite but outside the range of finite results: named as such
+    k = k.clone()
+    k[0, 0, 0] = 3e38
+    with pytest.raises(ValueError, match=r"k has 1 row outside the range where results are finite: "
+                                         r"scale \* \|k\[0, 0, 0\]\|\^2 = inf > 5.32e\+36"):
+        lara_attention(q, k, v, num_samples=C, check_finite=True, backend="reference")
     h = torch.full((1, 1, 3, 64), 60000.0, dtype=torch.float16)     # near float16's largest
     ra_attention(h, h, h, biased=True, check_finite=True)
     k[1, 2, 3, 4] = float("nan")
