@@ -12,7 +12,7 @@ segment proposal, optimal weighting by default):
 - each long pass of the ``cpu`` backend on its own (the compiled ops), to show where the
   time goes.
 
-Work is counted as the passes compute it (design/kernels.md): each matrix product over a
+Work is counted as the passes compute it (docs/design.md): each matrix product over a
 long axis costs 2 * C * D flops per query or key (D or Dv for the value side). Forward:
 key pass 2 products per key (logits, values), query normalizer 1 per query, query pass
 3 per query (logits, r, output). Backward, which recomputes the tiles: key pass 5 per

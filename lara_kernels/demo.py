@@ -2,7 +2,8 @@
 
 For a few sequence lengths it prints, on the same inputs, LARA's and Performer's (RFA)
 relative error against exact softmax attention and their forward times next to
-``scaled_dot_product_attention``'s, using the backend ``auto`` picks for the device.
+``scaled_dot_product_attention``'s, using the backend ``auto`` picks for the device (the definition of LARA every backend
+computes: docs/math.md).
 Inputs: queries and keys drawn around a few shared directions (so that attention is
 peaked, as in trained models, rather than the near-uniform attention of white noise).
 """

@@ -4,7 +4,8 @@ For each device type (cpu, cuda) it first says whether this machine has one, the
 every backend with what it needs: "runs here" only when the device is present and the
 backend takes a (2, 4, 128, 64) float32 problem on it with C=64, else "no:" and every
 reason, device first. What was built (the compiled module, its CUDA part, Triton) is
-shown whatever the device: a backend that is built but lacks its device says so.
+shown whatever the device: a backend that is built but lacks its device says so. Every
+backend computes the function of docs/math.md.
 """
 
 from __future__ import annotations
