@@ -88,7 +88,7 @@ def main(argv=None):
     def record(name, mode, fn, flops=None, memory=True):
         fn()
         t = time_ms(fn, cpu, args.min_run_time)
-        row = {"name": name, "mode": mode, "median_ms": t["median_ms"], "iqr_ms": t["iqr_ms"]}
+        row = {"name": name, "mode": mode, "median_ms": t["median_ms"], "iqr_ms": t["iqr_ms"], "runs": t["runs"]}
         if flops is not None:
             row["gflops"] = flops / (t["median_ms"] * 1e-3) / 1e9
             row["efficiency"] = flops / (t["median_ms"] * 1e-3) / rate

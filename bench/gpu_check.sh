@@ -22,7 +22,7 @@
 # Exit status: 0 when every step passed, 1 when one failed, 2 for a usage error.
 # The steps share a deadline (GPU_CHECK_BUDGET seconds, default 460): a step gets at most
 # what is left, so the whole run stays under 8 minutes even when a step hangs.
-# Triton compiles into TRITON_CACHE_DIR (default .cache/triton), reused by the next run.
+# Triton compiles into TRITON_CACHE_DIR (default build/triton-cache), reused by the next run.
 #
 # --dry-run (or GPU_CHECK_DRY=1) runs what needs no GPU, on CPU: the argument handling,
 # the collection of every test the GPU steps would run, the benchmark's table, JSON and
@@ -66,7 +66,7 @@ PY="${PYTHON:-python}"
 BUDGET="${GPU_CHECK_BUDGET:-460}"
 case "$BUDGET" in ''|*[!0-9]*) echo "gpu_check.sh: GPU_CHECK_BUDGET must be whole seconds, got '$BUDGET'" >&2; exit 2 ;; esac
 mkdir -p "$LOG_DIR" || exit 2
-export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$PWD/.cache/triton}"
+export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$PWD/build/triton-cache}"
 mkdir -p "$TRITON_CACHE_DIR"
 START=$(date +%s)
 DEADLINE=$((START + BUDGET))
