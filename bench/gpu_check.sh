@@ -29,9 +29,10 @@
 # figure at a tiny size on CPU (into the log directory, not bench/results), and the
 # summary. The build is shown, not run (it would replace the compiled module in place).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+SELF="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
+cd "$(dirname "$SELF")/.."          # the repository root; relative --out and --log-dir start here
 
-usage() { sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,30p' "$SELF" | sed 's/^# \{0,1\}//'; }
 
 ARGS=("$@")
 DRY="${GPU_CHECK_DRY:-0}"
@@ -100,7 +101,7 @@ step() {
     return
   fi
   t0=$(date +%s)
-  timeout --kill-after=10 "$limit" bash "$0" "${ARGS[@]}" --run-step "$name" >"$log" 2>&1
+  timeout --kill-after=10 "$limit" bash "$SELF" "${ARGS[@]}" --run-step "$name" >"$log" 2>&1
   rc=$?
   if [ "$rc" -eq 0 ]; then status=pass
   elif [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then status="FAIL (timed out after ${limit}s)"
