@@ -5,6 +5,7 @@ one op per attention call and never breaks the graph.
         q_landmarks, k_landmarks, num_samples, proposal, weighting, beta, scale, backend) -> y
     torch.ops.lara_kernels.rfa_attention(q, k, v, w, key_padding_mask, query_padding_mask,
         scale, backend) -> y
+        (scale: a 0-d float64 CPU tensor, so that a changing scale does not recompile)
     torch.ops.lara_kernels.randn(generator_key, shape, device) -> float32 N(0, I) draw
     torch.ops.lara_kernels.check_padding_mask(mask, name) -> ()       (raises at run time)
     torch.ops.lara_kernels.check_finite_layer(x, padding, name) -> ()  (raises at run time)
@@ -263,8 +264,40 @@ def _double_backward_error(name):
 
 # ---------------------------------------------------------------- LARA
 
+def _scale_tensor(scale, D):
+    """The op's ``scale`` argument: a 0-d float64 CPU tensor. A Python float argument of
+    a custom op is a constant of the compiled graph (one recompile per value, then a hard
+    failure with ``fullgraph=True``); as a tensor (made with a multiplication, which
+    dynamo keeps symbolic) a scale that changes between calls reuses one graph."""
+    if scale is None:
+        scale = D ** -0.5
+    elif not torch.compiler.is_compiling():
+        scale = api._check_real("scale", scale, positive=True)
+    elif isinstance(scale, (bool, str, torch.Tensor)):
+        api._check_real("scale", scale, positive=True)            # raises api's TypeError
+    return torch.ones((), dtype=torch.float64) * scale
+
+
+def _scale_value(scale: Tensor) -> float:
+    """The scale the op was given; checked here too, because under torch.compile its value
+    is known only when the graph runs."""
+    return api._check_real("scale", float(scale), positive=True)
+
+
+def _check_float(name, x, positive=False):
+    """``api._check_real``; under torch.compile without ``math.isfinite``, which dynamo
+    cannot trace on the symbolic float it may make of a float argument (a module's
+    ``beta``, a ``scale`` argument): the comparisons below become guards instead."""
+    if not torch.compiler.is_compiling() or isinstance(x, (bool, str)) or x is None:
+        return api._check_real(name, x, positive)
+    if not (x - x == 0) or (positive and not x > 0):          # NaN or +-inf, or not positive
+        return api._check_real(name, float(x), positive)       # raises api's ValueError
+    return x
+
+
 def _run_lara(q, k, v, eps, key_padding_mask, query_padding_mask, q_landmarks, k_landmarks,
               num_samples, proposal, weighting, beta, scale, backend):
+    scale = _scale_value(scale)
     if q.shape[0] * q.shape[1] * q.shape[2] == 0 or k.shape[2] == 0:
         return api._empty_result(q, k, v)
     with _no_autocast(q.device):
@@ -278,7 +311,7 @@ def _run_lara(q, k, v, eps, key_padding_mask, query_padding_mask, q_landmarks, k
 def _lara_op(q: Tensor, k: Tensor, v: Tensor, eps: Optional[Tensor],
              key_padding_mask: Optional[Tensor], query_padding_mask: Optional[Tensor],
              q_landmarks: Optional[Tensor], k_landmarks: Optional[Tensor], num_samples: int,
-             proposal: str, weighting: str, beta: float, scale: float, backend: str) -> Tensor:
+             proposal: str, weighting: str, beta: float, scale: Tensor, backend: str) -> Tensor:
     y = _run_lara(q, k, v, eps, key_padding_mask, query_padding_mask, q_landmarks, k_landmarks,
                   num_samples, proposal, weighting, beta, scale, backend)
     return y.detach().contiguous()
@@ -294,7 +327,7 @@ def _lara_op_fake(q, k, v, eps, key_padding_mask, query_padding_mask, q_landmark
 def _lara_bwd_op(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, eps: Optional[Tensor],
                  key_padding_mask: Optional[Tensor], query_padding_mask: Optional[Tensor],
                  q_landmarks: Optional[Tensor], k_landmarks: Optional[Tensor], num_samples: int,
-                 proposal: str, weighting: str, beta: float, scale: float,
+                 proposal: str, weighting: str, beta: float, scale: Tensor,
                  backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     def run(q_, k_, v_, ql_, kl_):
         return _run_lara(q_, k_, v_, eps, key_padding_mask, query_padding_mask, ql_, kl_,
@@ -320,22 +353,24 @@ _LARA_STATIC = ("num_samples", "proposal", "weighting", "beta", "scale", "backen
 
 
 def _lara_setup_context(ctx, inputs, output):
-    q, k, v, eps, kpm, qpm, ql, kl = inputs[:8]
-    ctx.save_for_backward(q, k, v, eps, kpm, qpm, ql, kl)
-    ctx.static = inputs[8:]
+    q, k, v, eps, kpm, qpm, ql, kl, num_samples, proposal, weighting, beta, scale, backend = inputs
+    ctx.save_for_backward(q, k, v, eps, kpm, qpm, ql, kl, scale)
+    ctx.options = (num_samples, proposal, weighting, beta)
+    ctx.backend = backend
 
 
 def _lara_backward(ctx, grad):
-    q, k, v, eps, kpm, qpm, ql, kl = ctx.saved_tensors
+    q, k, v, eps, kpm, qpm, ql, kl, scale = ctx.saved_tensors
+    static = ctx.options + (scale, ctx.backend)
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():
         # create_graph=True on an eager call of the op: a differentiable backward
         def run(q_, k_, v_, ql_, kl_):
-            return _run_lara(q_, k_, v_, eps, kpm, qpm, ql_, kl_, *ctx.static)
+            return _run_lara(q_, k_, v_, eps, kpm, qpm, ql_, kl_, *static)
 
         gq, gk, gv, gql, gkl = _differentiable_vjp(run, grad, [q, k, v, ql, kl])
     else:
         gq, gk, gv, gql, gkl = torch.ops.lara_kernels.lara_attention_backward(
-            grad, q, k, v, eps, kpm, qpm, ql, kl, *ctx.static)
+            grad, q, k, v, eps, kpm, qpm, ql, kl, *static)
     return (gq, gk, gv, None, None, None,
             gql if ql is not None else None, gkl if kl is not None else None) + (None,) * len(_LARA_STATIC)
 
@@ -355,10 +390,10 @@ def lara_attention_op(q: Tensor, k: Tensor, v: Tensor, *, num_samples: int = 64,
     op ``lara_kernels::randn``, identical to eager's). ``check_finite`` as in
     :func:`lara_kernels.lara_attention`.
 
-    ``scale`` is a float argument of the op: under ``torch.compile`` a new value is a new
-    constant of the graph (dynamo specializes Python floats), i.e. one recompile per
-    distinct value up to dynamo's recompile limit; pass the same scale, or leave it None,
-    in a compiled loop."""
+    ``scale`` reaches the op as a 0-d float64 tensor, so under ``torch.compile`` a scale
+    that changes between calls reuses the compiled graph (after dynamo's one recompile
+    that makes a changing float symbolic) instead of recompiling for every value; its
+    value is checked when the op runs."""
     if isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor):
         q, k, v, q_landmarks, k_landmarks = _autocast_inputs(q, k, v, q_landmarks, k_landmarks)
     api._check_qkv(q, k, v)
@@ -367,8 +402,8 @@ def lara_attention_op(q: Tensor, k: Tensor, v: Tensor, *, num_samples: int = 64,
     C = api._check_int("num_samples", num_samples, 1)
     proposal = api._check_choice("proposal", proposal, api.PROPOSALS)
     weighting = api._check_choice("weighting", weighting, api.WEIGHTINGS)
-    beta = api._check_real("beta", beta)
-    scale = api._check_scale(scale, D)
+    beta = _check_float("beta", beta)
+    scale = _scale_tensor(scale, D)
     training = api._check_bool("training", training)
     generator = api._check_generator(generator, q.device)
     key_padding_mask = api._check_mask("key_padding_mask", key_padding_mask, B, M, "M", q.device)
@@ -389,6 +424,7 @@ def lara_attention_op(q: Tensor, k: Tensor, v: Tensor, *, num_samples: int = 64,
 # ---------------------------------------------------------------- RFA with given features
 
 def _run_rfa(q, k, v, w, key_padding_mask, query_padding_mask, scale, backend):
+    scale = _scale_value(scale)
     if q.shape[0] * q.shape[1] * q.shape[2] == 0 or k.shape[2] == 0:
         return api._empty_result(q, k, v)
     options = dict(scale=scale, key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask)
@@ -399,7 +435,7 @@ def _run_rfa(q, k, v, w, key_padding_mask, query_padding_mask, scale, backend):
 
 @torch.library.custom_op("lara_kernels::rfa_attention", mutates_args=())
 def _rfa_op(q: Tensor, k: Tensor, v: Tensor, w: Tensor, key_padding_mask: Optional[Tensor],
-            query_padding_mask: Optional[Tensor], scale: float, backend: str) -> Tensor:
+            query_padding_mask: Optional[Tensor], scale: Tensor, backend: str) -> Tensor:
     return _run_rfa(q, k, v, w, key_padding_mask, query_padding_mask, scale, backend).detach().contiguous()
 
 
@@ -410,7 +446,7 @@ def _rfa_op_fake(q, k, v, w, key_padding_mask, query_padding_mask, scale, backen
 
 @torch.library.custom_op("lara_kernels::rfa_attention_backward", mutates_args=())
 def _rfa_bwd_op(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, w: Tensor, key_padding_mask: Optional[Tensor],
-                query_padding_mask: Optional[Tensor], scale: float,
+                query_padding_mask: Optional[Tensor], scale: Tensor,
                 backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     def run(q_, k_, v_):
         return _run_rfa(q_, k_, v_, w, key_padding_mask, query_padding_mask, scale, backend)
@@ -429,20 +465,20 @@ _rfa_bwd_op.register_autograd(_bwd, setup_context=_ctx)
 
 
 def _rfa_setup_context(ctx, inputs, output):
-    q, k, v, w, kpm, qpm = inputs[:6]
-    ctx.save_for_backward(q, k, v, w, kpm, qpm)
-    ctx.static = inputs[6:]
+    q, k, v, w, kpm, qpm, scale, backend = inputs
+    ctx.save_for_backward(q, k, v, w, kpm, qpm, scale)
+    ctx.backend = backend
 
 
 def _rfa_backward(ctx, grad):
-    q, k, v, w, kpm, qpm = ctx.saved_tensors
+    q, k, v, w, kpm, qpm, scale = ctx.saved_tensors
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():
         def run(q_, k_, v_):
-            return _run_rfa(q_, k_, v_, w, kpm, qpm, *ctx.static)
+            return _run_rfa(q_, k_, v_, w, kpm, qpm, scale, ctx.backend)
 
         gq, gk, gv = _differentiable_vjp(run, grad, [q, k, v])
     else:
-        gq, gk, gv = torch.ops.lara_kernels.rfa_attention_backward(grad, q, k, v, w, kpm, qpm, *ctx.static)
+        gq, gk, gv = torch.ops.lara_kernels.rfa_attention_backward(grad, q, k, v, w, kpm, qpm, scale, ctx.backend)
     return gq, gk, gv, None, None, None, None, None
 
 
@@ -466,7 +502,7 @@ def rfa_features(q: Tensor, k: Tensor, v: Tensor, w: Tensor, *, scale: Optional[
     if not isinstance(w, Tensor) or tuple(w.shape[:2]) != (B, H) or w.dim() != 4 or w.shape[3] != D:
         raise ValueError(f"w must be a tensor of shape (B, H, S, D) = ({B}, {H}, S, {D}), got "
                          f"{tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__}")
-    scale = api._check_scale(scale, D)
+    scale = _scale_tensor(scale, D)
     key_padding_mask = api._check_mask("key_padding_mask", key_padding_mask, B, M, "M", q.device)
     query_padding_mask = api._check_mask("query_padding_mask", query_padding_mask, B, N, "N", q.device)
     backend = api._check_backend(backend)

@@ -95,7 +95,7 @@ def _user_padding(pad: Optional[torch.Tensor], layout: str) -> Optional[torch.Te
 
 
 def _padding_mask(name: str, mask, batch: Optional[int], length: int, layout: str, of: str,
-                  like: torch.Tensor) -> Optional[torch.Tensor]:
+                  like: torch.Tensor, batch_first: bool) -> Optional[torch.Tensor]:
     """MHA's mask conventions -> bool (B, L), True = padding; shapes in the caller's terms."""
     if mask is None:
         return None
@@ -106,7 +106,9 @@ def _padding_mask(name: str, mask, batch: Optional[int], length: int, layout: st
         what = "(source length,)" if layout == "unbatched" else "(batch, source length)"
         if name == "query_padding_mask":
             what = what.replace("source", "target")
-        raise ValueError(f"{name} must have shape {what} = {want} for {of}, got {_shape(mask)}")
+        where = "" if layout == "unbatched" else f" (batch_first={batch_first})"
+        raise ValueError(f"{name} must have shape {what} = {want} for {of} of shape {_shape(like)}{where}, "
+                         f"got {_shape(mask)}")
     if mask.device != like.device:
         raise ValueError(f"{name} is on {mask.device} but the inputs are on {like.device}")
     if mask.dtype == torch.bool:
@@ -292,10 +294,9 @@ class _ProjectedAttention(nn.Module):
             raise NotImplementedError(f"is_causal=True is not supported: {type(self).__name__} is non-causal")
         layout, (B, N, M) = self._check_inputs(query, key, value)
         self_attention = query is key
-        of_key = f"key of shape {_shape(key)}" + ("" if layout == "unbatched" else f" (batch_first={self.batch_first})")
-        of_query = f"query of shape {_shape(query)}" + ("" if layout == "unbatched" else f" (batch_first={self.batch_first})")
-        k_pad = _padding_mask("key_padding_mask", key_padding_mask, B, M, layout, of_key, key)
-        q_pad = _padding_mask("query_padding_mask", query_padding_mask, B, N, layout, of_query, query)
+        k_pad = _padding_mask("key_padding_mask", key_padding_mask, B, M, layout, "key", key, self.batch_first)
+        q_pad = _padding_mask("query_padding_mask", query_padding_mask, B, N, layout, "query", query,
+                              self.batch_first)
         if q_pad is None and self_attention:
             q_pad = k_pad
         if self.check_finite:

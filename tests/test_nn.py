@@ -368,9 +368,10 @@ def test_custom_op_opcheck():
     kpm[0, 10:] = True
     lm = torch.randn(2, 2, 4, 8)
     op = torch.ops.lara_kernels.lara_attention.default
+    scale = torch.tensor(0.35, dtype=torch.float64)        # the op takes scale as a 0-d tensor
     for args in [
-        (q, k, v, None, None, None, None, None, 4, "segment", "optimal", 1.0, 0.35, "auto"),
-        (q, k, v, torch.randn(2, 2, 4, 8), kpm, None, lm, lm.clone(), 4, "mixed", "optimal", 2.0, 0.35, "auto"),
+        (q, k, v, None, None, None, None, None, 4, "segment", "optimal", 1.0, scale, "auto"),
+        (q, k, v, torch.randn(2, 2, 4, 8), kpm, None, lm, lm.clone(), 4, "mixed", "optimal", 2.0, scale, "auto"),
     ]:
         result = torch.library.opcheck(op, args)
         assert all(v == "SUCCESS" for v in result.values()), result
