@@ -272,6 +272,16 @@ def range_bound(dtype: torch.dtype) -> float:
     return torch.finfo(ct).max / RANGE_DIVISOR
 
 
+def grad_range_bound(dtype: torch.dtype) -> float:
+    """Largest ``scale * |x|^2`` with finite first-order gradients when the values and the
+    incoming gradient are of order 1: ``finfo(compute dtype).max ** (2/3) / 64``. The
+    backward forms products up to the cube of the row norms times |v| |dy| (the "attend"
+    proposal's mean keys are themselves values), so its range is the output range's 2/3
+    power. Not checked by ``check_finite``, which guards the outputs."""
+    ct = torch.float64 if dtype == torch.float64 else torch.float32
+    return torch.finfo(ct).max ** (2.0 / 3.0) / RANGE_DIVISOR
+
+
 def _first_index(bad, shape):
     flat = int(bad.reshape(-1).to(torch.uint8).argmax())          # argmax: the first maximum
     index = []
