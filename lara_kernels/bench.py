@@ -285,21 +285,36 @@ def _sync(device):
 def time_ms(fn: Callable, device: torch.device, min_run_time: float) -> dict:
     """Median and spread of ``fn()`` in milliseconds.
 
-    ``runs`` is the number of measurements the median is taken over (``None`` where the
-    timer does not say: ``do_bench`` times many repetitions). With a single measurement
-    there is no spread: the quantiles and ``iqr_ms`` are ``None``.
+    ``runs`` is the number of measurements the median is taken over (on CUDA, the timed
+    repetitions of ``do_bench``, given at least five calls' time; ``None`` for a Triton
+    whose ``do_bench`` cannot return them). With a single measurement there is no spread:
+    the quantiles and ``iqr_ms`` are ``None``.
     """
     if device.type == "cuda":
+        import time
+
         import triton.testing
 
-        med, q25, q75 = triton.testing.do_bench(fn, quantiles=[0.5, 0.25, 0.75])
-        return {"median_ms": med, "q25_ms": q25, "q75_ms": q75, "iqr_ms": q75 - q25,
-                "runs": None, "timer": "triton.testing.do_bench"}
-    m = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()
-                        ).blocked_autorange(min_run_time=min_run_time)
-    times = sorted(t * 1e3 for t in m.times)
-    rec = {"median_ms": m.median * 1e3, "q25_ms": None, "q75_ms": None, "iqr_ms": None,
-           "runs": len(times), "timer": "torch.utils.benchmark blocked_autorange"}
+        # do_bench repeats for `rep` ms, at least once: give a slow call time for 5 runs
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        rep = int(min(max(100.0, 5e3 * (time.perf_counter() - t0)), 5000.0))
+        try:
+            times = sorted(triton.testing.do_bench(fn, rep=rep, return_mode="all"))
+        except (AssertionError, TypeError, ValueError):   # a Triton without return_mode="all"
+            med, q25, q75 = triton.testing.do_bench(fn, rep=rep, quantiles=[0.5, 0.25, 0.75])
+            return {"median_ms": med, "q25_ms": q25, "q75_ms": q75, "iqr_ms": q75 - q25,
+                    "runs": None, "timer": "triton.testing.do_bench"}
+        rec = {"median_ms": statistics.median(times), "q25_ms": None, "q75_ms": None, "iqr_ms": None,
+               "runs": len(times), "timer": "triton.testing.do_bench"}
+    else:
+        m = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()
+                            ).blocked_autorange(min_run_time=min_run_time)
+        times = sorted(t * 1e3 for t in m.times)
+        rec = {"median_ms": m.median * 1e3, "q25_ms": None, "q75_ms": None, "iqr_ms": None,
+               "runs": len(times), "timer": "torch.utils.benchmark blocked_autorange"}
     if len(times) > 1:
         q25, _, q75 = statistics.quantiles(times, n=4)
         rec.update(q25_ms=q25, q75_ms=q75, iqr_ms=q75 - q25)

@@ -115,6 +115,23 @@ def test_bench_single_measurement_has_no_spread():
         assert rec["q25_ms"] <= rec["median_ms"] <= rec["q75_ms"]
 
 
+@pytest.mark.parametrize("times, runs, iqr", [([7.0], 1, None), ([4.0, 1.0, 2.0, 3.0, 5.0], 5, 3.0)])  # quartiles 1.5, 4.5 (statistics.quantiles)
+def test_bench_cuda_timer_counts_its_runs(monkeypatch, times, runs, iqr):
+    # the do_bench path, with do_bench and the device sync stood in (no GPU needed)
+    triton_testing = pytest.importorskip("triton.testing")
+    asked = {}
+
+    def do_bench(fn, rep=100, return_mode="mean", **_):
+        asked.update(rep=rep, return_mode=return_mode)
+        return list(times)
+
+    monkeypatch.setattr(triton_testing, "do_bench", do_bench)
+    monkeypatch.setattr(bench, "_sync", lambda device: None)
+    rec = bench.time_ms(lambda: None, torch.device("cuda"), 0.1)
+    assert asked == {"rep": 100, "return_mode": "all"}
+    assert rec["runs"] == runs and rec["median_ms"] == sorted(times)[len(times) // 2] and rec["iqr_ms"] == iqr
+
+
 def test_bench_key_figures():
     lines = bench.key_figures(_report(runs_sdpa=5, runs_lara=5))
     assert lines[0] == "Key figure: forward at N=32: sdpa 4.000 ms; lara/cpu 2.000 ms (2.00x SDPA)"
