@@ -115,7 +115,8 @@ def test_bench_single_measurement_has_no_spread():
         assert rec["q25_ms"] <= rec["median_ms"] <= rec["q75_ms"]
 
 
-@pytest.mark.parametrize("times, runs, iqr", [([7.0], 1, None), ([4.0, 1.0, 2.0, 3.0, 5.0], 5, 3.0)])  # quartiles 1.5, 4.5 (statistics.quantiles)
+# five runs: quartiles 1.5 and 4.5 (statistics.quantiles, exclusive method), IQR 3
+@pytest.mark.parametrize("times, runs, iqr", [([7.0], 1, None), ([4.0, 1.0, 2.0, 3.0, 5.0], 5, 3.0)])
 def test_bench_cuda_timer_counts_its_runs(monkeypatch, times, runs, iqr):
     # the do_bench path, with do_bench and the device sync stood in (no GPU needed)
     triton_testing = pytest.importorskip("triton.testing")
