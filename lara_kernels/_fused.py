@@ -1,4 +1,5 @@
-"""Autograd for the fused passes, shared by every fused backend (design/kernels.md).
+"""Autograd for the fused passes, shared by every fused backend (docs/math.md, sections
+4, 5 and 7, and the backward formulas of the kernels).
 
 A backend supplies a *kernel set*: four functions with the signatures of
 ``triton_kernels.key_pass`` / ``triton_kernels.query_pass``:
@@ -14,11 +15,28 @@ one ``torch.autograd.Function`` per long pass. Each saves only its inputs and th
 C-sized results: the N x C and M x C matrices are recomputed tile by tile in the
 backward kernels and never held in memory. The query normalizer is the key pass
 without values.
+
+Beyond first-order reverse mode (the fast path, unchanged by what follows):
+
+- Higher-order gradients. A backward that runs with grad mode on (``create_graph=True``,
+  and always under ``torch.func.grad``/``vjp``/``jacrev``, which build the graph of the
+  backward) recomputes the pass with the differentiable eager passes of
+  ``_passes_torch`` and returns their vector-Jacobian product, itself differentiable in
+  the inputs and the incoming gradient. The fused backward kernels are not
+  differentiable; the eager passes are the same formulas (the tests check each against
+  the reference), materializing the N x C and M x C matrices for that backward only.
+- ``torch.vmap``: each Function has a ``vmap`` rule that folds the vmapped dimension into
+  the batch dimension (the passes take any B) and runs the fused kernels once.
+- Forward-mode AD (``torch.func.jvp``, ``torch.autograd.forward_ad``): while a
+  forward-AD level is open, the passes object runs the eager passes, which are plain
+  torch and carry tangents; the fused kernels have no forward derivative, and a custom
+  ``jvp`` on the Functions would make ``torch.compile`` break the graph of every call.
 """
 
 from __future__ import annotations
 
 import torch
+from torch.autograd import forward_ad as _forward_ad_module
 
 from . import _passes_torch
 from ._ops import built
@@ -28,38 +46,118 @@ def _cast(g, like):
     return None if g is None else g.to(like.dtype)
 
 
+def _forward_ad_active() -> bool:
+    """True while a forward-AD level is open (``forward_ad.dual_level``; ``torch.func.jvp``
+    opens one too). A module global of torch (private): one read per pass."""
+    return _forward_ad_module._current_level >= 0
+
+
+def _differentiable_vjp(fn, args, needs, grads):
+    """The vector-Jacobian product of the eager pass ``fn(*args)`` with ``grads``, for the
+    ``args`` whose ``needs`` is True (None for the others), computed with the graph kept
+    (``create_graph=True``) so that it can be differentiated again, in the inputs and in
+    ``grads``. Each needed argument enters through its own view, so a tensor passed twice
+    (k as keys and as values) gets one partial gradient per position, as the fused
+    backward returns them (autograd adds them up)."""
+    args = [a.view_as(a) if need else a for a, need in zip(args, needs)]
+    wrt = [a for a, need in zip(args, needs) if need]
+    with torch.enable_grad():
+        outs = fn(*args)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    pairs = [(o, g.to(o.dtype)) for o, g in zip(outs, grads)
+             if o is not None and g is not None and o.requires_grad]
+    if not wrt or not pairs:
+        return (None,) * len(args)
+    got = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs],
+                                   create_graph=True, allow_unused=True))
+    return tuple(next(got) if need else None for need in needs)
+
+
+def _fold(info, in_dims, args):
+    """vmap rule helper: move each tensor argument's vmapped dimension to the front (or
+    expand an unbatched one) and merge it with the batch dimension, which every tensor
+    argument of the passes has first: (V, B, ...) -> (V * B, ...)."""
+    out = []
+    for a, d in zip(args, in_dims):
+        if isinstance(a, torch.Tensor):
+            a = a.movedim(d, 0) if d is not None else a.expand(info.batch_size, *a.shape)
+            a = a.reshape((a.shape[0] * a.shape[1],) + tuple(a.shape[2:]))
+        out.append(a)
+    return out
+
+
+def _unfold(info, outputs):
+    """(V * B, ...) -> (V, B, ...) for each output, with the out_dims vmap expects."""
+    def one(t):
+        return (None, None) if t is None else (t.reshape((info.batch_size, -1) + tuple(t.shape[1:])), 0)
+
+    if isinstance(outputs, tuple):
+        pairs = [one(t) for t in outputs]
+        return tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
+    return one(outputs)
+
+
 class _KeyPass(torch.autograd.Function):
     """Z, kap = key_pass(w, k, v, padding, ss, subtract_norm); saves w, k, v, Z, kap."""
 
     @staticmethod
-    def forward(ctx, kernels, w, k, v, padding, ss, subtract_norm):
-        Z, kap = kernels.key_pass_fwd(w, k, v, padding, ss, subtract_norm)
+    def forward(kernels, w, k, v, padding, ss, subtract_norm):
+        return kernels.key_pass_fwd(w, k, v, padding, ss, subtract_norm)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        kernels, w, k, v, padding, ss, subtract_norm = inputs
+        Z, kap = output
         ctx.save_for_backward(w, k, v, padding, Z, kap)
         ctx.kernels, ctx.ss, ctx.subtract_norm = kernels, ss, subtract_norm
-        return Z, kap
 
     @staticmethod
     def backward(ctx, dZ, dkap):
         w, k, v, padding, Z, kap = ctx.saved_tensors
+        if torch.is_grad_enabled():   # create_graph=True: a backward that is differentiable
+            ss, sn = ctx.ss, ctx.subtract_norm
+            dw, dk, dv = _differentiable_vjp(
+                lambda w_, k_, v_: _passes_torch.key_pass(w_, k_, v_, padding, ss, sn),
+                (w, k, v), ctx.needs_input_grad[1:4], (dZ, dkap))
+            return None, dw, dk, dv, None, None, None
         dw, dk, dv = ctx.kernels.key_pass_bwd(w, k, v, padding, ctx.ss, ctx.subtract_norm, Z, kap, dZ, dkap)
         return None, _cast(dw, w), dk, dv, None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, kernels, w, k, v, padding, ss, subtract_norm):
+        args = _fold(info, in_dims, (kernels, w, k, v, padding, ss, subtract_norm))
+        return _unfold(info, _KeyPass.apply(*args))
 
 
 class _QueryNormalizer(torch.autograd.Function):
     """Lam_c = LSE over valid n of qt_c . qh_n: the key pass without values."""
 
     @staticmethod
-    def forward(ctx, kernels, qt, q, padding, ss):
+    def forward(kernels, qt, q, padding, ss):
         lam, _ = kernels.key_pass_fwd(qt, q, None, padding, ss, False)
-        ctx.save_for_backward(qt, q, padding, lam)
-        ctx.kernels, ctx.ss = kernels, ss
         return lam
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        kernels, qt, q, padding, ss = inputs
+        ctx.save_for_backward(qt, q, padding, output)
+        ctx.kernels, ctx.ss = kernels, ss
 
     @staticmethod
     def backward(ctx, dlam):
         qt, q, padding, lam = ctx.saved_tensors
+        if torch.is_grad_enabled():   # create_graph=True
+            ss = ctx.ss
+            dqt, dq = _differentiable_vjp(
+                lambda qt_, q_: _passes_torch.query_normalizer(qt_, q_, padding, ss),
+                (qt, q), ctx.needs_input_grad[1:3], (dlam,))
+            return None, dqt, dq, None, None
         dqt, dq, _ = ctx.kernels.key_pass_bwd(qt, q, None, padding, ctx.ss, False, lam, None, dlam, None)
         return None, _cast(dqt, qt), dq, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, kernels, qt, q, padding, ss):
+        return _unfold(info, _QueryNormalizer.apply(*_fold(info, in_dims, (kernels, qt, q, padding, ss))))
 
 
 class _QueryPass(torch.autograd.Function):
@@ -70,44 +168,70 @@ class _QueryPass(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, kernels, q, w, bias, kap, c_eff, padding, ss, qt, lam, bh, beta):
-        y = kernels.query_pass_fwd(q, w, bias, kap, c_eff, padding, ss, qt, lam, bh, beta)
+    def forward(kernels, q, w, bias, kap, c_eff, padding, ss, qt, lam, bh, beta):
+        return kernels.query_pass_fwd(q, w, bias, kap, c_eff, padding, ss, qt, lam, bh, beta)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        kernels, q, w, bias, kap, c_eff, padding, ss, qt, lam, bh, beta = inputs
         ctx.save_for_backward(q, w, bias, kap, c_eff, padding, qt, lam, bh)
         ctx.kernels, ctx.ss, ctx.beta = kernels, ss, beta
-        return y
 
     @staticmethod
     def backward(ctx, dy):
         q, w, bias, kap, c_eff, padding, qt, lam, bh = ctx.saved_tensors
+        if torch.is_grad_enabled():   # create_graph=True
+            ss, beta = ctx.ss, ctx.beta
+
+            def eager(q_, w_, bias_, kap_, qt_, lam_, bh_):
+                mis = None if qt_ is None else (qt_, lam_, bh_, beta)
+                return _passes_torch.query_pass(q_, w_, bias_, kap_, c_eff, padding, ss, mis)
+
+            needs = ctx.needs_input_grad
+            dq, dw, dbias, dkap, dqt, dlam, dbh = _differentiable_vjp(
+                eager, (q, w, bias, kap, qt, lam, bh), needs[1:5] + needs[8:11], (dy,))
+            return None, dq, dw, dbias, dkap, None, None, None, dqt, dlam, dbh, None
         dq, dw, dbias, dkap, dqt, dlam, dbh = ctx.kernels.query_pass_bwd(
             q, w, bias, kap, c_eff, padding, ctx.ss, qt, lam, bh, ctx.beta, dy)
         return (None, dq, _cast(dw, w), _cast(dbias, bias), _cast(dkap, kap), None, None, None,
                 _cast(dqt, qt), _cast(dlam, lam), _cast(dbh, bh), None)
 
+    @staticmethod
+    def vmap(info, in_dims, kernels, q, w, bias, kap, c_eff, padding, ss, qt, lam, bh, beta):
+        args = _fold(info, in_dims, (kernels, q, w, bias, kap, c_eff, padding, ss, qt, lam, bh, beta))
+        return _unfold(info, _QueryPass.apply(*args))
+
 
 class FusedPasses:
     """The passes object ``_pipeline`` calls (signatures of ``_passes_torch``), running a
     backend's kernel set under autograd. Landmarks come from the compiled op when ``_C``
-    is built (else the eager pass)."""
+    is built (else the eager pass). While a forward-AD level is open every pass is the
+    eager one (see the module docstring)."""
 
     def __init__(self, kernels):
         self.kernels = kernels
 
     @staticmethod
     def landmarks(x, padding, c_eff, C):
-        if built():
+        if built() and not _forward_ad_active():
             from ._ops import landmarks
 
             return landmarks(x, padding, c_eff, C)
         return _passes_torch.landmarks(x, padding, c_eff, C)
 
     def key_pass(self, w, k, v, padding, ss, subtract_norm):
+        if _forward_ad_active():
+            return _passes_torch.key_pass(w, k, v, padding, float(ss), bool(subtract_norm))
         return _KeyPass.apply(self.kernels, w, k, v, padding, float(ss), bool(subtract_norm))
 
     def query_normalizer(self, qt, q, padding, ss):
+        if _forward_ad_active():
+            return _passes_torch.query_normalizer(qt, q, padding, float(ss))
         return _QueryNormalizer.apply(self.kernels, qt, q, padding, float(ss))
 
     def query_pass(self, q, w, bias, kap, c_eff, padding, ss, mis):
+        if _forward_ad_active():
+            return _passes_torch.query_pass(q, w, bias, kap, c_eff, padding, float(ss), mis)
         if mis is None:
             return _QueryPass.apply(self.kernels, q, w, bias, kap, c_eff, padding, float(ss), None, None, None, 0.0)
         qt, lam, bh, beta = mis

@@ -1,10 +1,15 @@
-"""Loads the compiled ops (``lara_kernels._C``) and gives them autograd and fake kernels.
+"""Loads the compiled ops (``lara_kernels._C``) and gives them autograd (to any order),
+vmap rules and fake kernels.
 
-A missing or broken build is not an error here: ``C_ERROR`` says why, and the ``cpu``
-backend reports it as its reason ("not built: ...").
+A missing build is not an error here: ``C_ERROR`` says why, and the ``cpu`` backend
+reports it as its reason ("not built: ..."). A module that exists but fails to import (a
+broken build, e.g. built against another torch) also leaves ``C_ERROR`` set, and warns
+with the reason, so that the fallback to other backends is never silent.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -12,9 +17,15 @@ try:
     from . import _C  # noqa: F401  (importing registers torch.ops.lara_kernels.*)
 
     C_ERROR = None
-except ImportError as exc:  # not built, or built against another torch
+except Exception as exc:  # noqa: BLE001  (not built, or a broken build: any error importing it)
     _C = None
     C_ERROR = f"{type(exc).__name__}: {exc}"
+    if not (isinstance(exc, ModuleNotFoundError) and exc.name == f"{__package__}._C"):
+        warnings.warn(
+            f"lara_kernels._C is present but failed to import ({C_ERROR}); the compiled backends "
+            "(cpu, cuda) are unavailable. Rebuild it against this torch "
+            "(pip install --no-build-isolation -e .)",
+            RuntimeWarning, stacklevel=2)
 
 
 def built() -> bool:
@@ -23,6 +34,86 @@ def built() -> bool:
 
 def built_with_cuda() -> bool:
     return _C is not None and bool(_C.with_cuda())
+
+
+def _fold(batch_size, t, d):
+    """vmap rule helper: move t's vmapped dimension d to the front (or expand an unbatched
+    t) and merge it with the batch dimension, which every tensor argument of the landmarks
+    ops has first (x (B, H, L, D), padding (B, L), c_eff (B,), grad (B, H, C, D))."""
+    if t is None:
+        return None
+    t = t.movedim(d, 0) if d is not None else t.expand(batch_size, *t.shape)
+    return t.reshape((t.shape[0] * t.shape[1],) + tuple(t.shape[2:]))
+
+
+def _unfold(batch_size, t):
+    return t.reshape((batch_size, -1) + tuple(t.shape[1:])), 0
+
+
+class _Landmarks(torch.autograd.Function):
+    """``lara_kernels::landmarks`` under autograd, in the setup_context style that torch.func
+    transforms (grad, vjp, jacrev, vmap) accept; its staticmethods are also the op's own
+    autograd and vmap registrations, for direct calls of the op.
+
+    landmarks is linear, x -> A x with A the masked segment-mean matrix; its backward is
+    g -> A^T g (``landmarks_backward``), linear in g, whose backward is gg -> A gg, the
+    landmarks op again: gradients of every order are exact.
+    """
+
+    @staticmethod
+    def forward(x, padding, c_eff, num_segments):
+        return torch.ops.lara_kernels.landmarks(x, padding, c_eff, num_segments)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, padding, c_eff, _ = inputs
+        ctx.save_for_backward(padding, c_eff)
+        ctx.length = x.shape[2]
+        ctx.x_dtype = x.dtype
+
+    @staticmethod
+    def backward(ctx, grad):
+        padding, c_eff = ctx.saved_tensors
+        if torch.is_grad_enabled():   # create_graph=True: record the backward for the next order
+            gx = _LandmarksBackward.apply(grad, padding, c_eff, ctx.length, ctx.x_dtype)
+        else:
+            gx = torch.ops.lara_kernels.landmarks_backward(grad.contiguous(), padding, c_eff, ctx.length,
+                                                           ctx.x_dtype)
+        return gx, None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, x, padding, c_eff, num_segments):
+        V = info.batch_size
+        return _unfold(V, _Landmarks.apply(_fold(V, x, in_dims[0]), _fold(V, padding, in_dims[1]),
+                                           _fold(V, c_eff, in_dims[2]), num_segments))
+
+
+class _LandmarksBackward(torch.autograd.Function):
+    """``lara_kernels::landmarks_backward`` (g -> A^T g) under autograd: its backward is the
+    landmarks op (gg -> A gg)."""
+
+    @staticmethod
+    def forward(grad, padding, c_eff, length, dtype):
+        return torch.ops.lara_kernels.landmarks_backward(grad.contiguous(), padding, c_eff, length, dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        grad, padding, c_eff, _, _ = inputs
+        ctx.save_for_backward(padding, c_eff)
+        ctx.num_segments = grad.shape[2]
+        ctx.grad_dtype = grad.dtype
+
+    @staticmethod
+    def backward(ctx, ggx):
+        padding, c_eff = ctx.saved_tensors
+        gg = _Landmarks.apply(ggx.contiguous(), padding, c_eff, ctx.num_segments)
+        return gg.to(ctx.grad_dtype), None, None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, grad, padding, c_eff, length, dtype):
+        V = info.batch_size
+        return _unfold(V, _LandmarksBackward.apply(_fold(V, grad, in_dims[0]), _fold(V, padding, in_dims[1]),
+                                                   _fold(V, c_eff, in_dims[2]), length, dtype))
 
 
 if _C is not None:
@@ -63,22 +154,16 @@ if _C is not None:
         return (q.new_empty(q.shape), w.new_empty(w.shape), bias.new_empty(bias.shape), kap.new_empty(kap.shape),
                 small(w), small(bias), small(bias))
 
-    def _landmarks_setup_context(ctx, inputs, output):
-        x, padding, c_eff, _ = inputs
-        ctx.save_for_backward(padding if padding is not None else None, c_eff)
-        ctx.length = x.shape[2]
-        ctx.x_dtype = x.dtype
-
-    def _landmarks_backward(ctx, grad):
-        padding, c_eff = ctx.saved_tensors
-        gx = torch.ops.lara_kernels.landmarks_backward(grad.contiguous(), padding, c_eff, ctx.length, ctx.x_dtype)
-        return gx, None, None, None
-
     torch.library.register_autograd(
-        "lara_kernels::landmarks", _landmarks_backward, setup_context=_landmarks_setup_context
-    )
+        "lara_kernels::landmarks", _Landmarks.backward, setup_context=_Landmarks.setup_context)
+    torch.library.register_autograd(
+        "lara_kernels::landmarks_backward", _LandmarksBackward.backward,
+        setup_context=_LandmarksBackward.setup_context)
+    torch.library.register_vmap("lara_kernels::landmarks", _Landmarks.vmap)
+    torch.library.register_vmap("lara_kernels::landmarks_backward", _LandmarksBackward.vmap)
 
 
 def landmarks(x, padding, c_eff, C):
-    """Unscaled masked segment means (B, H, C, D) by the compiled op."""
-    return torch.ops.lara_kernels.landmarks(x, padding, c_eff, C)
+    """Unscaled masked segment means (B, H, C, D) by the compiled op (differentiable to any
+    order, under torch.func transforms too)."""
+    return _Landmarks.apply(x, padding, c_eff, C)
