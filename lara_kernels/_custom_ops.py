@@ -153,7 +153,7 @@ def check_finite_values(x: Tensor, padding: Optional[Tensor], name: str) -> None
         index = _first_index(bad)
         raise ValueError(
             f"check_finite: {name} has {n} non-finite value{'s' if n != 1 else ''} (first "
-            f"{float(x[index])} at index {index} of shape {tuple(x.shape)})")
+            f"{float(x.detach()[index])} at index {index} of shape {tuple(x.shape)})")
 
 
 @torch.library.custom_op("lara_kernels::check_padding_mask", mutates_args=())
