@@ -103,4 +103,5 @@ def test_forward_backward_replay_equals_eager(backend, dtype):
         eager = (y.detach(), *torch.autograd.grad(y, leaves, new[3]))
         for name, got, want in zip(("y", "dq", "dk", "dv"), outs, eager):
             assert torch.isfinite(got).all(), name
-            assert torch.equal(got, want), f"{name}: replay differs from eager by {(got.float() - want.float()).abs().max():.3g}"
+            diff = (got.float() - want.float()).abs().max()
+            assert torch.equal(got, want), f"{name}: replay differs from eager by {diff:.3g}"
