@@ -6,18 +6,34 @@ Knobs: LARA_CUDA_ARCHS (default "80;90"), MAX_JOBS (default: what cores and free
 allow). Sources are globbed, so a new kernel file needs no edit here.
 
 Install: pip install --no-build-isolation -e .   (torch must be importable first)
+
+The extension is compiled against the torch that this Python imports, and must be: an
+extension built against one torch does not load into another. pyproject.toml therefore
+does not list torch as a build requirement (an isolated build would fetch some other
+torch and build against it); an isolated build stops here with the command to use. The
+torch version built against is written to lara_kernels/_build_info.py and checked when
+the extension is loaded.
 """
 
 import glob
 import os
 import shutil
+import sys
 
 from setuptools import setup
 
-import torch
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+try:
+    import torch
+except ImportError:
+    sys.exit(
+        "lara-kernels compiles its extension against the torch that will import it, so it is built without "
+        "build isolation: install torch first (for example: pip install torch==2.13.0), then run\n"
+        "    pip install --no-build-isolation -e .\n"
+        "(an isolated 'pip install .' would build against a different torch fetched only for the build)"
+    )
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 
 def _rel(pattern):
@@ -49,10 +65,25 @@ def _want_cuda():
 
 os.environ.setdefault("MAX_JOBS", _default_max_jobs())
 
+
+def _write_build_info(with_cuda):
+    """lara_kernels/_build_info.py: the torch the extension is compiled against (checked at load)."""
+    text = (
+        '"""Written by setup.py at build time: what lara_kernels._C was compiled against."""\n\n'
+        f"TORCH_VERSION = {torch.__version__!r}\n"
+        f"TORCH_CUDA = {torch.version.cuda!r}\n"
+        f"WITH_CUDA = {bool(with_cuda)!r}\n"
+    )
+    with open(os.path.join(ROOT, "lara_kernels", "_build_info.py"), "w") as f:
+        f.write(text)
+
+
 cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
 sources = _rel("csrc/*.cpp") + _rel("csrc/cpu/*.cpp")
 with_cuda, why = _want_cuda()
-print(f"lara_kernels: CUDA kernels {'will' if with_cuda else 'will not'} be built ({why})")
+print(f"lara_kernels: CUDA kernels {'will' if with_cuda else 'will not'} be built ({why}); "
+      f"compiling against torch {torch.__version__}")
+_write_build_info(with_cuda)
 
 if with_cuda:
     archs = os.environ.get("LARA_CUDA_ARCHS", "80;90").replace(",", ";").split(";")
