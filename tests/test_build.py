@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_isolated_build_without_torch_stops_with_the_command():
     # what pip's isolated build environment looks like to setup.py: no torch importable
     code = ("import sys; sys.modules['torch'] = None; sys.argv = ['setup.py', '--version']; "
-            "exec(compile(open('setup.py').read(), 'setup.py', 'exec'))")
+            "__file__ = 'setup.py'; exec(compile(open('setup.py').read(), 'setup.py', 'exec'))")
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode != 0
     assert "pip install --no-build-isolation -e ." in res.stderr
