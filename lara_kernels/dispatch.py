@@ -65,11 +65,23 @@ class Backend:
     def rfa(self, q, k, v, w, **options):
         raise NotImplementedError
 
+    @property
+    def passes(self):
+        """The long passes this backend runs (the signatures of ``_passes_torch``), for code
+        that sequences them itself, such as ``lara_kernels.distributed``."""
+        return self._passes
+
 
 class ReferenceBackend(Backend):
     name = "reference"
     description = "eager PyTorch of docs/math.md, the oracle (materializes N x C and M x C)"
     devices = ("cpu", "cuda", "mps", "xpu", "meta")
+
+    @property
+    def passes(self):
+        from . import _passes_torch   # the eager passes: the same formulas, differentiable
+
+        return _passes_torch
 
     def lara(self, q, k, v, eps, **options):
         from .reference import lara_reference
@@ -202,6 +214,7 @@ register_backend(CpuBackend())
 register_backend(CudaBackend())
 
 _COMPILED_PASSES = FusedPasses(CompiledKernels)
+CpuBackend._passes = _COMPILED_PASSES
 
 
 def _register_optional():
@@ -211,6 +224,8 @@ def _register_optional():
     except ImportError as exc:  # module absent in this build: nothing to register
         if "_triton_backend" not in str(exc):
             raise
+    else:
+        _REGISTRY["triton"]._passes = _triton_backend.TritonPasses
 
 
 _register_optional()
