@@ -3,7 +3,7 @@
     from lara_kernels import lara_attention
     y = lara_attention(q, k, v, num_samples=64)      # q, k, v: (B, H, N, D)
 
-See README.md and design/lara-math.md for the definition every backend computes.
+See README.md and docs/math.md for the definition every backend computes.
 """
 
 from .api import PROPOSALS, WEIGHTINGS, lara_attention, ra_attention, rfa_attention

@@ -1,4 +1,4 @@
-"""Backends that say why not (design/style.md, after xformers' fmha dispatch).
+"""Backends that say why not (after xformers' fmha dispatch; docs/design.md, Backends).
 
 Each backend declares what it supports and answers ``not_supported_reasons(op, q, k, v,
 **options) -> list[str]``. ``backend="auto"`` takes the first backend, in the order for

@@ -1,6 +1,6 @@
 """Eager PyTorch reference: the oracle every backend is compared with.
 
-Plain PyTorch, written to be read next to ``design/lara-math.md`` (section numbers in
+Plain PyTorch, written to be read next to ``docs/math.md`` (section numbers in
 the comments refer to that page) and never imported on a fast path. Everything is in
 log space: no feature map ``exp(w . x - |x|^2 / 2)`` is formed on its own.
 
@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 NEG_INF = float("-inf")
-ALPHA_FLOOR = 1e-8  # la = log(max(alpha, 1e-8)), lara-math.md section 6
+ALPHA_FLOOR = 1e-8  # la = log(max(alpha, 1e-8)), docs/math.md section 6
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -114,7 +114,7 @@ def lara_reference(
     q_landmarks: Optional[torch.Tensor] = None,
     k_landmarks: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """LARA attention, lara-math.md sections 1-7. ``eps`` (B, H, C, D) or None (evaluation)."""
+    """LARA attention, docs/math.md sections 1-7. ``eps`` (B, H, C, D) or None (evaluation)."""
     B, H, N, D = q.shape
     M = k.shape[2]
     C = num_samples
@@ -178,7 +178,7 @@ def lara_reference(
         bh = torch.exp(rho - log_den)                                   # balance heuristic
         r_mean = (r * act_c).sum(-1, keepdim=True) / c_eff[:, None, None, None]
         alpha = bh[..., None, :] + beta * (r - r_mean)                  # (B, H, N, C)
-        # max(alpha, 1e-8) with the gradient of kernels.md: 1 where alpha > 1e-8, else 0
+        # max(alpha, 1e-8) with the gradient of docs/design.md: 1 where alpha > 1e-8, else 0
         # (torch.clamp would also pass it at alpha == 1e-8)
         la = torch.log(torch.where(alpha > ALPHA_FLOOR, alpha, torch.full_like(alpha, ALPHA_FLOOR)))
     elif weighting == "balance":
