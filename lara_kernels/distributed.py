@@ -638,3 +638,29 @@ def context_parallel_rfa_attention(
             c_all = torch.full((B,), S, dtype=torch.long, device=q.device)
             y = passes.query_pass(q, w, Z, kap, c_all, q_pad, ss, None)
         return _join(_zero_dropped(y, keep), token)
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+def check_layer_group(group, landmarks: str = "mean"):
+    """The ``context_parallel_group`` argument of :class:`lara_kernels.nn.LaraAttention`,
+    checked: None, or a process group with ``landmarks="mean"`` (the learned and 2-D pooled
+    landmarks of the layer are computed from the whole sequence, which no rank holds)."""
+    if group is None:
+        return None
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"context_parallel_group must be a torch.distributed ProcessGroup or None, "
+                        f"got {type(group).__name__}")
+    if landmarks != "mean":
+        raise NotImplementedError(f"context_parallel_group needs landmarks='mean', got landmarks={landmarks!r} "
+                                  "(learned and pooled landmarks are computed from the whole sequence)")
+    return group
+
+
+def layer_attention(group):
+    """``lara_attention``'s signature, run context-parallel over ``group`` (for the layers)."""
+    def attention(q, k, v, **options):
+        return context_parallel_lara_attention(q, k, v, group=group, **options)
+
+    return attention
