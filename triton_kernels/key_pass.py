@@ -1,4 +1,4 @@
-"""Key pass: C sample rows attending over a long axis (lara-math.md sections 4 and 5).
+"""Key pass: C sample rows attending over a long axis (docs/math.md sections 4 and 5).
 
     l_cm  = w_c . kh_m  [- |kh_m|^2 / 2]     (-inf for padded or out-of-range m)
     Z_c   = LSE_m l_cm
@@ -7,12 +7,25 @@
 The same kernel is the query normalizer (w = qt, keys = q, no values, no norm term):
 Lam_c = LSE_n qt_c . qh_n.
 
-Forward: split-K over the long axis. Program (s, cb, bh) holds a block of BLOCK_C rows of
-w and runs an online log-sum-exp over the key blocks of split s, writing the partials
-(max, sum of exp, accumulator) of that split; ``key_pass_fwd`` combines the splits (a few
-C-sized torch ops). Backward (kernels.md): the same grid recomputes the C x M tiles from
-w, k, v and Z and writes dk, dv per key block and dw per split, summed in torch
-(deterministic: no atomics).
+kh_m = ss k_m; the scale is folded into the C x D rows (w ss, rounded once to the input
+dtype, the operand of every product with k), so k goes into ``tl.dot`` as loaded:
+w_c . kh_m = (ss w_c) . k_m and |kh_m|^2 = ss^2 |k_m|^2 (float32).
+
+Forward: split-K over the long axis. Program (bh, s) holds all C rows of w (padded to a
+power of two >= 16) and runs an online log-sum-exp over the key blocks of split s, so
+every key block is read by exactly one program whatever C is. It writes the partials
+(max, sum of exp, accumulator) of its split to one (S, B*H*C, 2 + Dv) float32 buffer; a
+second small kernel (grid B*H*C/16) combines the splits into Z and kap.
+Traffic: k and v read once (the floor); w (C x D) read once per program; partials
+S x C x (2 + Dv) float32 per head written and read once, with S ~ SMs / (B*H): small
+next to k and v unless M is short.
+
+Backward (docs/design.md, "Backward"): the same grid recomputes the C x M tiles from w, k, v and Z and
+writes dk, dv of every key block directly in the input dtype (each key block belongs to
+one program: no per-sample-block partials) and dw per split ((S, B*H*C, D) float32,
+summed by one torch op; deterministic, no atomics). E_c = dZ_c - dkap_c . kap_c is
+formed in the kernel. Traffic: k, v read once, dk, dv written once (the floor); w, dkap,
+kap, Z, dZ (C-sized) once per program.
 """
 
 from __future__ import annotations
@@ -22,35 +35,43 @@ import triton
 import triton.language as tl
 
 from . import _common
+from ._common import mma, rnd
+
+# Programs of each kernel resident per SM at the main configurations (registers and shared
+# memory from the AOT check): the split count fills the device once with them.
+FWD_PER_SM = 2
+BWD_PER_SM = 1
 
 
-@triton.jit(do_not_specialize=["M", "blocks_per_split"])
+@triton.jit(do_not_specialize=["M", "blocks_per_split", "S"])
 def _key_fwd_kernel(
-    W, K, V, PAD, M_PART, L_PART, ACC_PART,
+    W, K, V, PAD, PART,
     sk_b, sk_h, sk_m, sk_d,
     sv_b, sv_h, sv_m, sv_d,
     sp_b, sp_m,
-    H, C, M, D, DV, ss, blocks_per_split,
+    H, C, M, D, DV, ss, S, blocks_per_split,
     HAS_V: tl.constexpr, HAS_PAD: tl.constexpr, SUB_NORM: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PREC: tl.constexpr, EMU: tl.constexpr,
 ):
-    pid_s = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    pid_bh = tl.program_id(2)
-    BH = tl.num_programs(2)
+    DT: tl.constexpr = K.dtype.element_ty
+    pid = tl.program_id(0)                                             # (bh, s), s fastest
+    pid_s = pid % S
+    pid_bh = pid // S
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     bh = pid_bh.to(tl.int64)
+    BH = (tl.num_programs(0) // S).to(tl.int64)
 
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c = tl.arange(0, BLOCK_C)
     c_ok = c < C
-    d = tl.arange(0, BLOCK_D)
+    d = tl.arange(0, BLOCK_D).to(tl.int64)
     d_ok = d < D
-    dv = tl.arange(0, BLOCK_DV)
+    dv = tl.arange(0, BLOCK_DV).to(tl.int64)
     dv_ok = dv < DV
     rows = bh * C + c                                                  # rows of (B*H*C, ...)
-    w = tl.load(W + rows[:, None] * D + d[None, :],
-                mask=c_ok[:, None] & d_ok[None, :], other=0.0)         # [BLOCK_C, BLOCK_D]
+    w = tl.load(W + rows[:, None] * D + d[None, :], mask=c_ok[:, None] & d_ok[None, :], other=0.0)
+    w = rnd(w * ss, DT, EMU)                                           # [BLOCK_C, BLOCK_D]
 
     k_base = K + b * sk_b + h * sk_h
     v_base = V + b * sv_b + h * sv_h
@@ -58,19 +79,19 @@ def _key_fwd_kernel(
     l_i = tl.zeros([BLOCK_C], tl.float32)
     acc = tl.zeros([BLOCK_C, BLOCK_DV], tl.float32)
     for blk in range(0, blocks_per_split):
-        m = (pid_s * blocks_per_split + blk) * BLOCK_M + tl.arange(0, BLOCK_M)
+        m = (pid_s * blocks_per_split + blk).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         m_in = m < M
-        m64 = m.to(tl.int64)
         valid = m_in
         if HAS_PAD:
-            padded = tl.load(PAD + b * sp_b + m64 * sp_m, mask=m_in, other=1)
+            padded = tl.load(PAD + b * sp_b + m * sp_m, mask=m_in, other=1)
             valid = valid & (padded == 0)
         # padded keys and values are never read: whatever they hold (even inf/nan) stays out
-        kh = tl.load(k_base + m64[:, None] * sk_m + d[None, :] * sk_d,
-                     mask=valid[:, None] & d_ok[None, :], other=0.0).to(tl.float32) * ss  # [BLOCK_M, BLOCK_D]
-        logit = tl.dot(w, tl.trans(kh), input_precision="ieee")     # [BLOCK_C, BLOCK_M]
+        kk = tl.load(k_base + m[:, None] * sk_m + d[None, :] * sk_d,
+                     mask=valid[:, None] & d_ok[None, :], other=0.0)   # [BLOCK_M, BLOCK_D]
+        logit = mma(w, tl.trans(kk), DT, PREC, EMU)                    # [BLOCK_C, BLOCK_M]
         if SUB_NORM:
-            logit -= 0.5 * tl.sum(kh * kh, axis=1)[None, :]
+            kf = kk.to(tl.float32)
+            logit -= (0.5 * ss * ss) * tl.sum(kf * kf, axis=1)[None, :]
         logit = tl.where(valid[None, :], logit, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(logit, axis=1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)           # all -inf so far: no shift
@@ -78,114 +99,153 @@ def _key_fwd_kernel(
         corr = tl.exp(m_i - m_use)
         l_i = l_i * corr + tl.sum(p, axis=1)
         if HAS_V:
-            vv = tl.load(v_base + m64[:, None] * sv_m + dv[None, :] * sv_d,
-                         mask=valid[:, None] & dv_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_DV]
-            acc = acc * corr[:, None] + tl.dot(p, vv, input_precision="ieee")
+            vv = tl.load(v_base + m[:, None] * sv_m + dv[None, :] * sv_d,
+                         mask=valid[:, None] & dv_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_DV]
+            acc = acc * corr[:, None] + mma(p, vv, DT, PREC, EMU)
         m_i = m_new
 
-    prow = pid_s.to(tl.int64) * BH * C + rows                          # rows of (S*B*H*C, ...)
-    tl.store(M_PART + prow, m_i, mask=c_ok)
-    tl.store(L_PART + prow, l_i, mask=c_ok)
+    PW = 2 + DV
+    prow = ((pid_s.to(tl.int64) * BH + bh) * C + c) * PW               # rows of (S, B*H*C, 2 + Dv)
+    tl.store(PART + prow, m_i, mask=c_ok)
+    tl.store(PART + prow + 1, l_i, mask=c_ok)
     if HAS_V:
-        tl.store(ACC_PART + prow[:, None] * DV + dv[None, :], acc, mask=c_ok[:, None] & dv_ok[None, :])
+        tl.store(PART + prow[:, None] + 2 + dv[None, :], acc, mask=c_ok[:, None] & dv_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["M", "blocks_per_split"])
+@triton.jit(do_not_specialize=["S"])
+def _key_combine_kernel(
+    PART, Z, KAP, R, DV, S,
+    HAS_V: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    # Z = mx + log(sum_s e_s l_s), kap = sum_s e_s acc_s / sum_s e_s l_s, e_s = exp(m_s - mx)
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = r < R
+    dv = tl.arange(0, BLOCK_DV).to(tl.int64)
+    dv_ok = dv < DV
+    PW = 2 + DV
+    m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_DV], tl.float32)
+    for s in range(0, S):
+        prow = (s * R + r) * PW
+        m_s = tl.load(PART + prow, mask=r_ok, other=float("-inf"))
+        l_s = tl.load(PART + prow + 1, mask=r_ok, other=0.0)
+        m_new = tl.maximum(m_i, m_s)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)           # empty splits: exp(-inf) = 0
+        a_old = tl.exp(m_i - m_use)
+        a_s = tl.exp(m_s - m_use)
+        l_i = l_i * a_old + l_s * a_s
+        if HAS_V:
+            acc_s = tl.load(PART + prow[:, None] + 2 + dv[None, :], mask=r_ok[:, None] & dv_ok[None, :], other=0.0)
+            acc = acc * a_old[:, None] + acc_s * a_s[:, None]
+        m_i = m_new
+    m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
+    tl.store(Z + r, m_use + tl.log(l_i), mask=r_ok)
+    if HAS_V:
+        tl.store(KAP + r[:, None] * DV + dv[None, :], acc / l_i[:, None], mask=r_ok[:, None] & dv_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["M", "blocks_per_split", "S"])
 def _key_bwd_kernel(
-    W, K, V, PAD, Z, DKAP, E, DK, DVO, DW_PART,
+    W, K, V, PAD, Z, KAP, DZ, DKAP, DK, DVO, DW_PART,
     sk_b, sk_h, sk_m, sk_d,
     sv_b, sv_h, sv_m, sv_d,
     sp_b, sp_m,
-    sdk_s, sdk_b, sdk_h, sdk_m, sdk_d,
-    sdv_s, sdv_b, sdv_h, sdv_m, sdv_d,
-    H, C, M, D, DV, ss, blocks_per_split,
+    sdk_b, sdk_h, sdk_m, sdk_d,
+    sdv_b, sdv_h, sdv_m, sdv_d,
+    H, C, M, D, DV, ss, S, blocks_per_split,
     HAS_V: tl.constexpr, HAS_PAD: tl.constexpr, SUB_NORM: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PREC: tl.constexpr, EMU: tl.constexpr,
 ):
-    # S_cm = exp(l_cm - Z_c); E_c = dZ_c - dkap_c . kap_c (C-sized, from the wrapper)
+    # S_cm = exp(l_cm - Z_c); E_c = dZ_c - dkap_c . kap_c
     # dv_m = sum_c S_cm dkap_c;  dl_cm = S_cm (dkap_c . v_m + E_c)
-    # dkh_m = sum_c dl_cm (w_c [- kh_m]);  dw_c = sum_m dl_cm kh_m
-    pid_s = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    pid_bh = tl.program_id(2)
-    BH = tl.num_programs(2)
+    # dk_m = sum_c dl_cm (ss w_c [- ss^2 k_m]);  dw_c = ss sum_m dl_cm k_m
+    DT: tl.constexpr = K.dtype.element_ty
+    pid = tl.program_id(0)                                             # (bh, s), s fastest
+    pid_s = pid % S
+    pid_bh = pid // S
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     bh = pid_bh.to(tl.int64)
-    cb = pid_c.to(tl.int64)
+    BH = (tl.num_programs(0) // S).to(tl.int64)
 
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c = tl.arange(0, BLOCK_C)
     c_ok = c < C
-    d = tl.arange(0, BLOCK_D)
+    d = tl.arange(0, BLOCK_D).to(tl.int64)
     d_ok = d < D
-    dv = tl.arange(0, BLOCK_DV)
+    dv = tl.arange(0, BLOCK_DV).to(tl.int64)
     dv_ok = dv < DV
     rows = bh * C + c
-    w = tl.load(W + rows[:, None] * D + d[None, :],
-                mask=c_ok[:, None] & d_ok[None, :], other=0.0)         # [BLOCK_C, BLOCK_D]
+    w = tl.load(W + rows[:, None] * D + d[None, :], mask=c_ok[:, None] & d_ok[None, :], other=0.0)
+    w = rnd(w * ss, DT, EMU)                                           # [BLOCK_C, BLOCK_D]
     z = tl.load(Z + rows, mask=c_ok, other=0.0)
-    e = tl.load(E + rows, mask=c_ok, other=0.0)
+    e = tl.load(DZ + rows, mask=c_ok, other=0.0)
     if HAS_V:
-        dkap = tl.load(DKAP + rows[:, None] * DV + dv[None, :],
-                       mask=c_ok[:, None] & dv_ok[None, :], other=0.0)  # [BLOCK_C, BLOCK_DV]
+        cv = rows[:, None] * DV + dv[None, :]
+        dkap = tl.load(DKAP + cv, mask=c_ok[:, None] & dv_ok[None, :], other=0.0)  # [BLOCK_C, BLOCK_DV]
+        kap = tl.load(KAP + cv, mask=c_ok[:, None] & dv_ok[None, :], other=0.0)
+        e -= tl.sum(dkap * kap, axis=1)
+        dkap = rnd(dkap, DT, EMU)
 
     k_base = K + b * sk_b + h * sk_h
     v_base = V + b * sv_b + h * sv_h
-    dk_base = DK + cb * sdk_s + b * sdk_b + h * sdk_h
-    dv_base = DVO + cb * sdv_s + b * sdv_b + h * sdv_h
+    dk_base = DK + b * sdk_b + h * sdk_h
+    dv_base = DVO + b * sdv_b + h * sdv_h
     dw_acc = tl.zeros([BLOCK_C, BLOCK_D], tl.float32)
     for blk in range(0, blocks_per_split):
-        m = (pid_s * blocks_per_split + blk) * BLOCK_M + tl.arange(0, BLOCK_M)
+        m = (pid_s * blocks_per_split + blk).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         m_in = m < M
-        m64 = m.to(tl.int64)
         valid = m_in
         if HAS_PAD:
-            padded = tl.load(PAD + b * sp_b + m64 * sp_m, mask=m_in, other=1)
+            padded = tl.load(PAD + b * sp_b + m * sp_m, mask=m_in, other=1)
             valid = valid & (padded == 0)
         # padded keys and values are never read: whatever they hold (even inf/nan) stays out
-        kh = tl.load(k_base + m64[:, None] * sk_m + d[None, :] * sk_d,
-                     mask=valid[:, None] & d_ok[None, :], other=0.0).to(tl.float32) * ss  # [BLOCK_M, BLOCK_D]
-        logit = tl.dot(w, tl.trans(kh), input_precision="ieee")     # [BLOCK_C, BLOCK_M]
+        kk = tl.load(k_base + m[:, None] * sk_m + d[None, :] * sk_d,
+                     mask=valid[:, None] & d_ok[None, :], other=0.0)   # [BLOCK_M, BLOCK_D]
+        logit = mma(w, tl.trans(kk), DT, PREC, EMU)                    # [BLOCK_C, BLOCK_M]
         if SUB_NORM:
-            logit -= 0.5 * tl.sum(kh * kh, axis=1)[None, :]
+            kf = kk.to(tl.float32)
+            logit -= (0.5 * ss * ss) * tl.sum(kf * kf, axis=1)[None, :]
         sm = tl.where(valid[None, :] & c_ok[:, None], tl.exp(logit - z[:, None]), 0.0)  # [BLOCK_C, BLOCK_M]
         if HAS_V:
-            vv = tl.load(v_base + m64[:, None] * sv_m + dv[None, :] * sv_d,
-                         mask=valid[:, None] & dv_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_DV]
-            dv_blk = tl.dot(tl.trans(sm), dkap, input_precision="ieee")  # [BLOCK_M, BLOCK_DV]
-            tl.store(dv_base + m64[:, None] * sdv_m + dv[None, :] * sdv_d,
-                     dv_blk.to(DVO.dtype.element_ty), mask=m_in[:, None] & dv_ok[None, :])
-            dp = tl.dot(dkap, tl.trans(vv), input_precision="ieee")   # [BLOCK_C, BLOCK_M]
+            vv = tl.load(v_base + m[:, None] * sv_m + dv[None, :] * sv_d,
+                         mask=valid[:, None] & dv_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_DV]
+            dv_blk = mma(tl.trans(sm), dkap, DT, PREC, EMU)             # [BLOCK_M, BLOCK_DV]
+            tl.store(dv_base + m[:, None] * sdv_m + dv[None, :] * sdv_d,
+                     rnd(dv_blk, DVO.dtype.element_ty, EMU), mask=m_in[:, None] & dv_ok[None, :])
+            dp = mma(dkap, tl.trans(vv), DT, PREC, EMU)                 # [BLOCK_C, BLOCK_M]
             dl = sm * (dp + e[:, None])
         else:
             dl = sm * e[:, None]
-        dkh = tl.dot(tl.trans(dl), w, input_precision="ieee")         # [BLOCK_M, BLOCK_D]
+        dk_blk = mma(tl.trans(dl), w, DT, PREC, EMU)                    # [BLOCK_M, BLOCK_D]
         if SUB_NORM:
-            dkh -= tl.sum(dl, axis=0)[:, None] * kh
-        tl.store(dk_base + m64[:, None] * sdk_m + d[None, :] * sdk_d,
-                 (dkh * ss).to(DK.dtype.element_ty), mask=m_in[:, None] & d_ok[None, :])
-        dw_acc += tl.dot(dl, kh, input_precision="ieee")               # [BLOCK_C, BLOCK_D]
+            dk_blk -= (ss * ss) * tl.sum(dl, axis=0)[:, None] * kf
+        tl.store(dk_base + m[:, None] * sdk_m + d[None, :] * sdk_d,
+                 rnd(dk_blk, DK.dtype.element_ty, EMU), mask=m_in[:, None] & d_ok[None, :])
+        dw_acc += mma(dl, kk, DT, PREC, EMU)                           # [BLOCK_C, BLOCK_D]
 
-    prow = pid_s.to(tl.int64) * BH * C + rows
-    tl.store(DW_PART + prow[:, None] * D + d[None, :], dw_acc, mask=c_ok[:, None] & d_ok[None, :])
+    prow = (pid_s.to(tl.int64) * BH + bh) * C + c                      # rows of (S, B*H*C, D)
+    tl.store(DW_PART + prow[:, None] * D + d[None, :], dw_acc * ss, mask=c_ok[:, None] & d_ok[None, :])
 
 
-def _blocks(C, D, DV, block_c=None, block_m=None):
-    BLOCK_D = _common.pow2(D)
-    BLOCK_DV = _common.pow2(DV)
+def blocks(C, D, DV, block_m=None, bwd=False):
+    """(BLOCK_C, BLOCK_M, BLOCK_D, BLOCK_DV, num_warps, num_stages) of the forward (or
+    the backward) key kernel. All C rows are in one program (one read of k and v per
+    pass); the key block and the warps shrink and grow with the C x head-dim tiles held
+    in registers; the backward holds about twice the forward's state, so twice the warps."""
+    BLOCK_C, BLOCK_D, BLOCK_DV = _common.pow2(C), _common.pow2(D), _common.pow2(DV)
     wide = max(BLOCK_D, BLOCK_DV)
-    if block_c is None:
-        block_c = min(_common.pow2(C), 64 if wide <= 128 else 32)
+    tile = BLOCK_C * wide
     if block_m is None:
-        block_m = 64 if wide <= 64 else 32
-    num_warps = 4 if wide <= 64 else 8
-    return block_c, block_m, BLOCK_D, BLOCK_DV, num_warps
-
-
-def _stages(wide):
-    # software-pipelining buffers: C = D = Dv = 256 in float32 needs 232 KB of shared memory
-    # in the backward with 3 stages (over the H100's 227 KB), so fewer stages for wide heads
-    return 3 if wide <= 64 else (2 if wide <= 128 else 1)
+        block_m = 64 if tile <= 64 * 64 else (32 if tile < 128 * 128 or not bwd else 16)
+        block_m = 16 if tile > 128 * 128 else block_m
+    num_warps = 4 if tile <= 64 * 64 else (8 if tile <= 128 * 128 else 16)
+    if bwd:
+        num_warps = min(2 * num_warps, 16)
+    # software-pipelining buffers of the k and v tiles: fewer stages for wide heads
+    num_stages = 3 if wide <= 64 else (2 if wide <= 128 else 1)
+    return BLOCK_C, block_m, BLOCK_D, BLOCK_DV, num_warps, num_stages
 
 
 def _pad_arg(padding, ref):
@@ -196,10 +256,14 @@ def _pad_arg(padding, ref):
     return p, p.stride(0), p.stride(1)
 
 
-def key_pass_fwd(w, k, v, padding, ss, subtract_norm, *, block_c=None, block_m=None, splits=None):
+def _f32(x):
+    return x.to(torch.float32).contiguous()   # C-sized; no copy when already so
+
+
+def key_pass_fwd(w, k, v, padding, ss, subtract_norm, *, block_m=None, splits=None):
     """Z (B, H, C) and kap (B, H, C, Dv) in float32 (kap is None when v is None).
 
-    w (B, H, C, D) float32; k (B, H, M, D) and v (B, H, M, Dv) in any float dtype and
+    w (B, H, C, D) float32; k (B, H, M, D) and v (B, H, M, Dv) in one float dtype and
     any strides; padding (B, M) bool (True = padding) or None.
     """
     B, H, C, D = w.shape
@@ -207,82 +271,65 @@ def key_pass_fwd(w, k, v, padding, ss, subtract_norm, *, block_c=None, block_m=N
     has_v = v is not None
     DV = v.shape[3] if has_v else 1
     dev = k.device
-    w = w.to(torch.float32).contiguous()                 # C x D: tiny
-    BLOCK_C, BLOCK_M, BLOCK_D, BLOCK_DV, num_warps = _blocks(C, D, DV, block_c, block_m)
-    n_cb = _common.cdiv(C, BLOCK_C)
-    S, per_split = _common.num_splits(_common.cdiv(M, BLOCK_M), B * H * n_cb, dev, splits)
+    w = _f32(w)
+    BLOCK_C, BLOCK_M, BLOCK_D, BLOCK_DV, num_warps, num_stages = blocks(C, D, DV, block_m)
+    S, per_split = _common.num_splits(_common.cdiv(M, BLOCK_M), B * H, dev, FWD_PER_SM, splits)
 
-    m_part = _common.empty((S, B, H, C), torch.float32, dev)
-    l_part = _common.empty((S, B, H, C), torch.float32, dev)
-    acc_part = _common.empty((S, B, H, C, DV), torch.float32, dev) if has_v else m_part
+    part = _common.empty((S, B * H * C, 2 + DV), torch.float32, dev)
     vt = v if has_v else k
     pad, sp_b, sp_m = _pad_arg(padding, k)
-    _key_fwd_kernel[(S, n_cb, B * H)](
-        w, k, vt, pad, m_part, l_part, acc_part,
+    _common.launch(
+        _key_fwd_kernel, (S * B * H,), dev,
+        w, k, vt, pad, part,
         *k.stride(), *vt.stride(), sp_b, sp_m,
-        H, C, M, D, DV, float(ss), per_split,
+        H, C, M, D, DV, float(ss), S, per_split,
         HAS_V=has_v, HAS_PAD=padding is not None, SUB_NORM=bool(subtract_norm),
         BLOCK_C=BLOCK_C, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
-        num_warps=num_warps, num_stages=_stages(max(BLOCK_D, BLOCK_DV)),
+        PREC=_common.dot_precision(k.dtype), EMU=_common.emulated(dev),
+        num_warps=num_warps, num_stages=num_stages,
     )
-    # combine the splits: Z = mx + log(sum_s e_s l_s), kap = sum_s e_s acc_s / sum_s e_s l_s
-    mx = m_part.amax(0)
-    mx = torch.where(torch.isinf(mx), torch.zeros_like(mx), mx)
-    scale = torch.exp(m_part - mx)                       # empty splits: exp(-inf) = 0
-    total = (scale * l_part).sum(0)
-    Z = mx + torch.log(total)
-    kap = None
-    if has_v:
-        kap = (scale[..., None] * acc_part).sum(0) / total[..., None]
+    Z = _common.empty((B, H, C), torch.float32, dev)
+    kap = _common.empty((B, H, C, DV), torch.float32, dev) if has_v else None
+    R, BLOCK_R = B * H * C, 16
+    _common.launch(
+        _key_combine_kernel, (_common.cdiv(R, BLOCK_R),), dev,
+        part, Z, kap if has_v else Z, R, DV, S,
+        HAS_V=has_v, BLOCK_R=BLOCK_R, BLOCK_DV=BLOCK_DV, num_warps=4,
+    )
     return Z, kap
 
 
-def key_pass_bwd(w, k, v, padding, ss, subtract_norm, Z, kap, dZ, dkap, *, block_c=None,
-                 block_m=None, splits=None):
+def key_pass_bwd(w, k, v, padding, ss, subtract_norm, Z, kap, dZ, dkap, *, block_m=None, splits=None):
     """Gradients (dw float32, dk in k's dtype, dv in v's dtype or None) of key_pass_fwd."""
     B, H, C, D = w.shape
     M = k.shape[2]
     has_v = v is not None
     DV = v.shape[3] if has_v else 1
     dev = k.device
-    w = w.to(torch.float32).contiguous()
-    Z = Z.to(torch.float32).contiguous()
-    dZ = torch.zeros_like(Z) if dZ is None else dZ.to(torch.float32)
+    w, Z = _f32(w), _f32(Z)
+    dZ = torch.zeros_like(Z) if dZ is None else _f32(dZ)
     if has_v:
-        dkap = torch.zeros_like(kap) if dkap is None else dkap.to(torch.float32)
-        E = (dZ - (dkap * kap).sum(-1)).contiguous()
-        dkap = dkap.contiguous()
+        kap = _f32(kap)
+        dkap = torch.zeros_like(kap) if dkap is None else _f32(dkap)
     else:
-        E = dZ.contiguous()
-        dkap = Z
-    BLOCK_C, BLOCK_M, BLOCK_D, BLOCK_DV, num_warps = _blocks(C, D, DV, block_c, block_m)
-    n_cb = _common.cdiv(C, BLOCK_C)
-    S, per_split = _common.num_splits(_common.cdiv(M, BLOCK_M), B * H * n_cb, dev, splits)
+        kap = dkap = Z
+    BLOCK_C, BLOCK_M, BLOCK_D, BLOCK_DV, num_warps, num_stages = blocks(C, D, DV, block_m, bwd=True)
+    S, per_split = _common.num_splits(_common.cdiv(M, BLOCK_M), B * H, dev, BWD_PER_SM, splits)
 
-    # one block of samples: dk, dv written directly; several: per-block partials summed here
-    if n_cb == 1:
-        dk = _common.empty(k.shape, k.dtype, dev)
-        dk_strides = (0,) + dk.stride()
-        dv = _common.empty(v.shape, v.dtype, dev) if has_v else dk
-    else:
-        dk = _common.empty((n_cb,) + tuple(k.shape), torch.float32, dev)
-        dk_strides = dk.stride()
-        dv = _common.empty((n_cb,) + tuple(v.shape), torch.float32, dev) if has_v else dk
-    dv_strides = ((0,) + dv.stride()) if dv.dim() == 4 else dv.stride()
-    dw_part = _common.empty((S, B, H, C, D), torch.float32, dev)
+    dk = _common.empty(k.shape, k.dtype, dev)
+    dv = _common.empty(v.shape, v.dtype, dev) if has_v else dk
+    dw_part = _common.empty((S, B * H * C, D), torch.float32, dev)
     vt = v if has_v else k
     pad, sp_b, sp_m = _pad_arg(padding, k)
-    _key_bwd_kernel[(S, n_cb, B * H)](
-        w, k, vt, pad, Z, dkap, E, dk, dv, dw_part,
-        *k.stride(), *vt.stride(), sp_b, sp_m, *dk_strides, *dv_strides,
-        H, C, M, D, DV, float(ss), per_split,
+    _common.launch(
+        _key_bwd_kernel, (S * B * H,), dev,
+        w, k, vt, pad, Z, kap, dZ, dkap, dk, dv, dw_part,
+        *k.stride(), *vt.stride(), sp_b, sp_m, *dk.stride(), *dv.stride(),
+        H, C, M, D, DV, float(ss), S, per_split,
         HAS_V=has_v, HAS_PAD=padding is not None, SUB_NORM=bool(subtract_norm),
         BLOCK_C=BLOCK_C, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
-        num_warps=num_warps, num_stages=_stages(max(BLOCK_D, BLOCK_DV)),
+        PREC=_common.dot_precision(k.dtype), EMU=_common.emulated(dev),
+        num_warps=num_warps, num_stages=num_stages,
     )
-    if n_cb > 1:
-        dk = dk.sum(0).to(k.dtype)
-        if has_v:
-            dv = dv.sum(0).to(v.dtype)
-    dw = dw_part.sum(0)
+    dw = dw_part.sum(0).view(B, H, C, D)
     return dw, dk, (dv if has_v else None)

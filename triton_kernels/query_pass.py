@@ -1,4 +1,4 @@
-"""Query pass: N query rows attending over C samples (lara-math.md sections 6 and 7).
+"""Query pass: N query rows attending over C samples (docs/math.md sections 6 and 7).
 
     L_nc = qh_n . w_c + bias_c [+ log(max(alpha_nc, 1e-8))]     (-inf for c >= c_eff[b])
     alpha_nc = bh_c + beta * (r_nc - mean over active c' of r_nc'),  r_nc = exp(qh_n . qt_c - Lam_c)
@@ -7,16 +7,23 @@
 The MIS term is present when ``qt`` is given ("optimal" weighting); RFA and "balance"
 weighting use L_nc = qh_n . w_c + bias_c.
 
-Forward: program (nb, bh) holds all C samples (padded to a power of two >= 16 and
-masked) and a block of queries; the head dims are walked in chunks (BLOCK_DC of D,
-BLOCK_VC of Dv), so the C x D tiles stay small even for C = D = 256.
+The scale is folded into the C rows (ss w and ss qt, rounded once to the input dtype),
+so q goes into ``tl.dot`` as loaded (precision rules: _common.py).
 
-Backward (kernels.md): program (s, j, bh) recomputes the N x C tiles of the query
+Forward: program (bh, nb) (one grid axis, n blocks fastest) holds all C samples (padded
+to a power of two >= 16 and masked) and a block of queries; the head dims are walked in
+chunks (BLOCK_DC of D, BLOCK_VC of Dv), so the C x D tiles stay small even for
+C = D = 256. Traffic: q read once and y written once (the floor); the C-sized w, qt,
+kap, bias (C x (2D + Dv) float32 per head) once per program, from L2.
+
+Backward (docs/design.md, "Backward"): program (bh, j, s) recomputes the N x C tiles of the query
 blocks of split s and produces chunk j of the head dims: dq[:, chunk j], and the
 per-split partials of dw, dqt (D chunk j), dkap (Dv chunk j) and, for j = 0, the
-C-sized ones (dbias, dbh, dLam). With one chunk (D, Dv <= the chunk size) nothing is
-recomputed; with several, the N x C logits are recomputed once per chunk, which keeps
-the register accumulators at C x chunk. Partials are summed in torch (deterministic).
+C-sized ones (dbias, dbh, dLam), all in one (S, B*H*C, width) float32 buffer summed by
+one torch op (deterministic). With one chunk (D, Dv <= the chunk size: 64 for C <= 64)
+q and dy are read once and dq written once (the floor); with NJ chunks the N x C logits
+are recomputed once per chunk and q, dy read NJ times, which keeps the register
+accumulators at C x chunk. S comes from the occupancy (BWD_PER_SM programs per SM).
 """
 
 from __future__ import annotations
@@ -26,27 +33,32 @@ import triton
 import triton.language as tl
 
 from . import _common
+from ._common import mma, rnd
 
 ALPHA_FLOOR = tl.constexpr(1e-8)
+# Programs of the backward resident per SM at the main configurations (AOT check).
+BWD_PER_SM = 1
 
 
 @triton.jit
 def _logits(q_base, sq_n, sq_d, n64, n_ok, W, QT, rows, c_ok, D, ss,
             MIS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-            BLOCK_DC: tl.constexpr, N_DC: tl.constexpr):
-    """qh . w^T and qh . qt^T, [BLOCK_N, BLOCK_C] each, over the D chunks."""
+            BLOCK_DC: tl.constexpr, N_DC: tl.constexpr,
+            DT: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr):
+    """qh . w^T and qh . qt^T, [BLOCK_N, BLOCK_C] each, over the D chunks: q as loaded
+    times the C rows scaled by ss and rounded to the input dtype."""
     s = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
     t = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
     for i in tl.static_range(N_DC):
-        d = i * BLOCK_DC + tl.arange(0, BLOCK_DC)
+        d = (i * BLOCK_DC + tl.arange(0, BLOCK_DC)).to(tl.int64)
         d_ok = d < D
-        qh = tl.load(q_base + n64[:, None] * sq_n + d[None, :] * sq_d,
-                     mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32) * ss   # [BLOCK_N, BLOCK_DC]
+        qc = tl.load(q_base + n64[:, None] * sq_n + d[None, :] * sq_d,
+                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)    # [BLOCK_N, BLOCK_DC]
         wc = tl.load(W + rows[:, None] * D + d[None, :], mask=c_ok[:, None] & d_ok[None, :], other=0.0)
-        s += tl.dot(qh, tl.trans(wc), input_precision="ieee")
+        s += mma(qc, tl.trans(rnd(wc * ss, DT, EMU)), DT, PREC, EMU)
         if MIS:
             qtc = tl.load(QT + rows[:, None] * D + d[None, :], mask=c_ok[:, None] & d_ok[None, :], other=0.0)
-            t += tl.dot(qh, tl.trans(qtc), input_precision="ieee")
+            t += mma(qc, tl.trans(rnd(qtc * ss, DT, EMU)), DT, PREC, EMU)
     return s, t
 
 
@@ -60,16 +72,19 @@ def _query_fwd_kernel(
     HAS_PAD: tl.constexpr, MIS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_DC: tl.constexpr, N_DC: tl.constexpr, BLOCK_VC: tl.constexpr, N_VC: tl.constexpr,
+    PREC: tl.constexpr, EMU: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    DT: tl.constexpr = Q.dtype.element_ty
+    NB = tl.cdiv(N, BLOCK_N)
+    pid = tl.program_id(0)                                             # (bh, n block), n fastest
+    pid_n = pid % NB
+    pid_bh = pid // NB
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     bh = pid_bh.to(tl.int64)
 
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_in = n < N
-    n64 = n.to(tl.int64)
+    n64 = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_in = n64 < N
     row_ok = n_in
     if HAS_PAD:
         padded = tl.load(PAD + b * sp_b + n64 * sp_n, mask=n_in, other=1)
@@ -84,7 +99,7 @@ def _query_fwd_kernel(
     q_base = Q + b * sq_b + h * sq_h
     # padded queries are never read (loaded as 0): whatever they hold stays out
     s, t = _logits(q_base, sq_n, sq_d, n64, row_ok, W, QT, rows, c_ok, D, ss,
-                   MIS, BLOCK_N, BLOCK_C, BLOCK_DC, N_DC)
+                   MIS, BLOCK_N, BLOCK_C, BLOCK_DC, N_DC, DT, PREC, EMU)
     logit = s + bias[None, :]                                          # [BLOCK_N, BLOCK_C]
     if MIS:
         lam = tl.load(LAM + rows, mask=c_ok, other=0.0)
@@ -101,37 +116,41 @@ def _query_fwd_kernel(
 
     y_base = Y + b * sy_b + h * sy_h
     for j in tl.static_range(N_VC):
-        dv = j * BLOCK_VC + tl.arange(0, BLOCK_VC)
+        dv = (j * BLOCK_VC + tl.arange(0, BLOCK_VC)).to(tl.int64)
         dv_ok = dv < DV
         kap = tl.load(KAP + rows[:, None] * DV + dv[None, :], mask=c_ok[:, None] & dv_ok[None, :], other=0.0)
-        y = tl.dot(p, kap, input_precision="ieee")                    # [BLOCK_N, BLOCK_VC]
-        tl.store(y_base + n64[:, None] * sy_n + dv[None, :] * sy_d, y.to(Y.dtype.element_ty),
+        y = mma(p, kap, DT, PREC, EMU)                                 # [BLOCK_N, BLOCK_VC]
+        tl.store(y_base + n64[:, None] * sy_n + dv[None, :] * sy_d, rnd(y, Y.dtype.element_ty, EMU),
                  mask=n_in[:, None] & dv_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["N", "blocks_per_split"])
+@triton.jit(do_not_specialize=["N", "blocks_per_split", "S"])
 def _query_bwd_kernel(
-    Q, W, BIAS, KAP, CEFF, PAD, QT, LAM, BHW, DY,
-    DQ, DW_PART, DKAP_PART, DB_PART, DQT_PART, DBH_PART, DLAM_PART,
+    Q, W, BIAS, KAP, CEFF, PAD, QT, LAM, BHW, DY, DQ, PART,
     sq_b, sq_h, sq_n, sq_d,
     sp_b, sp_n,
     sdy_b, sdy_h, sdy_n, sdy_d,
     sdq_b, sdq_h, sdq_n, sdq_d,
-    H, N, C, D, DV, ss, beta, blocks_per_split,
+    H, N, C, D, DV, ss, beta, S, blocks_per_split,
     HAS_PAD: tl.constexpr, MIS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_DC: tl.constexpr, N_DC: tl.constexpr, BLOCK_VC: tl.constexpr, N_VC: tl.constexpr,
+    NJ: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr,
 ):
     # P = softmax_c(L); dp_nc = dy_n . kap_c; delta_n = sum_c P_nc dp_nc = dy_n . y_n
     # dL = P (dp - delta);  dkap_c = sum_n P_nc dy_n;  dqh_n = sum_c dL_nc w_c (+ dt_cn qt_c)
     # dw_c = sum_n dL_nc qh_n;  dbias_c = sum_n dL_nc
-    # MIS: dalpha = dL / alpha where alpha > 1e-8 (kernels.md); dbh_c = sum_n dalpha_nc
+    # MIS: dalpha = dL / alpha where alpha > 1e-8 (docs/design.md); dbh_c = sum_n dalpha_nc
     #      dr = beta (dalpha - mean over active c' of dalpha); dt = dr r
     #      dLam_c = -sum_n dt_cn;  dqt_c = sum_n dt_cn qh_n
-    pid_s = tl.program_id(0)
-    pid_j = tl.program_id(1)
-    pid_bh = tl.program_id(2)
-    BH = tl.num_programs(2)
+    # Partials of split s, one row of PART (S, B*H*C, PW) per sample:
+    #      [dw (D) | dkap (Dv) | dbias | dqt (D) | dbh | dLam]   (the last three with MIS)
+    DT: tl.constexpr = Q.dtype.element_ty
+    pid = tl.program_id(0)                                             # (bh, j, s), s fastest
+    pid_s = pid % S
+    pid_j = (pid // S) % NJ
+    pid_bh = pid // (S * NJ)
+    BH = (tl.num_programs(0) // (S * NJ)).to(tl.int64)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     bh = pid_bh.to(tl.int64)
@@ -146,13 +165,15 @@ def _query_bwd_kernel(
         lam = tl.load(LAM + rows, mask=c_ok, other=0.0)
         bhw = tl.load(BHW + rows, mask=c_ok, other=0.0)
     # this program's chunk of the head dims
-    dj = pid_j * BLOCK_DC + tl.arange(0, BLOCK_DC)
+    dj = (pid_j * BLOCK_DC + tl.arange(0, BLOCK_DC)).to(tl.int64)
     dj_ok = dj < D
-    vj = pid_j * BLOCK_VC + tl.arange(0, BLOCK_VC)
+    vj = (pid_j * BLOCK_VC + tl.arange(0, BLOCK_VC)).to(tl.int64)
     vj_ok = vj < DV
     wj = tl.load(W + rows[:, None] * D + dj[None, :], mask=c_ok[:, None] & dj_ok[None, :], other=0.0)
+    wj = rnd(wj * ss, DT, EMU)
     if MIS:
         qtj = tl.load(QT + rows[:, None] * D + dj[None, :], mask=c_ok[:, None] & dj_ok[None, :], other=0.0)
+        qtj = rnd(qtj * ss, DT, EMU)
 
     q_base = Q + b * sq_b + h * sq_h
     dy_base = DY + b * sdy_b + h * sdy_h
@@ -164,9 +185,8 @@ def _query_bwd_kernel(
     acc_dbh = tl.zeros([BLOCK_C], tl.float32)
     acc_dlam = tl.zeros([BLOCK_C], tl.float32)
     for blk in range(0, blocks_per_split):
-        n = (pid_s * blocks_per_split + blk) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_in = n < N
-        n64 = n.to(tl.int64)
+        n64 = (pid_s * blocks_per_split + blk).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_in = n64 < N
         row_ok = n_in
         if HAS_PAD:
             padded = tl.load(PAD + b * sp_b + n64 * sp_n, mask=n_in, other=1)
@@ -174,7 +194,7 @@ def _query_bwd_kernel(
         keep = row_ok[:, None] & act[None, :]                          # [BLOCK_N, BLOCK_C]
 
         s, t = _logits(q_base, sq_n, sq_d, n64, row_ok, W, QT, rows, c_ok, D, ss,
-                       MIS, BLOCK_N, BLOCK_C, BLOCK_DC, N_DC)
+                       MIS, BLOCK_N, BLOCK_C, BLOCK_DC, N_DC, DT, PREC, EMU)
         logit = s + bias[None, :]
         if MIS:
             r = tl.exp(t - lam[None, :])
@@ -189,22 +209,22 @@ def _query_bwd_kernel(
 
         dp = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
         for i in tl.static_range(N_VC):
-            dv = i * BLOCK_VC + tl.arange(0, BLOCK_VC)
+            dv = (i * BLOCK_VC + tl.arange(0, BLOCK_VC)).to(tl.int64)
             dv_ok = dv < DV
             dyc = tl.load(dy_base + n64[:, None] * sdy_n + dv[None, :] * sdy_d,
-                          mask=row_ok[:, None] & dv_ok[None, :], other=0.0).to(tl.float32)
+                          mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
             kapc = tl.load(KAP + rows[:, None] * DV + dv[None, :], mask=c_ok[:, None] & dv_ok[None, :], other=0.0)
-            dp += tl.dot(dyc, tl.trans(kapc), input_precision="ieee")
+            dp += mma(dyc, tl.trans(kapc), DT, PREC, EMU)
         delta = tl.sum(p * dp, axis=1)
         dl = tl.where(keep, p * (dp - delta[:, None]), 0.0)            # [BLOCK_N, BLOCK_C]
 
         dyj = tl.load(dy_base + n64[:, None] * sdy_n + vj[None, :] * sdy_d,
-                      mask=row_ok[:, None] & vj_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_N, BLOCK_VC]
-        acc_dkap += tl.dot(tl.trans(p), dyj, input_precision="ieee")
-        qhj = tl.load(q_base + n64[:, None] * sq_n + dj[None, :] * sq_d,
-                      mask=row_ok[:, None] & dj_ok[None, :], other=0.0).to(tl.float32) * ss  # [BLOCK_N, BLOCK_DC]
-        dqh = tl.dot(dl, wj, input_precision="ieee")                   # [BLOCK_N, BLOCK_DC]
-        acc_dw += tl.dot(tl.trans(dl), qhj, input_precision="ieee")
+                      mask=row_ok[:, None] & vj_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_VC]
+        acc_dkap += mma(tl.trans(p), dyj, DT, PREC, EMU)
+        qj = tl.load(q_base + n64[:, None] * sq_n + dj[None, :] * sq_d,
+                     mask=row_ok[:, None] & dj_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_DC]
+        dq = mma(dl, wj, DT, PREC, EMU)                                # [BLOCK_N, BLOCK_DC]
+        acc_dw += mma(tl.trans(dl), qj, DT, PREC, EMU)
         acc_db += tl.sum(dl, axis=0)
         if MIS:
             ok = keep & (alpha > ALPHA_FLOOR)                          # no gradient at or below the floor
@@ -213,36 +233,43 @@ def _query_bwd_kernel(
             dal_mean = tl.sum(dal, axis=1) / ce.to(tl.float32)
             dt = tl.where(keep, beta * (dal - dal_mean[:, None]) * r, 0.0)
             acc_dlam -= tl.sum(dt, axis=0)
-            dqh += tl.dot(dt, qtj, input_precision="ieee")
-            acc_dqt += tl.dot(tl.trans(dt), qhj, input_precision="ieee")
-        dqh = tl.where(row_ok[:, None], dqh * ss, 0.0)
-        tl.store(dq_base + n64[:, None] * sdq_n + dj[None, :] * sdq_d, dqh.to(DQ.dtype.element_ty),
+            dq += mma(dt, qtj, DT, PREC, EMU)
+            acc_dqt += mma(tl.trans(dt), qj, DT, PREC, EMU)
+        dq = tl.where(row_ok[:, None], dq, 0.0)
+        tl.store(dq_base + n64[:, None] * sdq_n + dj[None, :] * sdq_d, rnd(dq, DQ.dtype.element_ty, EMU),
                  mask=n_in[:, None] & dj_ok[None, :])
 
-    prow = pid_s.to(tl.int64) * BH * C + rows                          # rows of (S*B*H*C, ...)
-    tl.store(DW_PART + prow[:, None] * D + dj[None, :], acc_dw, mask=c_ok[:, None] & dj_ok[None, :])
-    tl.store(DKAP_PART + prow[:, None] * DV + vj[None, :], acc_dkap, mask=c_ok[:, None] & vj_ok[None, :])
+    PW = (2 * D + DV + 3) if MIS else (D + DV + 1)
+    prow = ((pid_s.to(tl.int64) * BH + bh) * C + c) * PW               # rows of (S, B*H*C, PW)
+    tl.store(PART + prow[:, None] + dj[None, :], acc_dw * ss, mask=c_ok[:, None] & dj_ok[None, :])
+    tl.store(PART + prow[:, None] + D + vj[None, :], acc_dkap, mask=c_ok[:, None] & vj_ok[None, :])
     if MIS:
-        tl.store(DQT_PART + prow[:, None] * D + dj[None, :], acc_dqt, mask=c_ok[:, None] & dj_ok[None, :])
+        tl.store(PART + prow[:, None] + (D + DV + 1) + dj[None, :], acc_dqt * ss,
+                 mask=c_ok[:, None] & dj_ok[None, :])
     if pid_j == 0:                                                     # C-sized partials: chunk 0 only
-        tl.store(DB_PART + prow, acc_db, mask=c_ok)
+        tl.store(PART + prow + D + DV, acc_db, mask=c_ok)
         if MIS:
-            tl.store(DBH_PART + prow, acc_dbh, mask=c_ok)
-            tl.store(DLAM_PART + prow, acc_dlam, mask=c_ok)
+            tl.store(PART + prow + 2 * D + DV + 1, acc_dbh, mask=c_ok)
+            tl.store(PART + prow + 2 * D + DV + 2, acc_dlam, mask=c_ok)
 
 
-def _blocks(C, D, DV, block_n=None, d_chunk=None):
+def blocks(C, D, DV, block_n=None, d_chunk=None, bwd=False):
+    """(BLOCK_N, BLOCK_C, BLOCK_DC, N_DC, BLOCK_VC, N_VC, num_warps) of the forward (or
+    the backward) query kernel; the backward holds three C x chunk accumulators and
+    about ten N x C tiles, so twice the warps."""
     BLOCK_C = _common.pow2(C)
     chunk = d_chunk if d_chunk is not None else (64 if BLOCK_C <= 64 else 32)
     BLOCK_DC = min(_common.pow2(D), chunk)
     BLOCK_VC = min(_common.pow2(DV), chunk)
     if block_n is None:
         block_n = 64 if BLOCK_C <= 32 else (32 if BLOCK_C <= 128 else 16)
-    num_warps = 4 if BLOCK_C <= 64 else 8
+        if bwd and BLOCK_C > 64:
+            block_n = 16
+    num_warps = 8 if bwd or BLOCK_C > 64 else 4
     return block_n, BLOCK_C, BLOCK_DC, _common.cdiv(D, BLOCK_DC), BLOCK_VC, _common.cdiv(DV, BLOCK_VC), num_warps
 
 
-def _bwd_stages(BLOCK_C, N_DC, N_VC):
+def bwd_stages(BLOCK_C, N_DC, N_VC):
     # Software pipelining multiplies the shared-memory buffers of the loop's loads: with
     # several head-dim chunks or C > 64 the backward only fits (sm_90: 117 KB for
     # C = D = Dv = 256, measured by an AOT compile) with one stage.
@@ -257,7 +284,7 @@ def _pad_arg(padding, ref):
 
 
 def _small(x):
-    return x.to(torch.float32).contiguous()
+    return x.to(torch.float32).contiguous()   # C-sized; no copy when already so
 
 
 def _prepare(w, bias, kap, c_eff, qt, lam, bh, dev):
@@ -274,15 +301,17 @@ def query_pass_fwd(q, w, bias, kap, c_eff, padding, ss, qt=None, lam=None, bh=No
     B, H, N, D = q.shape
     C, DV, dev, mis = w.shape[2], kap.shape[3], q.device, qt is not None
     w, bias, kap, c_eff, qt, lam, bh = _prepare(w, bias, kap, c_eff, qt, lam, bh, dev)
-    BLOCK_N, BLOCK_C, BLOCK_DC, N_DC, BLOCK_VC, N_VC, num_warps = _blocks(C, D, DV, block_n, d_chunk)
+    BLOCK_N, BLOCK_C, BLOCK_DC, N_DC, BLOCK_VC, N_VC, num_warps = blocks(C, D, DV, block_n, d_chunk)
     y = _common.empty((B, H, N, DV), q.dtype, dev)
     pad, sp_b, sp_n = _pad_arg(padding, q)
-    _query_fwd_kernel[(_common.cdiv(N, BLOCK_N), B * H)](
+    _common.launch(
+        _query_fwd_kernel, (_common.cdiv(N, BLOCK_N) * B * H,), dev,
         q, w, bias, kap, c_eff, pad, qt, lam, bh, y,
         *q.stride(), sp_b, sp_n, *y.stride(),
         H, N, C, D, DV, float(ss), float(beta),
         HAS_PAD=padding is not None, MIS=mis,
         BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, BLOCK_DC=BLOCK_DC, N_DC=N_DC, BLOCK_VC=BLOCK_VC, N_VC=N_VC,
+        PREC=_common.dot_precision(q.dtype), EMU=_common.emulated(dev),
         num_warps=num_warps,
     )
     return y
@@ -295,32 +324,27 @@ def query_pass_bwd(q, w, bias, kap, c_eff, padding, ss, qt, lam, bh, beta, dy, *
     B, H, N, D = q.shape
     C, DV, dev, mis = w.shape[2], kap.shape[3], q.device, qt is not None
     w, bias, kap, c_eff, qt, lam, bh = _prepare(w, bias, kap, c_eff, qt, lam, bh, dev)
-    BLOCK_N, BLOCK_C, BLOCK_DC, N_DC, BLOCK_VC, N_VC, num_warps = _blocks(C, D, DV, block_n, d_chunk)
+    BLOCK_N, BLOCK_C, BLOCK_DC, N_DC, BLOCK_VC, N_VC, num_warps = blocks(C, D, DV, block_n, d_chunk, bwd=True)
     NJ = max(N_DC, N_VC)
-    S, per_split = _common.num_splits(_common.cdiv(N, BLOCK_N), B * H * NJ, dev, splits)
+    S, per_split = _common.num_splits(_common.cdiv(N, BLOCK_N), B * H * NJ, dev, BWD_PER_SM, splits)
 
-    f32 = torch.float32
     dq = _common.empty(q.shape, q.dtype, dev)
-    dw_part = _common.empty((S, B, H, C, D), f32, dev)
-    dkap_part = _common.empty((S, B, H, C, DV), f32, dev)
-    db_part = _common.empty((S, B, H, C), f32, dev)
-    if mis:
-        dqt_part = _common.empty((S, B, H, C, D), f32, dev)
-        dbh_part = _common.empty((S, B, H, C), f32, dev)
-        dlam_part = _common.empty((S, B, H, C), f32, dev)
-    else:
-        dqt_part = dbh_part = dlam_part = db_part
+    PW = (2 * D + DV + 3) if mis else (D + DV + 1)
+    part = _common.empty((S, B * H * C, PW), torch.float32, dev)
     pad, sp_b, sp_n = _pad_arg(padding, q)
-    _query_bwd_kernel[(S, NJ, B * H)](
-        q, w, bias, kap, c_eff, pad, qt, lam, bh, dy,
-        dq, dw_part, dkap_part, db_part, dqt_part, dbh_part, dlam_part,
+    _common.launch(
+        _query_bwd_kernel, (S * NJ * B * H,), dev,
+        q, w, bias, kap, c_eff, pad, qt, lam, bh, dy, dq, part,
         *q.stride(), sp_b, sp_n, *dy.stride(), *dq.stride(),
-        H, N, C, D, DV, float(ss), float(beta), per_split,
+        H, N, C, D, DV, float(ss), float(beta), S, per_split,
         HAS_PAD=padding is not None, MIS=mis,
         BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, BLOCK_DC=BLOCK_DC, N_DC=N_DC, BLOCK_VC=BLOCK_VC, N_VC=N_VC,
-        num_warps=num_warps, num_stages=_bwd_stages(BLOCK_C, N_DC, N_VC),
+        NJ=NJ, PREC=_common.dot_precision(q.dtype), EMU=_common.emulated(dev),
+        num_warps=num_warps, num_stages=bwd_stages(BLOCK_C, N_DC, N_VC),
     )
-    dw, dkap, dbias = dw_part.sum(0), dkap_part.sum(0), db_part.sum(0)
+    tot = part.sum(0).view(B, H, C, PW)                                # one reduction for all partials
+    dw, dkap, dbias = tot[..., :D], tot[..., D:D + DV], tot[..., D + DV]
     if not mis:
         return dq, dw, dbias, dkap, None, None, None
-    return dq, dw, dbias, dkap, dqt_part.sum(0), dlam_part.sum(0), dbh_part.sum(0)
+    o = D + DV + 1
+    return dq, dw, dbias, dkap, tot[..., o:o + D], tot[..., o + D + 1], tot[..., o + D]

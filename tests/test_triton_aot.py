@@ -1,0 +1,329 @@
+"""The Triton kernels compiled ahead of time for sm_80 and sm_90, no GPU needed (issue 13).
+
+The interpreter accepts code a GPU compiler rejects or compiles badly, so every kernel is
+compiled as the launchers specialize it: each launcher runs on meta tensors (B=8, H=12,
+N=M=8192, as in a real call; the launch helper is replaced by a recorder, so the grid,
+the constexprs and the num_warps / num_stages are the launcher's own, and the split
+counts use an H100's 132 SMs). Each recorded launch is compiled with ``triton.compile``
+for ``GPUTarget("cuda", arch, 32)``; the cubin is read with the cuobjdump bundled with
+Triton (registers, stack frame, SASS), the PTX for the tensor-core instructions.
+
+Fails on:
+- a compile error;
+- shared memory over the architecture's limit per block (sm_80 163 KB, sm_90 227 KB);
+- a half-dtype kernel without tensor-core instructions (``mma`` / ``wgmma`` in the PTX)
+  where it has products (all but the split combine);
+- spills at the main configurations (D <= 128, C <= 128): a stack frame above
+  MAX_STACK bytes per thread (a stack frame is where ptxas puts spilled registers);
+- a grid axis other than 0, or a grid beyond axis 0's limit (2**31 - 1) at B*H = 70000.
+
+CI compiles the main configurations (``MAIN``) with the variants that hold the most
+state (values, norm term, MIS, padding); ``.ci/triton_aot_check.py`` runs the whole matrix
+(D in {64, 128, 256}, C in {16, 64, 128, 256}, every dtype and variant) by hand, also with
+Triton 3.6 (the GPU machine's version). Identical specializations are compiled once, in
+a pool of two processes, with the Triton cache in a temporary folder.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import functools
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from unittest import mock
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from lara_kernels.triton_kernels import _common  # noqa: E402
+from lara_kernels.triton_kernels import key_pass as kp  # noqa: E402
+from lara_kernels.triton_kernels import query_pass as qp  # noqa: E402
+
+SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+MAX_STACK = 64          # bytes per thread of spills allowed at the main configurations
+H100_SMS = 132
+B_, H_, L_ = 8, 12, 8192
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+MAIN = [(D, C, dt) for D in (64, 128) for C in (64, 128) for dt in ("bf16", "fp16", "fp32")]
+FULL = [(D, C, dt) for D in (64, 128, 256) for C in (16, 64, 128, 256) for dt in DTYPES]
+PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.uint8: "*u8",
+       torch.int64: "*i64", torch.bool: "*i1"}
+
+
+# ----------------------------------------------------------------------------- capture
+
+
+def capture(C, D, DV, dtype, *, B=B_, H=H_, L=L_, full=True, sms=H100_SMS):
+    """Every launch of the four kernel-set functions on meta tensors, as (kernel, grid,
+    args, kwargs). ``full``: every variant (with and without values, norm term, MIS,
+    padding); else the ones holding the most state (values and norm term, MIS, padding)."""
+    rec = []
+
+    def record(kernel, grid, device, *args, **kwargs):
+        assert device.type == "meta"
+        rec.append((kernel, tuple(grid), args, kwargs))
+
+    meta = dict(device="meta")
+    f32 = torch.float32
+    q = torch.empty(B, H, L, D, dtype=dtype, **meta)
+    k = torch.empty(B, H, L, D, dtype=dtype, **meta)
+    v = torch.empty(B, H, L, DV, dtype=dtype, **meta)
+    w = torch.empty(B, H, C, D, dtype=f32, **meta)
+    Zs = torch.empty(B, H, C, dtype=f32, **meta)
+    kap = torch.empty(B, H, C, DV, dtype=f32, **meta)
+    c_eff = torch.empty(B, dtype=torch.int64, **meta)
+    pads = [torch.empty(B, L, dtype=torch.bool, **meta)] + ([None] if full else [])
+    with mock.patch.object(_common, "launch", record), \
+            mock.patch.object(_common, "emulated", lambda dev: False), \
+            mock.patch.object(_common, "sm_count", lambda dev: sms):
+        for pad in pads:
+            key_variants = [(v, True)] + ([(k, False), (None, False)] if full else [])
+            for vv, sub in key_variants:
+                Z, kp_ = kp.key_pass_fwd(w, k, vv, pad, 0.3, sub)
+                kp.key_pass_bwd(w, k, vv, pad, 0.3, sub, Z, kp_, Zs, kp_)
+            for mis in ([True, False] if full else [True]):
+                extra = (w, Zs, Zs, 0.5) if mis else (None, None, None, 0.0)
+                qp.query_pass_fwd(q, w, Zs, kap, c_eff, pad, 0.3, *extra)
+                qp.query_pass_bwd(q, w, Zs, kap, c_eff, pad, 0.3, *extra, torch.empty_like(v))
+    return rec
+
+
+def spec(kernel, args, kwargs):
+    """(signature, constexprs, options) as the JIT would specialize this launch: tensors
+    as pointers of their dtype, ints equal to 1 (not in do_not_specialize) as constants,
+    other ints as i32 (i64 when they need it), floats as fp32."""
+    names = kernel.arg_names
+    opts = {n: kwargs[n] for n in ("num_warps", "num_stages") if n in kwargs}
+    consts = {n: val for n, val in kwargs.items() if n not in opts}
+    dns = set(getattr(kernel, "do_not_specialize", ()) or ())
+    dns |= {names[i] for i in dns if isinstance(i, int)}
+    sig = {}
+    for name, val in zip(names, args):
+        if isinstance(val, torch.Tensor):
+            sig[name] = PTR[val.dtype]
+        elif isinstance(val, bool):
+            sig[name] = "i1"
+        elif isinstance(val, int):
+            if val == 1 and name not in dns:
+                consts[name] = 1
+                sig[name] = "constexpr"
+            else:
+                sig[name] = "i32" if -2 ** 31 <= val < 2 ** 31 else "i64"
+        elif isinstance(val, float):
+            sig[name] = "fp32"
+        else:
+            raise TypeError(f"{name}: {type(val)}")
+    for name in consts:
+        sig[name] = "constexpr"
+    return sig, consts, opts
+
+
+def _key(kernel, sig, consts, opts, arch):
+    return (kernel.__name__, arch, tuple(sorted(sig.items())), tuple(sorted((k, str(v)) for k, v in consts.items())),
+            tuple(sorted(opts.items())))
+
+
+def _tool(name):
+    import triton.backends.nvidia as nv
+
+    path = os.path.join(os.path.dirname(nv.__file__), "bin", name)
+    return path if os.path.exists(path) else name
+
+
+def compile_one(job):
+    """Compile one specialization; returns its figures (run in a worker process)."""
+    mod, fname, sig, consts, opts, arch = job
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    import importlib
+
+    fn = getattr(importlib.import_module(mod), fname)
+    try:
+        kern = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
+                              target=GPUTarget("cuda", arch, 32), options=opts)
+    except Exception as exc:  # reported, and failed on, by the caller
+        return dict(kernel=fname, arch=arch, error=f"{type(exc).__name__}: {str(exc)[-2000:]}")
+    ptx = kern.asm["ptx"]
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(kern.asm["cubin"])
+        cubin = f.name
+    try:
+        res = subprocess.run([_tool("cuobjdump"), "-res-usage", cubin], capture_output=True, text=True).stdout
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True).stdout
+    finally:
+        os.unlink(cubin)
+    regs = re.search(r"REG:(\d+)", res)
+    stack = re.search(r"STACK:(\d+)", res)
+    return dict(
+        kernel=fname, arch=arch, shared=kern.metadata.shared,
+        regs=int(regs.group(1)) if regs else None, stack=int(stack.group(1)) if stack else None,
+        spill_stores=len(re.findall(r"\bSTL\b", sass)),
+        mma=bool(re.search(r"\bwgmma\.|\bmma\.sync", ptx)),
+        sass_mma=bool(re.search(r"\bHGMMA\b|\bHMMA\b", sass)),
+        num_warps=kern.metadata.num_warps, num_stages=kern.metadata.num_stages,
+    )
+
+
+def jobs_for(configs, archs, full):
+    """Deduplicated compile jobs: {key: (job, [(D, C, dtype), ...])}."""
+    out = {}
+    for D, C, dt in configs:
+        for kernel, grid, args, kwargs in capture(C, D, D, DTYPES[dt], full=full):
+            sig, consts, opts = spec(kernel, args, kwargs)
+            for arch in archs:
+                key = _key(kernel, sig, consts, opts, arch)
+                fn = getattr(kernel, "fn", kernel)
+                job = (fn.__module__, fn.__name__, sig, consts, opts, arch)
+                out.setdefault(key, (job, []))[1].append((D, C, dt))
+    return out
+
+
+def run_jobs(jobs, workers=2):
+    """Compile in a pool of ``workers`` processes, Triton's cache in a temporary folder."""
+    with tempfile.TemporaryDirectory() as cache:
+        env = {"TRITON_CACHE_DIR": cache}
+        old = {k: os.environ.get(k) for k in (*env, "TRITON_INTERPRET")}
+        os.environ.update(env)
+        os.environ.pop("TRITON_INTERPRET", None)
+        try:
+            ctx = __import__("multiprocessing").get_context("spawn")
+            with cf.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+                keys = list(jobs)
+                results = list(pool.map(compile_one, [jobs[k][0] for k in keys]))
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    return [(r, jobs[k][1], jobs[k][0][3]) for k, r in zip(keys, results)]
+
+
+def problems(results, main_only=False):
+    """Every failed requirement, as lines."""
+    bad = []
+    for r, cfgs, consts in results:
+        where = f"{r['kernel']} sm_{r['arch']} (D, C, dtype) in {sorted(set(cfgs))}"
+        if "error" in r:
+            bad.append(f"{where}: compile error {r['error']}")
+            continue
+        if r["shared"] > SMEM_LIMIT[r["arch"]]:
+            bad.append(f"{where}: shared memory {r['shared']} > {SMEM_LIMIT[r['arch']]}")
+        half = any(dt != "fp32" for _, _, dt in cfgs)
+        if half and r["kernel"] != "_key_combine_kernel" and not r["mma"]:
+            bad.append(f"{where}: no mma/wgmma instruction")
+        main = all(D <= 128 and C <= 128 for D, C, _ in cfgs)
+        if main and (r["stack"] or 0) > MAX_STACK:
+            bad.append(f"{where}: {r['stack']} bytes of stack frame (spills) > {MAX_STACK}")
+    return bad
+
+
+def table(results):
+    lines = ["| kernel | sm | (D, C, dtype) | warps | stages | regs | stack B | STL | shared KB | mma |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r, cfgs, _ in sorted(results, key=lambda x: (x[0]["kernel"], x[0]["arch"], sorted(x[1]))):
+        if "error" in r:
+            lines.append(f"| {r['kernel']} | {r['arch']} | {sorted(set(cfgs))} | error | | | | | | |")
+            continue
+        lines.append(f"| {r['kernel']} | {r['arch']} | {', '.join(map(str, sorted(set(cfgs))))} | {r['num_warps']} | "
+                     f"{r['num_stages']} | {r['regs']} | {r['stack']} | {r['spill_stores']} | "
+                     f"{r['shared'] / 1024:.1f} | {'yes' if r['mma'] else 'no'} |")
+    return "\n".join(lines)
+
+
+@functools.lru_cache(maxsize=None)
+def _has_nvidia_backend():
+    try:
+        import triton.backends.nvidia  # noqa: F401
+    except ImportError:
+        return False
+    return os.path.exists(_tool("ptxas")) or os.path.exists(_tool("cuobjdump"))
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+@pytest.mark.skipif(not _has_nvidia_backend(), reason="Triton without its NVIDIA backend (ptxas, cuobjdump)")
+def test_main_configs_compile_within_budget():
+    results = run_jobs(jobs_for(MAIN, (80, 90), full=False))
+    print("\n" + table(results))
+    assert len(results) >= 5 * 2      # five kernels, two architectures at least
+    bad = problems(results)
+    assert not bad, "\n".join(bad)
+
+
+def test_grids_use_axis_0_only():
+    # B*H = 70000 > 65535 (the limit of grid axes 1 and 2) through every launcher
+    for C, D in ((16, 64), (256, 256)):
+        rec = capture(C, D, D, torch.bfloat16, B=7000, H=10, L=300)
+        assert len(rec) == 2 * (3 * 3) + 2 * 4
+        for kernel, grid, _, _ in rec:
+            assert len(grid) == 1 and 1 <= grid[0] < 2 ** 31, (kernel, grid)
+            least = -(-7000 * 10 * C // 16) if kernel.__name__ == "_key_combine_kernel" else 7000 * 10
+            assert grid[0] >= least, (kernel, grid)   # every (b, h) has its programs, on axis 0
+
+
+def test_split_counts_follow_the_device():
+    # the split count of the long axis fills the device: more SMs, more splits
+    def splits(sms):
+        rec = capture(64, 64, 64, torch.bfloat16, B=1, H=2, L=8192, full=False, sms=sms)
+        return {kernel.__name__: args[kernel.arg_names.index("S")] for kernel, _, args, _ in rec
+                if "S" in kernel.arg_names and kernel.__name__ != "_key_combine_kernel"}
+
+    few, many = splits(8), splits(132)
+    for name in few:
+        assert 1 <= few[name] < many[name], (name, few[name], many[name])
+        assert many[name] <= 132 * 2, (name, many[name])
+
+
+def test_device_guard_in_every_launch(monkeypatch):
+    # every launch is made under torch.cuda.device(<the inputs' device>): with a stand-in for
+    # torch.cuda.device, a "cuda:1" launch enters the guard with index 1 before launching
+    entered = []
+
+    class FakeDevice:
+        def __init__(self, device):
+            self.device = torch.device(device)
+
+        def __enter__(self):
+            entered.append(("enter", self.device))
+
+        def __exit__(self, *exc):
+            entered.append(("exit", self.device))
+
+    class FakeKernel:
+        def __getitem__(self, grid):
+            return lambda *a, **k: entered.append(("launch", grid))
+
+    monkeypatch.setattr(torch.cuda, "device", FakeDevice)
+    _common.launch(FakeKernel(), (5,), torch.device("cuda", 1), 1, 2, BLOCK=16)
+    assert entered == [("enter", torch.device("cuda", 1)), ("launch", (5,)), ("exit", torch.device("cuda", 1))]
+    # and each launcher passes its inputs' device to the launch helper
+    devices = []
+    monkeypatch.setattr(_common, "launch", lambda kernel, grid, device, *a, **k: devices.append(device))
+    f32 = torch.float32
+    w = torch.zeros(1, 1, 4, 16, device="meta")
+    x = torch.zeros(1, 1, 20, 16, device="meta")
+    kp.key_pass_fwd(w, x, x, None, 0.5, True)
+    kp.key_pass_bwd(w, x, x, None, 0.5, True, torch.zeros(1, 1, 4, device="meta"),
+                    torch.zeros(1, 1, 4, 16, device="meta"), None, None)
+    qp.query_pass_fwd(x, w, torch.zeros(1, 1, 4, device="meta", dtype=f32), torch.zeros(1, 1, 4, 16, device="meta"),
+                      torch.zeros(1, dtype=torch.int64, device="meta"), None, 0.5)
+    qp.query_pass_bwd(x, w, torch.zeros(1, 1, 4, device="meta"), torch.zeros(1, 1, 4, 16, device="meta"),
+                      torch.zeros(1, dtype=torch.int64, device="meta"), None, 0.5, None, None, None, 0.0, x)
+    assert devices == [torch.device("meta")] * 5
+
+
+def test_device_guard_cpu_is_a_no_op():
+    with _common.device_guard(torch.device("cpu")):
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", "-s"]))
