@@ -38,7 +38,6 @@ so the compiled and eager paths compute the same function of the same randomness
 
 from __future__ import annotations
 
-import contextlib
 import weakref
 from typing import Optional, Sequence, Tuple
 
@@ -50,20 +49,9 @@ from . import api, dispatch
 __all__ = ["lara_attention_op", "rfa_features", "draw_normal", "generator_key"]
 
 
-def _autocast_inputs(*tensors):
-    """``api._autocast_inputs``: SDPA's autocast casts (float64 and None pass through)."""
-    return api._autocast_inputs(*tensors)
-
-
 def _no_autocast(device):
-    fn = getattr(api, "_no_autocast", None)
-    if fn is not None:
-        return fn(device)
-    try:
-        torch.is_autocast_enabled(device.type)
-    except RuntimeError:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, enabled=False)
+    """Autocast off for the backend run, as in ``api.lara_attention``."""
+    return api._no_autocast(device)
 
 
 def _keep(op):
@@ -298,8 +286,8 @@ def _check_float(name, x, positive=False):
 def _run_lara(q, k, v, eps, key_padding_mask, query_padding_mask, q_landmarks, k_landmarks,
               num_samples, proposal, weighting, beta, scale, backend):
     scale = _scale_value(scale)
-    if q.shape[0] * q.shape[1] * q.shape[2] == 0 or k.shape[2] == 0:
-        return api._empty_result(q, k, v)
+    if api._degenerate(q, k, v):
+        return api._empty_result(q, k, v, q_landmarks, k_landmarks)
     with _no_autocast(q.device):
         return api.run_lara(q, k, v, eps, backend, num_samples=num_samples, proposal=proposal,
                             weighting=weighting, beta=beta, scale=scale, key_padding_mask=key_padding_mask,
@@ -382,8 +370,9 @@ def lara_attention_op(q: Tensor, k: Tensor, v: Tensor, *, num_samples: int = 64,
                       weighting: str = "optimal", beta: float = 1.0, scale: Optional[float] = None,
                       training: bool = False, generator: Optional[torch.Generator] = None,
                       key_padding_mask: Optional[Tensor] = None, query_padding_mask: Optional[Tensor] = None,
-                      q_landmarks: Optional[Tensor] = None, k_landmarks: Optional[Tensor] = None,
-                      backend: str = "auto", check_finite: bool = False) -> Tensor:
+                      padding_mask: Optional[Tensor] = None, q_landmarks: Optional[Tensor] = None,
+                      k_landmarks: Optional[Tensor] = None, backend: str = "auto",
+                      check_finite: bool = False) -> Tensor:
     """:func:`lara_kernels.lara_attention` through the custom op (same arguments, checks,
     autocast casts, eps draw and result); use it in code that ``torch.compile(fullgraph=True)``
     traces. ``generator`` works under ``torch.compile`` (see the module doc: the draw is the
@@ -394,8 +383,7 @@ def lara_attention_op(q: Tensor, k: Tensor, v: Tensor, *, num_samples: int = 64,
     that changes between calls reuses the compiled graph (after dynamo's one recompile
     that makes a changing float symbolic) instead of recompiling for every value; its
     value is checked when the op runs."""
-    if isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor):
-        q, k, v, q_landmarks, k_landmarks = _autocast_inputs(q, k, v, q_landmarks, k_landmarks)
+    q, k, v, q_landmarks, k_landmarks = api._autocast_inputs(q, k, v, q_landmarks, k_landmarks)
     api._check_qkv(q, k, v)
     B, H, N, D = q.shape
     M = k.shape[2]
@@ -403,29 +391,30 @@ def lara_attention_op(q: Tensor, k: Tensor, v: Tensor, *, num_samples: int = 64,
     proposal = api._check_choice("proposal", proposal, api.PROPOSALS)
     weighting = api._check_choice("weighting", weighting, api.WEIGHTINGS)
     beta = _check_float("beta", beta)
-    scale = _scale_tensor(scale, D)
+    scale_t = _scale_tensor(scale, D)
     training = api._check_bool("training", training)
     generator = api._check_generator(generator, q.device)
-    key_padding_mask = api._check_mask("key_padding_mask", key_padding_mask, B, M, "M", q.device)
-    query_padding_mask = api._check_mask("query_padding_mask", query_padding_mask, B, N, "N", q.device)
+    key_padding_mask, query_padding_mask = api._resolve_padding(
+        padding_mask, key_padding_mask, query_padding_mask, B, N, M, q.device, "lara")
     q_landmarks = api._check_landmarks("q_landmarks", q_landmarks, q, C)
     k_landmarks = api._check_landmarks("k_landmarks", k_landmarks, q, C)
+    api._check_landmarks_used(proposal, k_landmarks)
     backend = api._check_backend(backend)
     api._check_finite(check_finite, q, k, v, q_landmarks=q_landmarks, k_landmarks=k_landmarks,
-                      key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask)
+                      key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask, scale=scale)
     eps = None
-    if training and B * H * N > 0 and M > 0:
+    if training and not api._degenerate(q, k, v):
         eps = draw_normal((B, H, C, D), generator, q.device)
     return torch.ops.lara_kernels.lara_attention(
         q, k, v, eps, key_padding_mask, query_padding_mask, q_landmarks, k_landmarks,
-        C, proposal, weighting, beta, scale, backend)
+        C, proposal, weighting, beta, scale_t, backend)
 
 
 # ---------------------------------------------------------------- RFA with given features
 
 def _run_rfa(q, k, v, w, key_padding_mask, query_padding_mask, scale, backend):
     scale = _scale_value(scale)
-    if q.shape[0] * q.shape[1] * q.shape[2] == 0 or k.shape[2] == 0:
+    if api._degenerate(q, k, v):
         return api._empty_result(q, k, v)
     options = dict(scale=scale, key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask)
     with _no_autocast(q.device):
@@ -495,7 +484,7 @@ def rfa_features(q: Tensor, k: Tensor, v: Tensor, w: Tensor, *, scale: Optional[
     own autograd; under ``torch.compile``: the op ``lara_kernels::rfa_attention``. Same
     checks and autocast casts as the function.
     """
-    q, k, v = _autocast_inputs(q, k, v)
+    q, k, v = api._autocast_inputs(q, k, v)
     api._check_qkv(q, k, v)
     B, H, N, D = q.shape
     M = k.shape[2]

@@ -251,3 +251,14 @@ def test_backward_op_raises_when_differentiated():
                                                           "segment", "optimal", 1.0, scale, "auto")
     with pytest.raises(RuntimeError, match=r"double backward .* not supported.*Eager lara_attention"):
         out[0].sum().backward()
+
+
+def test_compiled_layer_under_autocast_equals_eager():
+    torch.manual_seed(0)
+    model = LaraAttention(E, H, num_samples=4, landmarks="learned", batch_first=True).eval()
+    x = _x()
+    compiled = torch.compile(lambda x: model(x, x, x)[0], fullgraph=True, backend="aot_eager")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_comp, y_eager = compiled(x), model(x, x, x)[0]
+    assert y_comp.dtype == y_eager.dtype == torch.bfloat16
+    torch.testing.assert_close(y_comp, y_eager, rtol=0, atol=0)

@@ -391,3 +391,20 @@ def test_autocast_never_casts_float64(cls, kw):
         out = m(x, x, x)[0]
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def test_custom_op_casts_under_autocast_as_the_function():
+    from lara_kernels._custom_ops import lara_attention_op
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, n, 8, generator=g) for n in (9, 12, 12))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_op = lara_attention_op(q, k, v, num_samples=4)
+        y_fn = lara_attention(q, k, v, num_samples=4)
+        mixed = lara_attention_op(q, k.bfloat16(), v, num_samples=4)      # float32 / bfloat16 mixed
+        y64 = lara_attention_op(q.double(), k.double(), v.double(), num_samples=4)
+    assert y_op.dtype == y_fn.dtype == mixed.dtype == torch.bfloat16 and y64.dtype == torch.float64
+    torch.testing.assert_close(y_op, y_fn, rtol=0, atol=0)
+    torch.testing.assert_close(mixed, y_fn, rtol=0, atol=0)
+    torch.testing.assert_close(y64, lara_attention(q.double(), k.double(), v.double(), num_samples=4),
+                               rtol=0, atol=0)
