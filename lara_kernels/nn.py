@@ -127,7 +127,7 @@ def segment_pool(x: torch.Tensor, padding: Optional[torch.Tensor], num_segments:
                  c_eff: torch.Tensor) -> torch.Tensor:
     """Means of x (B, H, L, D) over ``c_eff`` contiguous segments of its valid positions.
 
-    Same segments as lara_attention's own landmarks (lara-math.md section 1): valid
+    Same segments as lara_attention's own landmarks (docs/math.md section 1): valid
     position p (padded positions skipped) lies in segment ``floor(p * c_eff / L_valid)``.
     Returns (B, H, num_segments, D) in x's dtype; rows c >= c_eff are 0. Elements with no
     valid position give zeros (and finite gradients).
@@ -350,6 +350,11 @@ class LaraAttention(_ProjectedAttention):
         backend: lara_attention's backend (``"auto"`` picks the fastest that fits).
         generator: the torch.Generator eps is drawn from in training (None = global RNG).
         check_finite: see the module doc.
+        context_parallel_group: a ``torch.distributed`` process group over which the
+            sequence is sharded (rank order = sequence order; each rank passes its shard
+            and its shard of the masks); attention runs as
+            :func:`lara_kernels.distributed.context_parallel_lara_attention`, eagerly.
+            Needs ``landmarks="mean"``. None (default): single-process.
 
     Attribute ``generator``: eps is redrawn from it at every training forward, never in
     eval(). Under ``torch.autocast`` float32 inputs run and return in the autocast dtype,
@@ -360,7 +365,7 @@ class LaraAttention(_ProjectedAttention):
                  add_zero_attn=False, kdim=None, vdim=None, batch_first=False, device=None,
                  dtype=None, *, num_samples=64, proposal="segment", weighting="optimal", beta=1.0,
                  landmarks="mean", landmark_proj=None, grid=None, backend="auto",
-                 generator: Optional[torch.Generator] = None, check_finite=False):
+                 generator: Optional[torch.Generator] = None, check_finite=False, context_parallel_group=None):
         super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias, add_bias_kv=add_bias_kv,
                          add_zero_attn=add_zero_attn, kdim=kdim, vdim=vdim, batch_first=batch_first,
                          device=device, dtype=dtype)
@@ -386,6 +391,11 @@ class LaraAttention(_ProjectedAttention):
         self.backend = _check_backend(backend)
         self.generator = _check_generator_type(generator)
         self.check_finite = _check_bool("check_finite", check_finite)
+        if context_parallel_group is not None:
+            from .distributed import check_layer_group
+
+            context_parallel_group = check_layer_group(context_parallel_group, landmarks)
+        self.context_parallel_group = context_parallel_group
         fk = {"device": device, "dtype": dtype}
         D = self.head_dim
         self.q_landmark_proj = self.k_landmark_proj = None
@@ -460,7 +470,14 @@ class LaraAttention(_ProjectedAttention):
         # Eager: the function with its backends' own autograd. Under torch.compile / export:
         # the same computation as one custom op (lara_kernels._custom_ops), so the graph
         # does not break and the eps draw is the op lara_kernels::randn.
-        fn = _ops.lara_attention_op if torch.compiler.is_compiling() else lara_attention
+        if self.context_parallel_group is not None:
+            from .distributed import layer_attention
+
+            fn = layer_attention(self.context_parallel_group)
+        elif torch.compiler.is_compiling():
+            fn = _ops.lara_attention_op
+        else:
+            fn = lara_attention
         with _ops._no_autocast(q.device):
             return fn(
                 q, k, v, num_samples=self.num_samples, proposal=self.proposal,
