@@ -262,3 +262,22 @@ def test_compiled_layer_under_autocast_equals_eager():
         y_comp, y_eager = compiled(x), model(x, x, x)[0]
     assert y_comp.dtype == y_eager.dtype == torch.bfloat16
     torch.testing.assert_close(y_comp, y_eager, rtol=0, atol=0)
+
+
+def test_rfa_op_opcheck_and_gradients_equal_the_eager_backend():
+    from lara_kernels._custom_ops import rfa_features
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, n, 8, generator=g, dtype=torch.float64, requires_grad=True) for n in (9, 12, 12))
+    w = torch.randn(2, 2, 4, 8, generator=g)
+    kpm = torch.zeros(2, 12, dtype=torch.bool)
+    kpm[1, 9:] = True
+    scale = torch.tensor(0.35, dtype=torch.float64)
+    result = torch.library.opcheck(torch.ops.lara_kernels.rfa_attention.default, (q, k, v, w, kpm, None, scale, "auto"))
+    assert all(r == "SUCCESS" for r in result.values()), result
+    y_op = torch.ops.lara_kernels.rfa_attention(q, k, v, w, kpm, None, scale, "auto")
+    y_eager = rfa_features(q, k, v, w, scale=0.35, key_padding_mask=kpm)
+    torch.testing.assert_close(y_op, y_eager, rtol=0, atol=0)
+    dy = torch.randn_like(y_op)
+    for a, b in zip(torch.autograd.grad(y_eager, (q, k, v), dy), torch.autograd.grad(y_op, (q, k, v), dy)):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
