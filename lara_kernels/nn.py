@@ -166,9 +166,9 @@ class _ProjectedAttention(nn.Module):
         dropout = _check_probability("dropout", dropout)
         bias = _check_bool("bias", bias)
         if _check_bool("add_bias_kv", add_bias_kv) or _check_bool("add_zero_attn", add_zero_attn):
-            raise NotImplementedError(f"{type(self).__name__} does not support add_bias_kv=True or "
-                                      "add_zero_attn=True (got add_bias_kv={add_bias_kv}, add_zero_attn={add_zero_attn})"
-                                      .format(add_bias_kv=add_bias_kv, add_zero_attn=add_zero_attn))
+            raise NotImplementedError(
+                f"{type(self).__name__} does not support add_bias_kv=True or add_zero_attn=True (got "
+                f"add_bias_kv={add_bias_kv}, add_zero_attn={add_zero_attn}): LARA has no bias key/value row")
         kdim = _check_optional_dim("kdim", kdim)
         vdim = _check_optional_dim("vdim", vdim)
         batch_first = _check_bool("batch_first", batch_first)
