@@ -60,9 +60,10 @@ with the same options and the same ``requires_grad`` pattern of q, k, v and land
 it is itself differentiable: double backward works on backends whose passes give it (the
 tests check it on the reference backend).
 
-Segment sums of the landmarks are computed here with ``scatter_add`` (O(L D), any device):
-a rank's segments are a window of the global ones, which the backends' single-device
-landmark pass cannot express. The key pass, the query normalizer and the query pass run on
+Segment sums of the landmarks are computed here, in torch (a rank's segments are a window
+of the global ones, which the backends' single-device landmark pass cannot express):
+without padding as one sum per run of positions of a segment, with padding by
+``scatter_add`` (O(L D), any device). The key pass, the query normalizer and the query pass run on
 the backend ``backend=`` selects (its ``passes`` object), chosen on the global shapes so
 that every rank runs the same backend.
 """
@@ -312,6 +313,17 @@ def _segment_sums(x, pad, before, total, c_eff, C):
     return out[:, :, :C]
 
 
+def _segment_sums_unmasked(x, before: int, total: int, C: int):
+    """:func:`_segment_sums` without padding (every element alike, C_eff = C): the shard's
+    positions before + l fall in contiguous runs of segments, summed run by run (C slices
+    of x, no index tensor: faster than ``scatter_add`` and no extra memory)."""
+    L = x.shape[2]
+    ct = compute_dtype(x.dtype)
+    edges = [min(max(-((-c * total) // C) - before, 0), L) for c in range(C + 1)]
+    runs = torch.split(x, [b - a for a, b in zip(edges[:-1], edges[1:])], dim=2)
+    return torch.stack([r.sum(2, dtype=ct) for r in runs], 2)
+
+
 def _segment_sizes(total, c_eff, C):
     """Sizes (B, C) of the global segments: ceil((c+1) L / C_eff) - ceil(c L / C_eff)."""
     c = torch.arange(C + 1, device=total.device)[None, :]
@@ -413,7 +425,6 @@ def context_parallel_lara_attention(
     rank's rows (B, H, N_r, Dv) in q's dtype. Bytes exchanged: :func:`bytes_per_call`.
     """
     fn = "context_parallel_lara_attention"
-    group = _group(group)
     q, k, v, q_landmarks, k_landmarks = api._autocast_inputs(q, k, v, q_landmarks, k_landmarks)
     api._check_qkv(q, k, v)
     api._check_unsupported(is_causal, attn_mask, dropout_p)
@@ -435,6 +446,7 @@ def context_parallel_lara_attention(
     api._check_finite(check_finite, q, k, v, q_landmarks=q_landmarks, k_landmarks=k_landmarks,
                       key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask, scale=scale)
 
+    group = _group(group)
     rank = dist.get_rank(group)
     masked = key_padding_mask is not None or query_padding_mask is not None
     fields = [N_r, M_r, B, H, D, Dv, C_req, _DTYPES.index(q.dtype), api.PROPOSALS.index(proposal),
@@ -503,11 +515,14 @@ def _lara(passes, group, rank, q, k, v, eps_full, heads, allc, n_len, m_len, N, 
     want_q = q_landmarks is None
     want_k = k_landmarks is None and proposal != "attend"
     bufs, const = [], []
-    if want_q:
-        bufs.append(_segment_sums(q, q_pad, ql.before, ql.total, c_eff, C))
-        const.append(False)
-    if want_k:
-        bufs.append(_segment_sums(k, k_pad, kl.before, kl.total, c_eff, C))
+    for want, x, pad, lay, col in ((want_q, q, q_pad, ql, 0), (want_k, k, k_pad, kl, 1)):
+        if not want:
+            continue
+        if keep is None:       # no padding: one segment layout for every element, from the header
+            lens = heads[:, col]
+            bufs.append(_segment_sums_unmasked(x, int(lens[:rank].sum()), int(lens.sum()), C))
+        else:
+            bufs.append(_segment_sums(x, pad, lay.before, lay.total, c_eff, C))
         const.append(False)
     if eps is not None:
         bufs.append(eps.to(ct) if rank == 0 else torch.zeros(eps.shape, dtype=ct, device=q.device))
@@ -590,7 +605,6 @@ def context_parallel_rfa_attention(
     Every rank draws the features ``w`` from its ``generator`` as ``rfa_attention`` does and
     uses rank 0's (broadcast, S x D per head). Returns this rank's rows (B, H, N_r, Dv)."""
     fn = "context_parallel_rfa_attention"
-    group = _group(group)
     q, k, v = api._autocast_inputs(q, k, v)
     api._check_qkv(q, k, v)
     api._check_unsupported(is_causal, attn_mask, dropout_p)
@@ -604,6 +618,7 @@ def context_parallel_rfa_attention(
     backend = api._check_backend(backend)
     api._check_finite(check_finite, q, k, v, key_padding_mask=key_padding_mask,
                       query_padding_mask=query_padding_mask, scale=scale)
+    group = _group(group)
     rank = dist.get_rank(group)
     masked = key_padding_mask is not None or query_padding_mask is not None
     fields = [N_r, M_r, B, H, D, Dv, S, _DTYPES.index(q.dtype), 0, 0, 0, 0,

@@ -285,6 +285,18 @@ def _run_layers(group, r):
     return out
 
 
+def _run_mismatch(group, r):
+    """Ranks that disagree on an option get the same clear error (and no hang)."""
+    from lara_kernels.distributed import context_parallel_lara_attention
+
+    q = torch.randn(1, 2, 4, 3, dtype=torch.float64)
+    try:
+        context_parallel_lara_attention(q, q, q, group=group, num_samples=4 + r)
+    except ValueError as exc:
+        return {"message": str(exc)}
+    return {"message": None}
+
+
 def _worker(rank, world, store_path, out_dir):
     import torch.distributed as dist
 
@@ -312,6 +324,8 @@ def _worker(rank, world, store_path, out_dir):
                    groups[2])
     if rank < 3:
         record("layers", _run_layers, groups[3])
+    if rank < 2:
+        record("mismatch", _run_mismatch, groups[2])
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
     dist.barrier()
@@ -380,6 +394,24 @@ def test_layers_match_single_process(results):
             assert len(errs) > 3
             bad = {t: e for t, e in errs.items() if not e <= TOL64}
             assert not bad, f"rank {rank}, {kind}: relative errors above {TOL64}: {bad}"
+
+
+def test_ranks_that_disagree_get_a_clear_error(results):
+    for rank, rep in _reports(results, "mismatch"):
+        assert rep["message"] is not None, f"rank {rank}: no error"
+        assert "disagree on num_samples" in rep["message"] and "rank 0 has 4, rank 1 has 5" in rep["message"]
+
+
+def test_bad_arguments_are_named_before_any_collective():
+    from lara_kernels.distributed import context_parallel_lara_attention, context_parallel_rfa_attention
+
+    q = torch.randn(1, 1, 4, 2)
+    with pytest.raises(ValueError, match="q must be 4-D"):
+        context_parallel_lara_attention(q[0], q, q)
+    with pytest.raises(ValueError, match="proposal must be one of"):
+        context_parallel_lara_attention(q, q, q, proposal="nope")
+    with pytest.raises(ValueError, match=r"key_padding_mask must have shape \(B, M\) = \(1, 4\)"):
+        context_parallel_rfa_attention(q, q, q, key_padding_mask=torch.zeros(1, 3, dtype=torch.bool))
 
 
 def test_needs_initialized_process_group():
