@@ -57,7 +57,7 @@ from torch import nn
 
 from . import _custom_ops as _ops
 from .api import PROPOSALS, WEIGHTINGS, lara_attention
-from .api import _autocast_inputs, _check_backend, _check_bool, _check_int, _check_real
+from .api import _check_backend, _check_bool, _check_int, _check_real
 from .api import _check_choice as _choice
 
 __all__ = ["LaraAttention", "PerformerAttention", "LaraEncoderLayer", "segment_pool", "LANDMARKS"]
@@ -465,9 +465,8 @@ class LaraAttention(_ProjectedAttention):
             for name, t in (("q_landmarks", ql), ("k_landmarks", kl)):
                 if t is not None:
                     _ops.check_finite_layer(t, None, f"{name} (batch, head, num_samples, head_dim)")
-        # SDPA's autocast casts (float64 never cast), then the backends run without autocast
-        q, k, v, ql, kl = _autocast_inputs(q, k, v, ql, kl)
-        # Eager: the function with its backends' own autograd. Under torch.compile / export:
+        # Under torch.autocast the functions cast as SDPA is cast (float64 never) and run
+        # their backends without autocast. Eager: the function with its backends' own autograd. Under torch.compile / export:
         # the same computation as one custom op (lara_kernels._custom_ops), so the graph
         # does not break and the eps draw is the op lara_kernels::randn.
         if self.context_parallel_group is not None:
@@ -478,14 +477,13 @@ class LaraAttention(_ProjectedAttention):
             fn = _ops.lara_attention_op
         else:
             fn = lara_attention
-        with _ops._no_autocast(q.device):
-            return fn(
-                q, k, v, num_samples=self.num_samples, proposal=self.proposal,
-                weighting=self.weighting, beta=self.beta, training=self.training,
-                generator=self.generator if self.training else None,
-                key_padding_mask=k_pad, query_padding_mask=q_pad,
-                q_landmarks=ql, k_landmarks=kl, backend=self.backend,
-            )
+        return fn(
+            q, k, v, num_samples=self.num_samples, proposal=self.proposal,
+            weighting=self.weighting, beta=self.beta, training=self.training,
+            generator=self.generator if self.training else None,
+            key_padding_mask=k_pad, query_padding_mask=q_pad,
+            q_landmarks=ql, k_landmarks=kl, backend=self.backend,
+        )
 
 
 def _check_generator_type(generator):
@@ -558,9 +556,8 @@ class PerformerAttention(_ProjectedAttention):
             w = _ops.draw_normal((B, H, self.num_samples, D), self.generator, q.device)
         else:
             w = self.eval_features().expand(B, H, self.num_samples, D)
-        with _ops._no_autocast(q.device):
-            return _ops.rfa_features(*_autocast_inputs(q, k, v), w, key_padding_mask=k_pad,
-                                     query_padding_mask=q_pad, backend=self.backend)
+        return _ops.rfa_features(q, k, v, w, key_padding_mask=k_pad, query_padding_mask=q_pad,
+                                 backend=self.backend)
 
 
 def _keep_seed_if_absent(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
