@@ -31,7 +31,9 @@ generator=g, dtype=float32)`` with the generator registered under ``generator_ke
 (0 = torch's global generator). It is registered as a side effect, so compiled graphs
 keep every draw, in program order, never merged: with the same generator state the
 compiled and eager paths draw the same numbers, with any backend (``aot_eager``,
-``inductor``). eps is drawn by :func:`lara_attention_op` before the attention op exactly
+``inductor``). A graph holds that key, which means something only in the process that
+made it: a ``torch.export`` program of a layer in training with its own generator is not
+portable (one with ``generator=None``, key 0, or in ``eval()`` is). eps is drawn by :func:`lara_attention_op` before the attention op exactly
 as ``api.lara_attention`` draws it (float32 ``randn((B, H, C, D), generator=generator)``),
 so the compiled and eager paths compute the same function of the same randomness.
 """

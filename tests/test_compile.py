@@ -281,3 +281,15 @@ def test_rfa_op_opcheck_and_gradients_equal_the_eager_backend():
     dy = torch.randn_like(y_op)
     for a, b in zip(torch.autograd.grad(y_eager, (q, k, v), dy), torch.autograd.grad(y_op, (q, k, v), dy)):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cls", [LaraAttention, PerformerAttention])
+def test_export_in_training_draws_like_eager(cls):
+    torch.manual_seed(0)
+    m = cls(E, H, num_samples=4).train()                  # generator None: the global RNG
+    x = _x().transpose(0, 1)
+    ep = torch.export.export(m, (x, x, x))
+    torch.manual_seed(8)
+    out = ep.module()(x, x, x)[0]
+    torch.manual_seed(8)
+    torch.testing.assert_close(out, m(x, x, x)[0], rtol=0, atol=0)
