@@ -108,7 +108,7 @@ def test_lara_proposals_weightings(proposal, weighting):
         (5, 40, 32, 8, 8, False),      # C > N, eval
         (200, 77, 60, 24, 16, False),  # C does not divide N, M != N
         (40, 40, 20, 20, 1, True),     # C = 1
-        (63, 63, 80, 160, 40, True),   # D, Dv > 64: head-dim chunks, two sample blocks in the key pass
+        (63, 63, 80, 160, 40, True),   # D, Dv > 64: head-dim chunks in the query pass
         (70, 300, 32, 16, 256, False),  # C = 256 (C_eff = N = 70)
     ],
     ids=["N1", "C>N", "N200", "C1", "D80-Dv160", "C256"],

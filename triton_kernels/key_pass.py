@@ -20,12 +20,12 @@ Traffic: k and v read once (the floor); w (C x D) read once per program; partial
 S x C x (2 + Dv) float32 per head written and read once, with S ~ SMs / (B*H): small
 next to k and v unless M is short.
 
-Backward (docs/design.md, "Backward"): the same grid recomputes the C x M tiles from w, k, v and Z and
-writes dk, dv of every key block directly in the input dtype (each key block belongs to
-one program: no per-sample-block partials) and dw per split ((S, B*H*C, D) float32,
-summed by one torch op; deterministic, no atomics). E_c = dZ_c - dkap_c . kap_c is
-formed in the kernel. Traffic: k, v read once, dk, dv written once (the floor); w, dkap,
-kap, Z, dZ (C-sized) once per program.
+Backward (docs/design.md, "Backward"): the same grid recomputes the C x M tiles from
+w, k, v and Z and writes dk, dv of every key block directly in the input dtype (each key
+block belongs to one program: no per-sample-block partials) and dw per split
+((S, B*H*C, D) float32, summed by one torch op; deterministic, no atomics).
+E_c = dZ_c - dkap_c . kap_c is formed in the kernel. Traffic: k, v read once, dk, dv
+written once (the floor); w, dkap, kap, Z, dZ (C-sized) once per program.
 """
 
 from __future__ import annotations
@@ -237,9 +237,8 @@ def blocks(C, D, DV, block_m=None, bwd=False):
     BLOCK_C, BLOCK_D, BLOCK_DV = _common.pow2(C), _common.pow2(D), _common.pow2(DV)
     wide = max(BLOCK_D, BLOCK_DV)
     tile = BLOCK_C * wide
-    if block_m is None:
-        block_m = 64 if tile <= 64 * 64 else (32 if tile < 128 * 128 or not bwd else 16)
-        block_m = 16 if tile > 128 * 128 else block_m
+    if block_m is None:   # the backward holds dw (C x D, float32) besides: 16 keys a block
+        block_m = 16 if bwd or tile > 128 * 128 else (64 if tile <= 64 * 64 else 32)
     num_warps = 4 if tile <= 64 * 64 else (8 if tile <= 128 * 128 else 16)
     if bwd:
         num_warps = min(2 * num_warps, 16)

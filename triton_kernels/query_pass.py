@@ -261,11 +261,10 @@ def blocks(C, D, DV, block_n=None, d_chunk=None, bwd=False):
     chunk = d_chunk if d_chunk is not None else (64 if BLOCK_C <= 64 else 32)
     BLOCK_DC = min(_common.pow2(D), chunk)
     BLOCK_VC = min(_common.pow2(DV), chunk)
-    if block_n is None:
-        block_n = 64 if BLOCK_C <= 32 else (32 if BLOCK_C <= 128 else 16)
-        if bwd and BLOCK_C > 64:
-            block_n = 16
-    num_warps = 8 if bwd or BLOCK_C > 64 else 4
+    tile = BLOCK_C * max(_common.pow2(D), _common.pow2(DV))
+    if block_n is None:   # fewer query rows as the N x C tiles and C x D operands grow
+        block_n = 64 if tile <= 32 * 64 and not bwd else (32 if tile <= 64 * 64 and not bwd else 16)
+    num_warps = 8 if bwd or tile > 64 * 64 else 4
     return block_n, BLOCK_C, BLOCK_DC, _common.cdiv(D, BLOCK_DC), BLOCK_VC, _common.cdiv(DV, BLOCK_VC), num_warps
 
 
