@@ -6,6 +6,7 @@
 
 #include <atomic>
 #include <limits>
+#include <tuple>
 
 namespace lara {
 
@@ -65,6 +66,17 @@ void check_landmarks_backward_args(const at::Tensor& grad, const c10::optional<a
 }
 
 
+int64_t max_pass_dim(const c10::Device& device) {
+  return device.is_cuda() ? kMaxDim : int64_t(std::numeric_limits<int>::max());
+}
+
+void check_cuda_pass_dims(const char* op, int64_t D, int64_t DV, int64_t C) {
+  for (const auto& [what, d, lo] : {std::tuple<const char*, int64_t, int64_t>{"head dim D", D, 1},
+                                    {"value head dim Dv", DV, 0}, {"number of samples C", C, 1}})
+    TORCH_CHECK(d >= lo && d <= kMaxDim, op, ": ", what, " must be in [", lo, ", ", kMaxDim,
+                "] for the CUDA passes, got ", d);
+}
+
 namespace {
 
 bool is_float(at::ScalarType t) {
@@ -90,8 +102,10 @@ void check_padding(const char* op, const OptTensor& padding, int64_t B, int64_t 
   TORCH_CHECK(p.device() == x.device(), op, ": padding is on ", p.device(), " but the inputs are on ", x.device());
 }
 
-void check_dim(const char* op, const char* what, int64_t d) {
-  TORCH_CHECK(d >= 1 && d <= kMaxDim, op, ": ", what, " must be in [1, ", kMaxDim, "], got ", d);
+// d in [1, max_pass_dim(device)]: the CUDA passes' capacity, BLAS's int sizes on the CPU.
+void check_dim(const char* op, const char* what, int64_t d, const at::Tensor& x) {
+  const int64_t hi = max_pass_dim(x.device());
+  TORCH_CHECK(d >= 1 && d <= hi, op, ": ", what, " must be in [1, ", hi, "] on ", x.device().type(), ", got ", d);
 }
 
 }  // namespace
@@ -102,9 +116,9 @@ void check_key_pass_args(const char* op, const Tensor& w, const Tensor& k, const
   TORCH_CHECK(is_float(k.scalar_type()), op, ": k must be float64, float32, float16 or bfloat16, got ",
               k.scalar_type());
   const int64_t B = k.size(0), H = k.size(1), M = k.size(2), D = k.size(3);
-  check_dim(op, "head dim D", D);
+  check_dim(op, "head dim D", D, k);
   check_small(op, "w", w, {B, H, -1, D}, compute_type(k.scalar_type()), k);
-  check_dim(op, "number of samples C", w.size(2));
+  check_dim(op, "number of samples C", w.size(2), k);
   TORCH_CHECK(w.is_contiguous(), op, ": w must be contiguous");
   if (v.has_value()) {
     TORCH_CHECK(v->dim() == 4 && v->size(0) == B && v->size(1) == H && v->size(2) == M, op,
@@ -112,7 +126,7 @@ void check_key_pass_args(const char* op, const Tensor& w, const Tensor& k, const
     TORCH_CHECK(v->scalar_type() == k.scalar_type(), op, ": v must have k's dtype ", k.scalar_type(), ", got ",
                 v->scalar_type());
     TORCH_CHECK(v->device() == k.device(), op, ": v is on ", v->device(), " but k is on ", k.device());
-    check_dim(op, "value head dim Dv", v->size(3));
+    check_dim(op, "value head dim Dv", v->size(3), k);
   }
   check_padding(op, padding, B, M, k);
 }
@@ -125,13 +139,13 @@ void check_query_pass_args(const char* op, const Tensor& q, const Tensor& w, con
               q.scalar_type());
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3);
   const auto ct = compute_type(q.scalar_type());
-  check_dim(op, "head dim D", D);
+  check_dim(op, "head dim D", D, q);
   check_small(op, "w", w, {B, H, -1, D}, ct, q);
   const int64_t C = w.size(2);
-  check_dim(op, "number of samples C", C);
+  check_dim(op, "number of samples C", C, q);
   check_small(op, "bias", bias, {B, H, C}, ct, q);
   check_small(op, "kap", kap, {B, H, C, -1}, ct, q);
-  check_dim(op, "value head dim Dv", kap.size(3));
+  check_dim(op, "value head dim Dv", kap.size(3), q);
   check_small(op, "c_eff", c_eff, {B}, at::kLong, q);
   for (const auto* t : {&w, &bias, &kap, &c_eff})
     TORCH_CHECK(t->is_contiguous(), op, ": the C-sized inputs (w, bias, kap, c_eff) must be contiguous");

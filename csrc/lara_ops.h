@@ -9,7 +9,7 @@
 
 namespace lara {
 
-// Masked segment means (design/lara-math.md section 1), unscaled.
+// Masked segment means (docs/math.md section 1), unscaled.
 //   x (B, H, L, D) float64/float32/float16/bfloat16, any strides
 //   padding (B, L) bool, True = padding, or none
 //   c_eff (B,) int64, 0 <= c_eff[b] <= min(num_segments, valid length of b)
@@ -35,7 +35,7 @@ void check_landmarks_backward_args(const at::Tensor& grad, const c10::optional<a
 
 
 // ---------------------------------------------------------------------------------
-// The fused passes (design/kernels.md; formulas in lara-math.md sections 4, 5 and 7).
+// The fused passes (formulas in docs/math.md sections 4, 5 and 7).
 // "ct" below is the compute type: float64 for float64 inputs, float32 otherwise.
 // The C-sized inputs (w, bias, kap, qt, lam, bh, Z, dZ, dkap) are contiguous ct;
 // q, k, v, dy may have any strides and any of the four float dtypes (k and v alike);
@@ -99,8 +99,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> query_pass_bw
     double beta, const Tensor& dy);
 #endif
 
-// Shared argument checks of the passes (csrc/lara_ops.cpp): shapes, dtypes, devices,
-// D, Dv, C <= 256. Each names the op, the argument and the bad value.
+// Shared argument checks of the passes (csrc/lara_ops.cpp): shapes, dtypes, devices, and
+// D, Dv, C in [1, max_pass_dim(device of the inputs)]. Each names the op, the argument and
+// the bad value.
 void check_key_pass_args(const char* op, const Tensor& w, const Tensor& k, const OptTensor& v,
                          const OptTensor& padding);
 void check_query_pass_args(const char* op, const Tensor& q, const Tensor& w, const Tensor& bias,
@@ -108,7 +109,17 @@ void check_query_pass_args(const char* op, const Tensor& q, const Tensor& w, con
                            const OptTensor& qt, const OptTensor& lam, const OptTensor& bh);
 // The compute type of an input dtype: float64 for float64, float32 otherwise.
 inline at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+// The largest D, Dv and C the CUDA passes take (their tiles live in shared memory and
+// registers sized for it; csrc/cuda/passes_kernel.h).
 constexpr int64_t kMaxDim = 256;
+// The largest D, Dv and C the passes take on tensors of `device`: kMaxDim on CUDA; on the
+// CPU no capacity limit, only BLAS's int sizes (the CPU passes size their buffers by the
+// problem and shrink their row tiles as D, Dv or C grow; csrc/cpu/passes.cpp).
+int64_t max_pass_dim(const c10::Device& device);
+// D, C in [1, kMaxDim] and Dv in [0, kMaxDim] (0: no values) whatever the inputs' device:
+// for the CUDA passes where they run on CPU tensors (the CPU emulation, .ci/cuda_emulation),
+// which the checks above do not limit.
+void check_cuda_pass_dims(const char* op, int64_t D, int64_t DV, int64_t C);
 
 // Test mode (lara_kernels._C._set_poison_outputs): every output and scratch buffer of the
 // ops starts as NaN instead of uninitialized, so an element a kernel forgets to write

@@ -30,5 +30,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_poison_outputs", &lara::poison_outputs, "Whether the NaN test mode is on.");
   m.def("_new_output", [](int64_t n) { return lara::new_output({n}, at::TensorOptions().dtype(at::kFloat)); },
         "The allocation every op output goes through (NaN-filled in test mode).");
+  m.def("_max_pass_dim", [](const std::string& device) { return lara::max_pass_dim(c10::Device(device)); },
+        "The largest D, Dv and C the fused passes take on tensors of this device ('cpu', 'cuda'): 256 on "
+        "CUDA, 2**31 - 1 (BLAS's int sizes, no capacity limit) on the CPU.");
   m.def("_have_blas", &lara::cpu::have_blas, "Whether the CPU passes found torch's BLAS (sgemm_/dgemm_).");
 }

@@ -1,7 +1,9 @@
 """The ``cpu`` backend (fused C++ passes, csrc/cpu/passes.cpp) against the reference.
 
 The same awkward cases as the Triton tests, in float64 and float32, plus the ops on
-their own. Every output and scratch buffer of the compiled ops starts as NaN here (the
+their own, and sizes the CUDA passes refuse: D, Dv and C above 256 (the CPU passes have no
+capacity limit; their row tiles shrink as the widths grow, so 257 and 513 cross tile-size
+edges). Every output and scratch buffer of the compiled ops starts as NaN here (the
 autouse fixture turns on the library's test mode), so an element a kernel forgot to
 write makes a comparison fail.
 
@@ -36,6 +38,15 @@ DTYPES = [torch.float64, torch.float32]
 TOL = {torch.float64: TOL64, torch.float32: TOL32}
 B, H = 2, 2
 ops = torch.ops.lara_kernels
+
+
+@pytest.fixture
+def uncapped(monkeypatch):
+    """The cpu backend without the Python-side size cap, so that lara_attention reaches the
+    compiled passes with D, Dv, C > 256 (the passes have no capacity limit on the CPU)."""
+    cpu = dispatch.backends()["cpu"]
+    monkeypatch.setattr(cpu, "max_head_dim", None)
+    monkeypatch.setattr(cpu, "max_samples", None)
 
 
 @pytest.fixture(autouse=True)
@@ -84,6 +95,55 @@ def test_lara_proposals_weightings(dtype, proposal, weighting):
 def test_lara_sizes(dtype, N, M, D, DV, C, training):
     leaves, build, masks, dy = make_case(1, H, N, M, D, DV, C, seed=N + M)
     check("lara", leaves, build, masks, dy, dict(num_samples=C, training=training), dtype)
+
+
+# Above 256 (the CUDA passes' limit): tiles of 64 rows from a width (max of D, Dv, C) of
+# 257, 32 from 513; C_eff above 256 needs that many valid queries and keys.
+LARGE = [
+    (480, 470, 300, 520, 320),     # the issue's example: C_eff = 320 with 30% padding
+    (400, 420, 257, 513, 257),     # one past the edges (tile heights 64 and 32)
+    (150, 140, 513, 24, 300),      # D above 512, C > valid length (C_eff < C)
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("N,M,D,DV,C", LARGE, ids=["D300-Dv520-C320", "257-513-257", "D513-C300"])
+def test_lara_large_dims(uncapped, dtype, N, M, D, DV, C):
+    # element 0 unpadded (C_eff = min(C, N, M)), 1 partly padded, 2 with every query padded
+    Bn = 3
+    kpm, qpm = padding_mask(Bn, M, seed=M), padding_mask(Bn, N, fully=True, seed=N)
+    leaves, build, masks, dy = make_case(Bn, 1, N, M, D, DV, C, seed=N + D, kpm=kpm, qpm=qpm)
+    c_eff = torch.minimum((~kpm).sum(-1), (~qpm).sum(-1)).clamp(max=C)
+    assert c_eff[0] == min(C, N, M) and 0 < c_eff[1] and c_eff[2] == 0
+    opts = dict(num_samples=C, proposal="mixed", training=True)
+    check("lara", leaves, build, masks, dy, opts, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rfa_large_dims(uncapped, dtype):
+    Bn, N, M = 2, 60, 70
+    kw = dict(kpm=padding_mask(Bn, M, seed=30), qpm=padding_mask(Bn, N, fully=True, seed=31))
+    leaves, build, masks, dy = make_case(Bn, H, N, M, 300, 520, 320, seed=32, strided=True, **kw)
+    check("rfa", leaves, build, masks, dy, dict(num_samples=320), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_dtypes_large_dims(uncapped, dtype):
+    Bn, N, M, C = 1, 300, 280, 270
+    leaves, build, masks, dy = make_case(Bn, 1, N, M, 300, 260, C, seed=43, kpm=padding_mask(Bn, M, seed=44))
+    leaves = [x.to(dtype).float() for x in leaves]
+    dy = dy.to(dtype).float()
+    opts = dict(num_samples=C, training=True)
+
+    def go(backend, dt):
+        return run("lara", backend, leaves, build, masks, dy, dt, "cpu", **opts,
+                   generator=torch.Generator().manual_seed(98))
+
+    (y, g), (yd, gd), (y64, g64) = go("cpu", dtype), go("reference", dtype), go("reference", torch.float64)
+    for name, a, ref_dt, exact in [("y", y, yd, y64)] + [(f"grad{i}", *t) for i, t in enumerate(zip(g, gd, g64))]:
+        assert a.dtype == dtype and torch.isfinite(a).all(), name
+        err, err_ref = rel_rms(a, exact), rel_rms(ref_dt, exact)
+        assert err <= HALF_K * err_ref + HALF_FLOOR, f"{name}: cpu {err:.3g} vs reference-in-{dtype} {err_ref:.3g}"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -160,16 +220,19 @@ def test_half_dtypes(dtype, weighting):
         assert err <= HALF_K * err_ref + HALF_FLOOR, f"{name}: cpu {err:.3g} vs reference-in-{dtype} {err_ref:.3g}"
 
 
-def test_bitwise_deterministic_across_runs_and_thread_counts():
-    # chunk sizes depend on the shapes only and partials are summed in chunk order
-    leaves, build, masks, dy = make_case(2, 2, 1500, 1400, 32, 32, 16, seed=60, kpm=padding_mask(2, 1400, seed=61))
+@pytest.mark.parametrize("dims", [(32, 32, 16), (300, 264, 300)], ids=["usual", "D300-Dv264-C300"])
+def test_bitwise_deterministic_across_thread_counts_any_size(uncapped, dims):
+    # chunk sizes depend on the shapes only and partials are summed in chunk order; several
+    # chunks (512 rows) and tiles (128 rows; 64 above width 256) of queries and keys
+    D, DV, C = dims
+    leaves, build, masks, dy = make_case(2, 1, 1100, 1200, D, DV, C, seed=62, kpm=padding_mask(2, 1200, seed=63))
     threads = torch.get_num_threads()
     results = []
     try:
-        for n in (1, 2, 1):
+        for n in (1, 2, 3):
             torch.set_num_threads(n)
-            results.append(run("lara", "cpu", leaves, build, masks, dy, torch.float32, "cpu", num_samples=16,
-                               training=True, generator=torch.Generator().manual_seed(5)))
+            results.append(run("lara", "cpu", leaves, build, masks, dy, torch.float32, "cpu", num_samples=C,
+                               training=True, generator=torch.Generator().manual_seed(6)))
     finally:
         torch.set_num_threads(threads)
     (y0, g0) = results[0]
@@ -192,11 +255,17 @@ def _small(seed, B_, H_, C, D, dtype=torch.float64):
     return torch.randn(B_, H_, C, D, generator=g, dtype=dtype)
 
 
+# (D, Dv, C) of the op tests: usual, and above 256 (tiles of 64 rows; of 32 from width 513)
+OP_DIMS = [(40, 24, 9), (300, 520, 320), (513, 8, 257)]
+OP_IDS = ["usual", "D300-Dv520-C320", "D513-C257"]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("with_v", [True, False], ids=["key-pass", "normalizer"])
-def test_key_pass_op_vs_eager(dtype, with_v):
+@pytest.mark.parametrize("D,DV,C", OP_DIMS, ids=OP_IDS)
+def test_key_pass_op_vs_eager(dtype, with_v, D, DV, C):
     # several chunks, a chunk of padded keys, non-contiguous k and v; against the eager pass
-    B_, H_, M, D, DV, C = 2, 3, 1400, 40, 24, 9
+    B_, H_, M = 2, 3, 1400
     g = torch.Generator().manual_seed(70)
     k = torch.randn(B_, H_, D, M, generator=g, dtype=dtype).transpose(-1, -2)
     v = torch.randn(B_, H_, M, 2 * DV, generator=g, dtype=dtype)[..., ::2] if with_v else None
@@ -231,8 +300,9 @@ def test_key_pass_op_vs_eager(dtype, with_v):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mis", [False, True])
-def test_query_pass_op_vs_eager(dtype, mis):
-    B_, H_, N, D, DV, C = 2, 2, 1300, 24, 40, 11
+@pytest.mark.parametrize("D,DV,C", [(24, 40, 11), (300, 520, 320), (8, 513, 257)], ids=OP_IDS)
+def test_query_pass_op_vs_eager(dtype, mis, D, DV, C):
+    B_, H_, N = 2, 2, 1300
     g = torch.Generator().manual_seed(80)
     q = torch.randn(B_, N, H_, D, generator=g, dtype=dtype).transpose(1, 2)
     pad = padding_mask(B_, N, seed=81)
@@ -241,7 +311,7 @@ def test_query_pass_op_vs_eager(dtype, mis):
     bias, bh = _small(84, B_, H_, C, 1, dtype)[..., 0], _small(85, B_, H_, C, 1, dtype)[..., 0].abs()
     kap = _small(86, B_, H_, C, DV, dtype)
     lam = _passes_torch.query_normalizer(qt, q, pad, ss)
-    c_eff = torch.tensor([C, 7])
+    c_eff = torch.tensor([C, 7])      # all samples active, and 7 of them
     mis_args = (qt, lam, bh) if mis else (None, None, None)
     y = ops.query_pass_fwd(q, w, bias, kap, c_eff, pad, ss, *mis_args, 1.5)
     leaves = [t.detach().clone().requires_grad_() for t in (q, w, bias, kap, qt, lam, bh)]
@@ -261,10 +331,14 @@ def test_query_pass_op_vs_eager(dtype, mis):
 
 
 def test_ops_name_the_bad_value():
-    k = torch.randn(1, 2, 10, 300)
-    w = torch.randn(1, 2, 4, 300)
-    with pytest.raises(RuntimeError, match=r"head dim D must be in \[1, 256\], got 300"):
-        ops.key_pass_fwd(w, k, None, None, 1.0, True)
+    k = torch.randn(1, 2, 10, 0)
+    with pytest.raises(RuntimeError, match=r"head dim D must be in \[1, 2147483647\] on cpu, got 0"):
+        ops.key_pass_fwd(torch.randn(1, 2, 4, 0), k, None, None, 1.0, True)
+    with pytest.raises(RuntimeError, match=r"number of samples C must be in \[1, 2147483647\] on cpu, got 0"):
+        ops.key_pass_fwd(torch.randn(1, 2, 0, 8), torch.randn(1, 2, 10, 8), None, None, 1.0, True)
+    with pytest.raises(RuntimeError, match=r"value head dim Dv must be in \[1, 2147483647\] on cpu, got 0"):
+        ops.query_pass_fwd(torch.randn(1, 2, 6, 8), torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4),
+                           torch.randn(1, 2, 4, 0), torch.tensor([4]), None, 1.0, None, None, None, 0.0)
     k = torch.randn(1, 2, 10, 8)
     with pytest.raises(RuntimeError, match=r"w must be Double, got Float"):
         ops.key_pass_fwd(torch.randn(1, 2, 4, 8), k.double(), None, None, 1.0, True)
@@ -277,12 +351,17 @@ def test_ops_name_the_bad_value():
         ops.query_pass_fwd(q, w, bias, kap, torch.tensor([4]), None, 1.0, w, None, None, 0.0)
 
 
+def test_pass_size_limits_per_device():
+    # the CUDA passes keep 256 (their tiles are sized for it); the CPU passes only BLAS's int
+    assert _ops._C._max_pass_dim("cuda") == 256 and _ops._C._max_pass_dim("cuda:1") == 256
+    assert _ops._C._max_pass_dim("cpu") == 2**31 - 1
+
+
 def test_backend_reasons():
-    cpu = dispatch.backends()["cpu"]
     q = torch.randn(1, 1, 4, 300)
-    reasons = cpu.not_supported_reasons("lara", q, q, q, num_samples=300)
-    assert "head dim 300 > 256" in reasons and "num_samples 300 > 256" in reasons
     cuda = dispatch.backends()["cuda"]
+    reasons = cuda.not_supported_reasons("rfa", q, q, q, num_samples=300)
+    assert "head dim 300 > 256" in reasons and "num_samples 300 > 256" in reasons
     assert any("device 'cpu'" in r for r in cuda.not_supported_reasons("lara", q[..., :8], q[..., :8], q[..., :8]))
     if not _ops.built_with_cuda():
         assert any("without CUDA" in r for r in cuda.availability_reasons())

@@ -13,11 +13,28 @@ void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const in
 void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const double* alpha,
             const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
             const int* ldc) __attribute__((weak));
+// MKL's per-thread thread count (C interface); returns the previous one (0: the global).
+int MKL_Set_Num_Threads_Local(int n) __attribute__((weak));
 }
 
 namespace lara {
 namespace cpu {
 namespace {
+
+// MKL picks its blocking, and so its summation order, from the thread count it may use,
+// even where it then runs on one thread (nested in the passes' parallel region, with the
+// thread count torch gave the calling thread); results then depend on torch's thread
+// count (seen for k = 300 with m = 12). The passes call BLAS once per tile and thread, so
+// every call is told one thread: the same arithmetic for any thread count.
+struct OneBlasThread {
+  int prev = 0;
+  OneBlasThread() {
+    if (MKL_Set_Num_Threads_Local != nullptr) prev = MKL_Set_Num_Threads_Local(1);
+  }
+  ~OneBlasThread() {
+    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(prev);
+  }
+};
 
 template <typename T>
 void gemm_loop(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
@@ -47,6 +64,7 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alp
   if (sgemm_ == nullptr || k == 0) return gemm_loop(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
   const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
   const int mm = int(n), nn = int(m), kk = int(k), la = int(ldb), lb = int(lda), lc = int(ldc);
+  const OneBlasThread one;
   sgemm_(&ta, &tb, &mm, &nn, &kk, &alpha, b, &la, a, &lb, &beta, c, &lc);
 }
 
@@ -56,6 +74,7 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, double al
   if (dgemm_ == nullptr || k == 0) return gemm_loop(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
   const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
   const int mm = int(n), nn = int(m), kk = int(k), la = int(ldb), lb = int(lda), lc = int(ldc);
+  const OneBlasThread one;
   dgemm_(&ta, &tb, &mm, &nn, &kk, &alpha, b, &la, a, &lb, &beta, c, &lc);
 }
 

@@ -78,7 +78,8 @@ LARA_INLINE double vexp(double x) {
 
 // Row-major C (m x n) = alpha op(A) op(B) + beta C, op(A) m x k, op(B) k x n.
 // Calls the Fortran BLAS that torch links (MKL on x86 wheels) when its symbols are
-// there; inside the parallel region it runs single-threaded. Otherwise a plain loop.
+// there, on one BLAS thread per call (MKL is told so per call, so that its blocking and
+// summation order do not follow torch's thread count). Otherwise a plain loop.
 void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
           const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
 void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, double alpha, const double* a,

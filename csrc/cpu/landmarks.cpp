@@ -1,4 +1,4 @@
-// Masked segment means on the CPU (design/lara-math.md section 1), forward and backward.
+// Masked segment means on the CPU (docs/math.md section 1), forward and backward.
 //
 // Valid position p of a sequence (padded positions skipped) belongs to segment
 // floor(p * c_eff / L_valid). The segment of each position is computed once per batch

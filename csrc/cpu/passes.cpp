@@ -1,14 +1,15 @@
-// Fused LARA passes on the CPU (design/kernels.md; contract in lara_ops.h): the key pass
+// Fused LARA passes on the CPU (formulas in docs/math.md; contract in lara_ops.h): the key pass
 // (also the query normalizer, without values) and the query pass, forward and backward.
 //
 // Work is cut into tasks of (batch * head, chunk of the long axis) that at::parallel_for
 // runs (OpenMP). The chunk length depends on the shapes only, never on the thread count,
 // and per-chunk partials are reduced in chunk order, so results are bitwise reproducible
-// for any number of threads. A task walks its chunk in tiles of kTile rows: rows are
-// converted to the compute type (scaled by ss, padded rows zeroed), the tile's matrix
-// products go to BLAS, and the elementwise work between them (exp, online softmax, MIS
-// weights) runs on C x kTile buffers that stay in cache, in loops compiled per ISA. No
-// N x C or M x C tensor is allocated.
+// for any number of threads. A task walks its chunk in tiles of tr rows (128, fewer when
+// C, D or Dv exceed 256; tile_rows): rows are converted to the compute type (scaled by ss,
+// padded rows zeroed), the tile's matrix products go to BLAS, and the elementwise work
+// between them (exp, online softmax, MIS weights) runs on C x tr buffers that stay in
+// cache, in loops compiled per ISA. No N x C or M x C tensor is allocated. Every buffer is
+// sized by the problem, so D, Dv and C have no limit here (the BLAS sizes are int).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
@@ -22,7 +23,9 @@ namespace lara {
 namespace cpu {
 namespace {
 
-constexpr int64_t kTile = 128;       // rows per tile: C x kTile logits of 32 KiB at C = 64 (float)
+constexpr int64_t kTile = 128;       // rows per tile, at most: C x kTile logits of 32 KiB at C = 64 (float)
+constexpr int64_t kMinTile = 16;     // rows per tile, at least (below it BLAS calls cost more than they do)
+constexpr int64_t kTileElems = 256 * kTile;  // elements of one tile buffer (C, D or Dv wide), at most
 constexpr int64_t kMinChunk = 512;   // rows per task, at least
 constexpr int64_t kMaxChunks = 64;   // partial buffers per (batch, head), at most
 constexpr double kAlphaFloor = 1e-8;
@@ -31,10 +34,20 @@ struct Chunking {
   int64_t len, count;
 };
 
+// Chunk lengths are multiples of kTile, so of every tile height below.
 Chunking chunking(int64_t L) {
   const int64_t per = (L + kMaxChunks - 1) / kMaxChunks;
   const int64_t len = std::max(kMinChunk, (per + kTile - 1) / kTile * kTile);
   return {len, std::max<int64_t>(1, (L + len - 1) / len)};
+}
+
+// Rows per tile for tile buffers `width` = max(C, D, Dv) wide: kTile up to width 256, then
+// halved (down to kMinTile) to keep each buffer within kTileElems, so that the working set
+// of a task stays in cache for any D, Dv and C. Depends on the shapes only (determinism).
+int64_t tile_rows(int64_t width) {
+  int64_t tr = kTile;
+  while (tr > kMinTile && tr * width > kTileElems) tr /= 2;
+  return tr;
 }
 
 // ---------------------------------------------------------------------------------
@@ -309,14 +322,14 @@ const bool* padding_rows(const at::Tensor& pad, int64_t b) {
 // be the same arithmetic, so both call these).
 
 // Key tile m0 .. m0 + nr of one (b, h): kh = ss k rows (padded rows 0), nb = column
-// offsets, lg (C x nr, leading dim kTile) = w kh^T.
+// offsets, lg (C x nr, leading dim tr) = w kh^T.
 template <typename S, typename T>
-void key_tile_logits(const at::Tensor& k, const S* kbh, const bool* prow, int64_t m0, int64_t nr, T ss,
-                     bool sub_norm, const T* wbh, int64_t C, T* kh, T* nb, T* lg) {
+void key_tile_logits(const at::Tensor& k, const S* kbh, const bool* prow, int64_t m0, int64_t nr, int64_t tr,
+                     T ss, bool sub_norm, const T* wbh, int64_t C, T* kh, T* nb, T* lg) {
   const int64_t D = k.size(3);
   load_rows(kbh, k.stride(2), k.stride(3), m0, nr, D, ss, prow, kh);
   column_offsets(kh, nr, D, sub_norm, prow, m0, nb);
-  gemm(false, true, C, nr, D, T(1), wbh, D, kh, D, T(0), lg, kTile);
+  gemm(false, true, C, nr, D, T(1), wbh, D, kh, D, T(0), lg, tr);
 }
 
 struct QueryArgs {
@@ -350,6 +363,7 @@ void key_fwd_impl(const at::Tensor& w, const at::Tensor& k, const at::Tensor& v,
   const bool has_v = v.defined();
   const int64_t DV = has_v ? v.size(3) : 0;
   const Chunking ch = chunking(M);
+  const int64_t tr = tile_rows(std::max({C, D, DV}));
   const int64_t BH = B * H;
   // partial (running max, sum, unnormalized acc) per (chunk, b*h)
   auto m_part = scratch<T>(ch.count * BH * C);
@@ -360,10 +374,10 @@ void key_fwd_impl(const at::Tensor& w, const at::Tensor& k, const at::Tensor& v,
   const T* wp = w.data_ptr<T>();
 
   at::parallel_for(0, BH * ch.count, 1, [&](int64_t begin, int64_t end) {
-    auto kh = scratch<T>(kTile * D);
-    auto vt = scratch<T>(kTile * std::max<int64_t>(DV, 1));
-    auto lg = scratch<T>(C * kTile);
-    auto nb = scratch<T>(kTile);
+    auto kh = scratch<T>(tr * D);
+    auto vt = scratch<T>(tr * std::max<int64_t>(DV, 1));
+    auto lg = scratch<T>(C * tr);
+    auto nb = scratch<T>(tr);
     auto resc = scratch<T>(C);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / ch.count, s = task % ch.count, b = bh / H, h = bh % H;
@@ -379,15 +393,15 @@ void key_fwd_impl(const at::Tensor& w, const at::Tensor& k, const at::Tensor& v,
       const S* vbh = has_v ? vp + b * v.stride(0) + h * v.stride(1) : nullptr;
       const bool* prow = padding_rows(pad, b);
       const int64_t m_end = std::min(M, (s + 1) * ch.len);
-      for (int64_t m0 = s * ch.len; m0 < m_end; m0 += kTile) {
-        const int64_t nr = std::min(kTile, m_end - m0);
-        key_tile_logits(k, kbh, prow, m0, nr, ss, sub_norm, wbh, C, kh.data(), nb.data(), lg.data());
-        key_fwd_tile(lg.data(), kTile, C, nr, nb.data(), mrun, lrun, resc.data());
+      for (int64_t m0 = s * ch.len; m0 < m_end; m0 += tr) {
+        const int64_t nr = std::min(tr, m_end - m0);
+        key_tile_logits(k, kbh, prow, m0, nr, tr, ss, sub_norm, wbh, C, kh.data(), nb.data(), lg.data());
+        key_fwd_tile(lg.data(), tr, C, nr, nb.data(), mrun, lrun, resc.data());
         if (has_v) {
           load_rows(vbh, v.stride(2), v.stride(3), m0, nr, DV, T(1), prow, vt.data());
           for (int64_t c = 0; c < C; ++c)
             for (int64_t d = 0; d < DV; ++d) acc[c * DV + d] *= resc[c];
-          gemm(false, false, C, DV, nr, T(1), lg.data(), kTile, vt.data(), DV, T(1), acc, DV);
+          gemm(false, false, C, DV, nr, T(1), lg.data(), tr, vt.data(), DV, T(1), acc, DV);
         }
       }
     }
@@ -430,6 +444,7 @@ void key_bwd_impl(const at::Tensor& w, const at::Tensor& k, const at::Tensor& v,
   const bool has_v = v.defined();
   const int64_t DV = has_v ? v.size(3) : 0;
   const Chunking ch = chunking(M);
+  const int64_t tr = tile_rows(std::max({C, D, DV}));
   const int64_t BH = B * H;
   auto dw_part = scratch<T>(ch.count * BH * C * D);
   // E_c = dZ_c - dkap_c . kap_c
@@ -451,15 +466,15 @@ void key_bwd_impl(const at::Tensor& w, const at::Tensor& k, const at::Tensor& v,
 
   at::parallel_for(0, BH * ch.count, 1, [&](int64_t begin, int64_t end) {
     const int64_t DVa = std::max<int64_t>(DV, 1);
-    auto kh = scratch<T>(kTile * D);
-    auto vt = scratch<T>(kTile * DVa);
-    auto lg = scratch<T>(C * kTile);
-    auto g = scratch<T>(has_v ? C * kTile : 0);
-    auto sm = scratch<T>(has_v ? C * kTile : 0);
-    auto nb = scratch<T>(kTile);
-    auto colsum = scratch<T>(kTile);
-    auto dkh = scratch<T>(kTile * D);
-    auto dvt = scratch<T>(kTile * DVa);
+    auto kh = scratch<T>(tr * D);
+    auto vt = scratch<T>(tr * DVa);
+    auto lg = scratch<T>(C * tr);
+    auto g = scratch<T>(has_v ? C * tr : 0);
+    auto sm = scratch<T>(has_v ? C * tr : 0);
+    auto nb = scratch<T>(tr);
+    auto colsum = scratch<T>(tr);
+    auto dkh = scratch<T>(tr * D);
+    auto dvt = scratch<T>(tr * DVa);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / ch.count, s = task % ch.count, b = bh / H, h = bh % H;
       T* dwp = dw_part.data() + (s * BH + bh) * C * D;
@@ -470,24 +485,24 @@ void key_bwd_impl(const at::Tensor& w, const at::Tensor& k, const at::Tensor& v,
       const S* vbh = has_v ? vp + b * v.stride(0) + h * v.stride(1) : nullptr;
       const bool* prow = padding_rows(pad, b);
       const int64_t m_end = std::min(M, (s + 1) * ch.len);
-      for (int64_t m0 = s * ch.len; m0 < m_end; m0 += kTile) {
-        const int64_t nr = std::min(kTile, m_end - m0);
-        key_tile_logits(k, kbh, prow, m0, nr, ss, sub_norm, wbh, C, kh.data(), nb.data(), lg.data());
+      for (int64_t m0 = s * ch.len; m0 < m_end; m0 += tr) {
+        const int64_t nr = std::min(tr, m_end - m0);
+        key_tile_logits(k, kbh, prow, m0, nr, tr, ss, sub_norm, wbh, C, kh.data(), nb.data(), lg.data());
         if (has_v) {
           load_rows(vbh, v.stride(2), v.stride(3), m0, nr, DV, T(1), prow, vt.data());
-          gemm(false, true, C, nr, DV, T(1), dkbh, DV, vt.data(), DV, T(0), g.data(), kTile);
+          gemm(false, true, C, nr, DV, T(1), dkbh, DV, vt.data(), DV, T(0), g.data(), tr);
         }
-        key_bwd_tile(lg.data(), has_v ? g.data() : nullptr, has_v ? sm.data() : nullptr, kTile, C, nr, nb.data(),
+        key_bwd_tile(lg.data(), has_v ? g.data() : nullptr, has_v ? sm.data() : nullptr, tr, C, nr, nb.data(),
                      Zp + bh * C, E.data() + bh * C, colsum.data());
         // dkh = dl^T w - colsum * kh;  dw += dl kh;  dv = S^T dkap
-        gemm(true, false, nr, D, C, T(1), lg.data(), kTile, wbh, D, T(0), dkh.data(), D);
+        gemm(true, false, nr, D, C, T(1), lg.data(), tr, wbh, D, T(0), dkh.data(), D);
         if (sub_norm)
           for (int64_t j = 0; j < nr; ++j)
             for (int64_t d = 0; d < D; ++d) dkh[j * D + d] -= colsum[j] * kh[j * D + d];
-        gemm(false, false, C, D, nr, T(1), lg.data(), kTile, kh.data(), D, T(1), dwp, D);
+        gemm(false, false, C, D, nr, T(1), lg.data(), tr, kh.data(), D, T(1), dwp, D);
         store_rows(dkh.data(), m0, nr, D, ss, prow, dkp + bh * M * D);
         if (has_v) {
-          gemm(true, false, nr, DV, C, T(1), sm.data(), kTile, dkbh, DV, T(0), dvt.data(), DV);
+          gemm(true, false, nr, DV, C, T(1), sm.data(), tr, dkbh, DV, T(0), dvt.data(), DV);
           store_rows(dvt.data(), m0, nr, DV, T(1), prow, dvp + bh * M * DV);
         }
       }
@@ -503,19 +518,20 @@ template <typename S, typename T>
 void query_fwd_impl(const QueryArgs& a, T ss, T beta, at::Tensor& y) {
   const at::Tensor& q = a.q;
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3), C = a.w.size(2), DV = a.kap.size(3);
-  const int64_t BH = B * H, ntiles = (N + kTile - 1) / kTile;
+  const int64_t tr = tile_rows(std::max({C, D, DV}));
+  const int64_t BH = B * H, ntiles = (N + tr - 1) / tr;
   const T* kapp = a.kap.data_ptr<T>();
   S* yp = y.data_ptr<S>();
 
   at::parallel_for(0, BH * ntiles, 1, [&](int64_t begin, int64_t end) {
-    auto qh = scratch<T>(kTile * D);
-    auto sc = scratch<T>(kTile * C);
-    auto t = scratch<T>(a.mis ? kTile * C : 0);
-    auto al = scratch<T>(a.mis ? kTile * C : 0);
-    auto yt = scratch<T>(kTile * DV);
+    auto qh = scratch<T>(tr * D);
+    auto sc = scratch<T>(tr * C);
+    auto t = scratch<T>(a.mis ? tr * C : 0);
+    auto al = scratch<T>(a.mis ? tr * C : 0);
+    auto yt = scratch<T>(tr * DV);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / ntiles, n0 = (task % ntiles) * kTile;
-      const int64_t nr = std::min(kTile, N - n0);
+      const int64_t bh = task / ntiles, n0 = (task % ntiles) * tr;
+      const int64_t nr = std::min(tr, N - n0);
       const bool* prow = padding_rows(a.pad, bh / H);
       query_tile_probs<S, T>(a, bh, prow, n0, nr, ss, beta, qh.data(), sc.data(), t.data(), al.data());
       gemm(false, false, nr, DV, C, T(1), sc.data(), C, kapp + bh * C * DV, DV, T(0), yt.data(), DV);
@@ -531,6 +547,7 @@ void query_bwd_impl(const QueryArgs& a, T ss, T beta, const at::Tensor& dy, at::
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3), C = a.w.size(2), DV = a.kap.size(3);
   const int64_t BH = B * H;
   const Chunking ch = chunking(N);
+  const int64_t tr = tile_rows(std::max({C, D, DV}));
   const bool mis = a.mis;
   // per-chunk partials of the C-sized sums
   auto dw_part = scratch<T>(ch.count * BH * C * D);
@@ -546,13 +563,13 @@ void query_bwd_impl(const QueryArgs& a, T ss, T beta, const at::Tensor& dy, at::
   S* dqp = dq.data_ptr<S>();
 
   at::parallel_for(0, BH * ch.count, 1, [&](int64_t begin, int64_t end) {
-    auto qh = scratch<T>(kTile * D);
-    auto dyt = scratch<T>(kTile * DV);
-    auto p = scratch<T>(kTile * C);
-    auto g = scratch<T>(kTile * C);
-    auto r = scratch<T>(mis ? kTile * C : 0);
-    auto al = scratch<T>(mis ? kTile * C : 0);
-    auto dqh = scratch<T>(kTile * D);
+    auto qh = scratch<T>(tr * D);
+    auto dyt = scratch<T>(tr * DV);
+    auto p = scratch<T>(tr * C);
+    auto g = scratch<T>(tr * C);
+    auto r = scratch<T>(mis ? tr * C : 0);
+    auto al = scratch<T>(mis ? tr * C : 0);
+    auto dqh = scratch<T>(tr * D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / ch.count, s = task % ch.count, b = bh / H, h = bh % H;
       const int64_t idx = s * BH + bh, ce = cep[b];
@@ -576,8 +593,8 @@ void query_bwd_impl(const QueryArgs& a, T ss, T beta, const at::Tensor& dy, at::
       const bool* prow = padding_rows(a.pad, b);
       const S* dybh = dyp + b * dy.stride(0) + h * dy.stride(1);
       const int64_t n_end = std::min(N, (s + 1) * ch.len);
-      for (int64_t n0 = s * ch.len; n0 < n_end; n0 += kTile) {
-        const int64_t nr = std::min(kTile, n_end - n0);
+      for (int64_t n0 = s * ch.len; n0 < n_end; n0 += tr) {
+        const int64_t nr = std::min(tr, n_end - n0);
         query_tile_probs<S, T>(a, bh, prow, n0, nr, ss, beta, qh.data(), p.data(), r.data(), al.data());
         load_rows(dybh, dy.stride(2), dy.stride(3), n0, nr, DV, T(1), prow, dyt.data());
         gemm(false, true, nr, C, DV, T(1), dyt.data(), DV, kbh, DV, T(0), g.data(), C);

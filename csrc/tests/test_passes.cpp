@@ -5,7 +5,11 @@
 #include <torch/torch.h>
 
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <cmath>
 #include <cstdio>
+#include <limits>
+
+#include "lara_ops.h"
 
 namespace {
 
@@ -23,33 +27,15 @@ void expect_close(const at::Tensor& a, const at::Tensor& b, const char* what) {
 
 using Opt = c10::optional<at::Tensor>;
 
-}  // namespace
-
-int main() {
-  auto& d = c10::Dispatcher::singleton();
-  auto key_fwd = d.findSchemaOrThrow("lara_kernels::key_pass_fwd", "")
-                     .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const Opt&,
-                                                               const Opt&, double, bool)>();
-  auto key_bwd = d.findSchemaOrThrow("lara_kernels::key_pass_bwd", "")
-                     .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                         const at::Tensor&, const at::Tensor&, const Opt&, const Opt&, double, bool, const at::Tensor&,
-                         const Opt&, const at::Tensor&, const Opt&)>();
-  auto query_fwd = d.findSchemaOrThrow("lara_kernels::query_pass_fwd", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         const at::Tensor&, const Opt&, double, const Opt&, const Opt&, const Opt&,
-                                         double)>();
-  auto query_bwd =
-      d.findSchemaOrThrow("lara_kernels::query_pass_bwd", "")
-          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-              const Opt&, double, const Opt&, const Opt&, const Opt&, double, const at::Tensor&)>();
-
-  torch::manual_seed(0);
+template <typename KF, typename KB, typename QF, typename QB>
+void run_case(KF& key_fwd, KB& key_bwd, QF& query_fwd, QB& query_bwd, int64_t B, int64_t H, int64_t L, int64_t D,
+              int64_t DV, int64_t C) {
+  std::printf("-- B=%lld H=%lld L=%lld D=%lld Dv=%lld C=%lld\n", (long long)B, (long long)H, (long long)L,
+              (long long)D, (long long)DV, (long long)C);
   const auto f64 = at::TensorOptions().dtype(at::kDouble);
-  const int64_t B = 2, H = 1, L = 700, D = 12, DV = 5, C = 6;
-  const double ss = 0.6, beta = 1.5;
+  const double ss = std::pow(double(D), -0.25), beta = 1.5;
   at::Tensor pad = at::zeros({B, L}, at::kBool);
-  pad.index_put_({1, at::indexing::Slice(300, 650)}, true);   // spans a chunk boundary (512)
+  pad.index_put_({B - 1, at::indexing::Slice(L * 3 / 7, L * 13 / 14)}, true);   // at 700: over 512
   const at::Tensor valid = pad.logical_not().unsqueeze(1).unsqueeze(-1).to(at::kDouble);   // (B, 1, L, 1)
   at::Tensor x = at::randn({B, H, L, D}, f64).requires_grad_();
   at::Tensor v = at::randn({B, H, L, DV}, f64).requires_grad_();
@@ -100,6 +86,54 @@ int main() {
   expect_close(std::get<4>(out), gq[4], "query_pass_bwd dqt");
   expect_close(std::get<5>(out), gq[5], "query_pass_bwd dlam");
   expect_close(std::get<6>(out), gq[6], "query_pass_bwd dbh");
+}
+
+}  // namespace
+
+int main() {
+  auto& d = c10::Dispatcher::singleton();
+  auto key_fwd = d.findSchemaOrThrow("lara_kernels::key_pass_fwd", "")
+                     .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const Opt&,
+                                                               const Opt&, double, bool)>();
+  auto key_bwd = d.findSchemaOrThrow("lara_kernels::key_pass_bwd", "")
+                     .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                         const at::Tensor&, const at::Tensor&, const Opt&, const Opt&, double, bool, const at::Tensor&,
+                         const Opt&, const at::Tensor&, const Opt&)>();
+  auto query_fwd = d.findSchemaOrThrow("lara_kernels::query_pass_fwd", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const at::Tensor&, const Opt&, double, const Opt&, const Opt&, const Opt&,
+                                         double)>();
+  auto query_bwd =
+      d.findSchemaOrThrow("lara_kernels::query_pass_bwd", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              const Opt&, double, const Opt&, const Opt&, const Opt&, double, const at::Tensor&)>();
+
+  // the CUDA passes keep their 256 limit; the CPU passes take any size BLAS takes
+  if (lara::max_pass_dim(c10::Device(c10::kCUDA)) != 256 ||
+      lara::max_pass_dim(c10::Device(c10::kCPU)) != std::numeric_limits<int>::max()) {
+    std::printf("FAIL max_pass_dim: cuda %lld, cpu %lld\n", (long long)lara::max_pass_dim(c10::Device(c10::kCUDA)),
+                (long long)lara::max_pass_dim(c10::Device(c10::kCPU)));
+    ++failures;
+  }
+  // ... also where the CUDA passes run on CPU tensors (their emulation)
+  const auto rejects = [](int64_t D, int64_t DV, int64_t C) {
+    try {
+      lara::check_cuda_pass_dims("op", D, DV, C);
+    } catch (const c10::Error&) {
+      return true;
+    }
+    return false;
+  };
+  if (!rejects(257, 8, 8) || !rejects(8, 257, 8) || !rejects(8, 8, 257) || !rejects(0, 8, 8) || rejects(256, 0, 256)) {
+    std::printf("FAIL check_cuda_pass_dims\n");
+    ++failures;
+  }
+  torch::manual_seed(0);
+  // (B, H, L, D, Dv, C): small sizes, over a chunk boundary (512 rows); and D, Dv, C above
+  // 256 (the CUDA limit), whose tiles are 64 rows (over two tile boundaries)
+  run_case(key_fwd, key_bwd, query_fwd, query_bwd, 2, 1, 700, 12, 5, 6);
+  run_case(key_fwd, key_bwd, query_fwd, query_bwd, 1, 1, 150, 270, 300, 257);
 
   std::printf("%s\n", failures ? "FAILED" : "all passed");
   return failures ? 1 : 0;
