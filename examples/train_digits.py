@@ -65,7 +65,8 @@ class PixelTransformer(nn.Module):
         if attention != "softmax":
             attn_kwargs = dict(attn_kwargs, num_samples=num_samples)
         self.layers = nn.ModuleList(
-            LaraEncoderLayer(d_model, nhead, ff, dropout=0.0, norm_first=True, attention=attention, **attn_kwargs)
+            LaraEncoderLayer(d_model, nhead, ff, dropout=0.0, batch_first=True, norm_first=True, attention=attention,
+                             **attn_kwargs)
             for _ in range(layers)
         )
         self.norm = nn.LayerNorm(d_model)

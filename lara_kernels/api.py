@@ -253,8 +253,9 @@ def _resolve_padding(padding_mask, key_padding_mask, query_padding_mask, B, N, M
         _warn_once("key-mask-only", (
             "lara_attention got key_padding_mask but no query_padding_mask with N == M: padded query rows "
             "still enter the query landmarks, so the valid outputs depend on the amount of padding. For "
-            "self-attention pass padding_mask=mask (it sets both masks); for cross-attention whose queries "
-            "have no padding pass query_padding_mask explicitly (this warning is shown once)"))
+            "self-attention pass padding_mask=mask (it sets both masks; the lara_kernels.nn layers do this "
+            "when called with query is key); otherwise pass query_padding_mask explicitly, all False if the "
+            "queries have no padding (this warning is shown once)"))
     return key_padding_mask, query_padding_mask
 
 
