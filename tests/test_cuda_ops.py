@@ -1,5 +1,8 @@
-"""The compiled CUDA passes (csrc/cuda/*_pass_kernel.cu) against the CPU ops and the eager
-torch passes, forward and backward, through the dispatcher (torch.ops.lara_kernels.*).
+"""The compiled CUDA passes (csrc/cuda/*_pass_kernel.cu) and segment means
+(csrc/cuda/landmarks_kernel.cu) against the CPU ops and the eager torch passes (the
+reference for the segment means), forward and backward, through the dispatcher
+(torch.ops.lara_kernels.*). Also: launch geometry with B x H beyond the 65535 of a grid's
+y and z axes, and capture of every op in a CUDA graph (no host synchronization).
 
 Every test needs a GPU (marker ``gpu``; conftest.py skips them without one). Inputs are
 drawn in float64 on the CPU and rounded once to the tested dtype; the oracle is
@@ -36,7 +39,7 @@ import pytest
 import torch
 
 from helpers import rel_rms
-from lara_kernels import _ops, _passes_torch
+from lara_kernels import _ops, _passes_torch, reference
 
 pytestmark = [
     pytest.mark.gpu,
@@ -348,3 +351,144 @@ def test_cuda_ops_reject_cpu_tensors_mixed_with_cuda():
     k = torch.randn(1, 1, 8, 16, device="cuda")
     with pytest.raises(RuntimeError, match="v is on"):
         OPS.key_pass_fwd(w, k, torch.randn(1, 1, 8, 16), None, 0.5, True)
+
+
+# ----------------------------------------------------------------------------- landmarks
+
+LANDMARK_SHAPES = [
+    # B, H, L, D, C
+    (2, 2, 37, 16, 5),
+    (3, 2, 300, 40, 24),
+    (2, 1, 70, 300, 64),   # the segment means take any D (no 256 limit)
+]
+
+
+def landmark_case(shape, dtype, padded, strided, seed):
+    B, H, L, D, C = shape
+    g = torch.Generator().manual_seed(seed)
+    x = long_input(g, B, H, L, D, dtype, strided, seed % 3)
+    pad = make_padding(g, B, L) if padded else None
+    n_valid = L - (pad.sum(-1) if pad is not None else torch.zeros(B, dtype=torch.long))
+    c_eff = torch.minimum(torch.randint(1, C + 1, (B,), generator=g), n_valid)
+    c_eff[0] = min(C, int(n_valid[0]))               # one element with as many segments as it can
+    grad = torch.randn(B, H, C, D, generator=g, dtype=torch.float64)
+    return x, pad, c_eff, grad
+
+
+def landmark_reference(x, pad, c_eff, grad, C):
+    """Segment means of x in float64 (reference.segment_means) and their gradient for grad."""
+    valid = torch.ones(x.shape[0], x.shape[2], dtype=torch.bool) if pad is None else ~pad
+    x64 = x.double().masked_fill(~valid[:, None, :, None], 0.0).requires_grad_()
+    out = reference.segment_means(x64, valid, C, c_eff)
+    (gx,) = torch.autograd.grad(out, x64, grad)
+    return out.detach(), gx
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", LANDMARK_SHAPES, ids=lambda s: f"L{s[2]}-D{s[3]}-C{s[4]}")
+def test_landmarks_cuda(shape, dtype):
+    i = LANDMARK_SHAPES.index(shape)
+    padded, strided = i != 0, i % 2 == 1
+    B, H, L, D, C = shape
+    x, pad, c_eff, grad = landmark_case(shape, dtype, padded, strided, seed=30 + i)
+    x = fill_padded(x, pad)
+    ct = ct_of(dtype)
+    out64, gx64 = landmark_reference(x, pad, c_eff, grad, C)
+    # the CPU op on the same inputs: the same accumulation type and order as the kernels
+    out32 = OPS.landmarks(x, pad, c_eff, C) if dtype != torch.float64 else out64
+    gx32 = OPS.landmarks_backward(grad.to(ct), pad, c_eff, L, ct) if dtype != torch.float64 else gx64
+    dev = [to_dev(t, "cuda") for t in (x, pad, c_eff)]
+    poison_cache()
+    out = OPS.landmarks(*dev, C)
+    assert_close("landmarks", out.cpu(), out64, out32, ct)
+    poison_cache()
+    gx = OPS.landmarks_backward(to_dev(grad.to(ct), "cuda"), dev[1], dev[2], L, dtype)
+    assert_close("grad_x", gx.cpu(), gx64, gx32, dtype)
+    assert rows_zero(gx, pad)
+
+
+def test_landmarks_cuda_clamps_c_eff():
+    # c_eff is not checked on the host (that would synchronize): each element's count is
+    # clamped to [0, min(num_segments, valid length)]; the CPU op checks, so it gets the
+    # clamped counts here
+    B, H, L, D, C = 4, 2, 40, 8, 6
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(B, H, L, D, generator=g, dtype=torch.float64)
+    pad = torch.zeros(B, L, dtype=torch.bool)
+    pad[2, 3:] = True                                  # 3 valid positions
+    c_eff = torch.tensor([C + 5, -2, 5, C])            # above C, negative, above the valid length, in range
+    clamped = torch.tensor([C, 0, 3, C])
+    grad = torch.randn(B, H, C, D, generator=g, dtype=torch.float64)
+    dev = [to_dev(t, "cuda") for t in (x, pad, c_eff)]
+    out = OPS.landmarks(*dev, C).cpu()
+    ref = OPS.landmarks(x, pad, clamped, C)
+    assert_close("landmarks", out, ref, ref, torch.float64)
+    assert bool((out[1] == 0).all()) and bool((out[2, :, 3:] == 0).all())  # no segments beyond the count
+    gx = OPS.landmarks_backward(to_dev(grad, "cuda"), dev[1], dev[2], L, torch.float64).cpu()
+    gref = OPS.landmarks_backward(grad, pad, clamped, L, torch.float64)
+    assert_close("grad_x", gx, gref, gref, torch.float64)
+
+
+# ----------------------------------------------------------------------------- launch geometry, graphs
+
+def all_ops(t):
+    """Every op once on the tensors of dict t (forward, then backward with the forward's
+    outputs): a flat list of the results."""
+    C, L = t["w"].shape[2], t["x"].shape[2]
+    lm = OPS.landmarks(t["x"], t["pad"], t["c_eff"], C)
+    gx = OPS.landmarks_backward(t["gl"], t["pad"], t["c_eff"], L, t["x"].dtype)
+    Z, kap = OPS.key_pass_fwd(t["w"], t["k"], t["v"], t["pad"], 0.5, True)
+    dw, dk, dv = OPS.key_pass_bwd(t["w"], t["k"], t["v"], t["pad"], 0.5, True, Z, kap, t["dZ"], t["dkap"])
+    qargs = [t["q"], t["w"], t["bias"], kap, t["c_eff"], t["pad"], 0.5, t["qt"], t["lam"], t["bh"], 1.3]
+    y = OPS.query_pass_fwd(*qargs)
+    return [lm, gx, Z, kap, dw, dk, dv, y, *OPS.query_pass_bwd(*qargs, t["dy"])]
+
+
+def all_ops_inputs(B, H, L, D, C, dtype, seed, device):
+    """Inputs of all_ops: sequences of length L (keys and queries alike), head dim D, C samples."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
+    pad = make_padding(g, B, L)
+    t = {"x": r(B, H, L, D), "gl": r(B, H, C, D), "w": r(B, H, C, D), "k": r(B, H, L, D), "v": r(B, H, L, D),
+         "dZ": r(B, H, C), "dkap": r(B, H, C, D), "q": r(B, H, L, D), "bias": r(B, H, C), "qt": 0.5 * r(B, H, C, D),
+         "lam": r(B, H, C), "bh": torch.softmax(r(B, H, C), -1), "dy": r(B, H, L, D), "pad": pad,
+         "c_eff": torch.minimum(torch.full((B,), C), (~pad).sum(-1))}
+    return {name: to_dev(x, device) for name, x in t.items()}
+
+
+# B x H = 65536 is beyond the 65535 of a grid's y and z axes (the landmarks kernels put
+# B x H on y before); every kernel folds B x H into the int64 block index on x.
+MANY_HEADS = (4096, 16, 5, 4, 3)   # B, H, L, D, C
+
+
+def test_cuda_ops_batch_heads_beyond_grid_y():
+    out = all_ops(all_ops_inputs(*MANY_HEADS, torch.float64, 12, "cuda"))
+    ref = all_ops(all_ops_inputs(*MANY_HEADS, torch.float64, 12, "cpu"))
+    assert len(out) == len(ref) == 15
+    for i, (a, b) in enumerate(zip(out, ref)):
+        assert a.shape == b.shape, f"result {i}: shape {tuple(a.shape)}, expected {tuple(b.shape)}"
+        assert torch.isfinite(a).all(), f"result {i}: non-finite elements"
+        assert rel_rms(a.cpu(), b) <= TOL64, f"result {i}: rel RMS {rel_rms(a.cpu(), b):.3g} > {TOL64}"
+
+
+def test_cuda_ops_capture_in_cuda_graph():
+    # no op synchronizes with the host (no .item(), no value-dependent shapes): all of them
+    # are captured in one CUDA graph, and a replay on new inputs gives the bits of an eager
+    # call on those inputs (the kernels are deterministic)
+    static = all_ops_inputs(2, 3, 70, 16, 9, torch.float32, 13, "cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture, as torch.cuda.graph asks
+        all_ops(static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = all_ops(static)
+    fresh = all_ops_inputs(2, 3, 70, 16, 9, torch.float32, 14, "cuda")
+    for name, x in fresh.items():
+        static[name].copy_(x)
+    graph.replay()
+    torch.cuda.synchronize()
+    eager = all_ops(fresh)
+    assert all(torch.equal(a, b) for a, b in zip(outs, eager))
+    assert not torch.equal(outs[0], all_ops(all_ops_inputs(2, 3, 70, 16, 9, torch.float32, 13, "cuda"))[0])

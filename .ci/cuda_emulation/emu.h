@@ -15,6 +15,7 @@ struct Warp { std::barrier<> bar{32}; alignas(8) unsigned char slot[32][8]; };
 struct Block { std::barrier<> bar{256}; Warp warps[8]; };
 extern Block* block;
 void run_grid(int64_t blocks, int threads, size_t smem, const std::function<void()>& body);
+void check_grid(const dim3& grid);  // the device's launch limits; throws when a grid exceeds them
 extern long long shuffles;
 }
 #define threadIdx emu::tid3
@@ -40,8 +41,9 @@ template <class T> inline T __shfl_xor_sync(unsigned mask, T v, int m) {
   return emu_shfl(v, (int)(threadIdx.x % 32) ^ m);
 }
 template <class K, class... Args>
-void emu_launch(K kernel, unsigned grid, int threads, size_t smem, cudaStream_t, Args... args) {
-  emu::run_grid(grid, threads, smem, [&] { kernel(args...); });
+void emu_launch(K kernel, dim3 grid, int threads, size_t smem, cudaStream_t, Args... args) {
+  emu::check_grid(grid);
+  emu::run_grid(grid.x, threads, smem, [&] { kernel(args...); });
 }
 #undef __launch_bounds__
 #define __launch_bounds__(...)

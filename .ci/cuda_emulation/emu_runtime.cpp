@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <stdexcept>
+#include <string>
 
 namespace lara { namespace cuda { namespace detail {
 constexpr size_t kArena = 256 * 1024;
@@ -19,6 +20,21 @@ int sms = 4;
 int optin = 232448;
 int64_t launched_blocks = 0;
 size_t max_smem = 0;
+int64_t max_grid_x = 0x7fffffff;  // what cudaDevAttrMaxGridDimX answers (a test may lower it)
+bool dry_run = false;             // check and count the launches, run no block
+int64_t launches = 0, widest_grid = 0;
+
+// A real device's limits: x <= cudaDevAttrMaxGridDimX (2^31 - 1), y and z <= 65535. The
+// emulation runs 1-D grids only, so y and z must be 1 unless nothing is run (dry run).
+void check_grid(const dim3& grid) {
+  if (grid.x < 1 || grid.x > max_grid_x || grid.y > 65535 || grid.z > 65535)
+    throw std::runtime_error("emu: grid (" + std::to_string(grid.x) + ", " + std::to_string(grid.y) + ", " +
+                             std::to_string(grid.z) + ") exceeds the device's limits (x <= " +
+                             std::to_string(max_grid_x) + ", y, z <= 65535)");
+  if (!dry_run && (grid.y != 1 || grid.z != 1)) throw std::runtime_error("emu: only 1-D grids are emulated");
+  ++launches;
+  if (grid.x > widest_grid) widest_grid = grid.x;
+}
 
 void run_grid(int64_t blocks, int threads, size_t smem, const std::function<void()>& body) {
   using lara::cuda::detail::lara_dyn_smem;
@@ -26,6 +42,7 @@ void run_grid(int64_t blocks, int threads, size_t smem, const std::function<void
   if (threads != 256) throw std::runtime_error("emu: 256 threads expected");
   if (smem > kArena) throw std::runtime_error("emu: smem over arena");
   if (smem > max_smem) max_smem = smem;
+  if (dry_run) return;
   for (int64_t b = 0; b < blocks; ++b) {
     std::memset(lara_dyn_smem, 0xff, kArena);
     Block blk;
@@ -51,6 +68,7 @@ cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
 cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
   if (a == cudaDevAttrMultiProcessorCount) { *v = emu::sms; return cudaSuccess; }
   if (a == cudaDevAttrMaxSharedMemoryPerBlockOptin) { *v = emu::optin; return cudaSuccess; }
+  if (a == cudaDevAttrMaxGridDimX) { *v = (int)emu::max_grid_x; return cudaSuccess; }
   return cudaErrorInvalidValue;
 }
 cudaError_t cudaFuncSetAttribute(const void*, cudaFuncAttribute, int v) {

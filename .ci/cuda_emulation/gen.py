@@ -2,7 +2,7 @@
 
 The kernels are kept verbatim; only the launch syntax ``k<<<g, t, smem, stream>>>(args)`` becomes
 ``emu_launch(k, g, t, smem, stream, args)``, the device-only branch of passes_kernel.h is enabled,
-and the launchers' is_cuda() checks are disabled (the emulated tensors live on the CPU).
+and the bindings' is_cuda() checks are disabled (the emulated tensors live on the CPU).
 """
 
 import pathlib
@@ -22,7 +22,7 @@ def generate(repo: pathlib.Path, out: pathlib.Path) -> None:
     assert "#if defined(__CUDACC__)" in h, "passes_kernel.h: device branch marker not found"
     write("cuda/passes_kernel.h", '#include "emu.h"\n' + h.replace("#if defined(__CUDACC__)", "#if 1"))
     write("cuda/landmarks_kernel.h", (src / "cuda/landmarks_kernel.h").read_text())
-    for f in ["key_pass_kernel.cu", "query_pass_kernel.cu"]:
+    for f in ["key_pass_kernel.cu", "query_pass_kernel.cu", "landmarks_kernel.cu"]:
         s = (src / "cuda" / f).read_text()
         s, n = re.subn(r"(\w+)<<<", r"emu_launch(\1, ", s)
         assert n > 0, f"{f}: no kernel launch found"
@@ -31,6 +31,11 @@ def generate(repo: pathlib.Path, out: pathlib.Path) -> None:
     b = (src / "cuda/passes_cuda.cpp").read_text()
     assert "TORCH_CHECK(t.is_cuda()" in b, "passes_cuda.cpp: is_cuda() check not found"
     write("cuda/passes_cuda.cpp", b.replace("TORCH_CHECK(t.is_cuda()", "TORCH_CHECK(true || t.is_cuda()"))
+    b = (src / "cuda/landmarks_cuda.cpp").read_text()
+    for t in ("x", "grad"):
+        assert f"TORCH_CHECK({t}.is_cuda()" in b, f"landmarks_cuda.cpp: {t}.is_cuda() check not found"
+        b = b.replace(f"TORCH_CHECK({t}.is_cuda()", f"TORCH_CHECK(true || {t}.is_cuda()")
+    write("cuda/landmarks_cuda.cpp", b)
     ops = (src / "lara_ops.cpp").read_text()
     write("lara_ops_checks.cpp", ops[: ops.index("TORCH_LIBRARY(lara_kernels")])
     write("lara_ops.h", (src / "lara_ops.h").read_text())

@@ -2,7 +2,8 @@
 
 Usage (from .ci/cuda_emulation.sh): run_tests.py [--all | --list | FILTER]
   (none)   the smoke subset (SMOKE below)
-  --all    every case of test_key_pass_cuda, test_query_pass_cuda, test_query_pass_cuda_dy_in_float32
+  --all    every case of test_key_pass_cuda, test_query_pass_cuda, test_query_pass_cuda_dy_in_float32,
+           test_landmarks_cuda, test_landmarks_cuda_clamps_c_eff, and the launch-limit cases below
   --list   print the case names and exit
   FILTER   the cases whose name contains FILTER, e.g. "key_pass", "float64", "(2, 2, 1, 16"
 
@@ -10,7 +11,15 @@ The tests' "cuda" device is mapped to CPU tensors with the same strides; the CUD
 (torch.ops.lara_kernels.* called on that device) go to the emulated kernels, the CPU ops
 stay the real ones. poison_cache() is a no-op: the emulation fills shared memory with NaN
 instead, and unwritten outputs of the ops come from torch.empty (not NaN-filled).
-The tests that need a real device (determinism, large logits, device mixing) are not run.
+The tests that need a real device (determinism, large logits, device mixing, CUDA graphs)
+are not run. Two cases of the emulation itself check the launch geometry against the
+device's limits (emu_runtime.cpp, check_grid: x <= the reported cudaDevAttrMaxGridDimX,
+y and z <= 65535):
+  launch limits: B*H = 65536    every op on B = 4096, H = 16 (test_cuda_ops.MANY_HEADS) as a
+                                dry run: each launch is checked and counted, no block runs
+  launch limits: grid x <= 3    the emulated device reports a grid x limit of 3 blocks, so
+                                the launchers split every grid into several launches; the
+                                results must still equal the oracle (three test cases)
 """
 
 import os
@@ -33,6 +42,35 @@ SMOKE_QUERY = {0, 1}
 SMOKE_DTYPES = (torch.float32, torch.float64)
 
 
+E = None  # the emulated ops module, once built
+
+
+def launch_limits_many_heads(T):
+    E.stats()
+    E.set_dry_run(True)
+    try:
+        T.all_ops(T.all_ops_inputs(*T.MANY_HEADS, torch.float64, 12, "cuda"))
+    finally:
+        E.set_dry_run(False)
+    _, _, launches, widest = E.stats()
+    assert launches == 7, f"{launches} launches, expected 7 (one per kernel of the 6 ops; key_pass_bwd has two)"
+    print(f"     {launches} launches checked, widest grid x = {widest}")
+
+
+def launch_limits_grid_x(T):
+    E.stats()
+    E.set_max_grid_x(3)
+    try:
+        T.test_key_pass_cuda(T.KEY_SHAPES[1], torch.float64)
+        T.test_query_pass_cuda(T.QUERY_SHAPES[1], torch.float64, True)
+        T.test_landmarks_cuda(T.LANDMARK_SHAPES[1], torch.float32)
+    finally:
+        E.set_max_grid_x(2**31 - 1)
+    blocks, _, launches, widest = E.stats()
+    assert widest <= 3 and launches >= blocks / 3, (blocks, launches, widest)
+    print(f"     {blocks} blocks in {launches} launches of at most {widest}")
+
+
 def cases(T):
     """(name, in_smoke, fn, args) for every emulated test case."""
     for i, shape in enumerate(T.KEY_SHAPES):
@@ -46,6 +84,12 @@ def cases(T):
     for dt in (torch.float16, torch.bfloat16):
         yield (f"test_query_pass_cuda_dy_in_float32 {dt}", dt == torch.float16,
                T.test_query_pass_cuda_dy_in_float32, (dt,))
+    for i, shape in enumerate(T.LANDMARK_SHAPES):
+        for dt in T.DTYPES:
+            yield f"test_landmarks_cuda {shape} {dt}", i == 1 and dt == torch.float32, T.test_landmarks_cuda, (shape, dt)
+    yield "test_landmarks_cuda_clamps_c_eff", True, T.test_landmarks_cuda_clamps_c_eff, ()
+    yield "launch limits: B*H = 65536 (dry run)", True, launch_limits_many_heads, (T,)
+    yield "launch limits: grid x <= 3", True, launch_limits_grid_x, (T,)
 
 
 def main():
@@ -68,6 +112,7 @@ def main():
         return 2
 
     from build import build
+    global E
     t0 = time.time()
     E = build(REPO, REPO / os.environ.get("CUDA_EMU_BUILD_DIR", "build/cuda_emulation"))
     print(f"built the emulated ops in {time.time() - t0:.0f}s", flush=True)

@@ -1,4 +1,4 @@
-// Key pass on the GPU: C rows of w attending over M keys (lara-math.md sections 4, 5;
+// Key pass on the GPU: C rows of w attending over M keys (docs/math.md sections 4, 5;
 // contract in csrc/lara_ops.h). Without values it is the query normalizer.
 //
 // Forward (key_fwd_kernel): split-K over the long axis. Block (c block, split, b*h) holds
@@ -7,12 +7,22 @@
 // log-sum-exp of a row is a warp reduction and the row's value accumulator sits in the
 // registers of its warp (lane j holds columns j, j + 32, ...). The per-split partials
 // (max, sum, accumulator) are combined by the caller.
+// Traffic: w read once; the partials written once per split (splits x C x (Dv + 2) per
+// (b, h)). k and v are read once per c block, cdiv(C, 8 * RPW) times (RPW <= 4: once
+// for C <= 32). The c blocks of a (split, b, h) are adjacent in launch order and walk
+// the same tiles, so DRAM sees k and v about once and the repeats are L2 hits; reading
+// them once from L2 too would need the running state of all C rows on one SM
+// (C x (Dv + 2) accumulators, 264 KB at C = Dv = 256), more than it has.
 //
 // Backward: two kernels that both recompute the C x 32 tiles of l from w and k.
 // key_dkdv_kernel: one block per key tile loops over all C rows in chunks of 16, so the
 // sums over c of dk and dv stay in registers and are written once (no partials over c).
+// Traffic: k and v read once, dk and dv written once (the floor); w and dkap (C x (D +
+// Dv)) read once per key tile from L2.
 // key_dw_kernel: laid out like the forward; dw_c = sum_m dl_cm kh_m is accumulated per
-// split and written as a partial. Sums run in a fixed order, no atomics.
+// split in registers and written once as a partial. Traffic: as the forward (k, v once
+// per c block), dw partials splits x C x D per (b, h). Sums run in a fixed order, no
+// atomics.
 #include "passes_kernel.h"
 
 namespace lara {
@@ -33,7 +43,7 @@ size_t key_fwd_smem(const KeyPassProblem& p, int rpw, size_t elem) {
 
 template <typename T, int RPW>
 __global__ void __launch_bounds__(kThreads)
-    key_fwd_kernel(const KeyPassProblem p, const SplitPlan plan, const int n_cb, typename Acc<T>::type* m_part,
+    key_fwd_kernel(const KeyPassProblem p, const SplitPlan plan, const int n_cb, const int64_t block0, typename Acc<T>::type* m_part,
                    typename Acc<T>::type* l_part, typename Acc<T>::type* acc_part) {
   using A = typename Acc<T>::type;
   constexpr int BC = kWarps * RPW;
@@ -43,7 +53,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t C = p.C, M = p.M, H = p.H, BH = p.B * p.H;
   const bool has_v = p.v != nullptr;
 
-  int64_t blk = blockIdx.x;
+  int64_t blk = block0 + blockIdx.x;
   const int64_t c0 = (blk % n_cb) * BC;
   blk /= n_cb;
   const int64_t s = blk % plan.splits, bh = blk / plan.splits;
@@ -143,7 +153,8 @@ size_t key_dw_smem(const KeyPassProblem& p, int rpw, size_t elem) {
 
 template <typename T, int RPW>
 __global__ void __launch_bounds__(kThreads)
-    key_dw_kernel(const KeyPassProblem p, const SplitPlan plan, const int n_cb, const typename Acc<T>::type* Z,
+    key_dw_kernel(const KeyPassProblem p, const SplitPlan plan, const int n_cb, const int64_t block0,
+                  const typename Acc<T>::type* Z,
                   const typename Acc<T>::type* E, const typename Acc<T>::type* dkap,
                   typename Acc<T>::type* dw_part) {
   using A = typename Acc<T>::type;
@@ -154,7 +165,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t C = p.C, M = p.M, H = p.H, BH = p.B * p.H;
   const bool has_v = p.v != nullptr;
 
-  int64_t blk = blockIdx.x;
+  int64_t blk = block0 + blockIdx.x;
   const int64_t c0 = (blk % n_cb) * BC;
   blk /= n_cb;
   const int64_t s = blk % plan.splits, bh = blk / plan.splits;
@@ -255,7 +266,7 @@ size_t key_dkdv_smem(const KeyPassProblem& p, int bm, size_t elem) {
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    key_dkdv_kernel(const KeyPassProblem p, const typename Acc<T>::type* Z, const typename Acc<T>::type* E,
+    key_dkdv_kernel(const KeyPassProblem p, const int64_t block0, const typename Acc<T>::type* Z, const typename Acc<T>::type* E,
                     const typename Acc<T>::type* dkap, T* dk, const Strides4 sdk, T* dvo, const Strides4 sdv) {
   using A = typename Acc<T>::type;
   constexpr int BM = dkdv_keys<A>();
@@ -268,7 +279,8 @@ __global__ void __launch_bounds__(kThreads)
   const bool has_v = p.v != nullptr;
 
   const int64_t n_tiles = cdiv(M, BM);
-  const int64_t tile = blockIdx.x % n_tiles, bh = blockIdx.x / n_tiles;
+  const int64_t blk = block0 + blockIdx.x;
+  const int64_t tile = blk % n_tiles, bh = blk / n_tiles;
   const int64_t b = bh / H, h = bh % H;
   const int64_t m0 = tile * BM;
 
@@ -425,6 +437,7 @@ cudaError_t fwd(const KeyPassProblem& p, SplitPlan plan, void* m_part, void* l_p
                 cudaStream_t stream) {
   using A = typename Acc<T>::type;
   const int64_t BH = p.B * p.H;
+  if (p.D > kMaxWidth || p.Dv > kMaxWidth) return cudaErrorInvalidValue;
   if (BH == 0) return cudaSuccess;
   const DeviceInfo info = device_info();
   const int rpw = pick_rows_per_warp(p, sizeof(A), key_fwd_smem);
@@ -437,10 +450,11 @@ cudaError_t fwd(const KeyPassProblem& p, SplitPlan plan, void* m_part, void* l_p
   A* lp = static_cast<A*>(l_part);
   A* ap = static_cast<A*>(acc_part);
   auto go = [&](auto kernel) -> cudaError_t {
-    cudaError_t err = prepare_launch(kernel, smem, blocks, info);
+    const cudaError_t err = prepare_launch(kernel, smem, info);
     if (err != cudaSuccess) return err;
-    kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(p, plan, n_cb, mp, lp, ap);
-    return cudaGetLastError();
+    return launch_1d(blocks, info, [&](int64_t first, unsigned n) {
+      kernel<<<n, kThreads, smem, stream>>>(p, plan, n_cb, first, mp, lp, ap);
+    });
   };
   switch (rpw) {
     case 1: return go(key_fwd_kernel<T, 1>);
@@ -454,6 +468,7 @@ cudaError_t bwd(const KeyPassProblem& p, SplitPlan plan, const void* Z, const vo
                 const int64_t sdk[4], void* dv, const int64_t sdv[4], void* dw_part, cudaStream_t stream) {
   using A = typename Acc<T>::type;
   const int64_t BH = p.B * p.H;
+  if (p.D > kMaxWidth || p.Dv > kMaxWidth) return cudaErrorInvalidValue;
   if (BH == 0) return cudaSuccess;
   const DeviceInfo info = device_info();
   const A* z = static_cast<const A*>(Z);
@@ -470,11 +485,11 @@ cudaError_t bwd(const KeyPassProblem& p, SplitPlan plan, const void* Z, const vo
       c.s[i] = p.v ? sdv[i] : 0;
     }
     auto kernel = key_dkdv_kernel<T>;
-    cudaError_t err = prepare_launch(kernel, smem, blocks, info);
+    cudaError_t err = prepare_launch(kernel, smem, info);
     if (err != cudaSuccess) return err;
-    kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(p, z, e, g, static_cast<T*>(dk), a,
-                                                                       static_cast<T*>(dv), c);
-    err = cudaGetLastError();
+    err = launch_1d(blocks, info, [&](int64_t first, unsigned n) {
+      kernel<<<n, kThreads, smem, stream>>>(p, first, z, e, g, static_cast<T*>(dk), a, static_cast<T*>(dv), c);
+    });
     if (err != cudaSuccess) return err;
   }
 
@@ -487,10 +502,11 @@ cudaError_t bwd(const KeyPassProblem& p, SplitPlan plan, const void* Z, const vo
   const size_t smem = key_dw_smem(p, rpw, sizeof(A));
   A* out = static_cast<A*>(dw_part);
   auto go = [&](auto kernel) -> cudaError_t {
-    cudaError_t err = prepare_launch(kernel, smem, blocks, info);
+    const cudaError_t err = prepare_launch(kernel, smem, info);
     if (err != cudaSuccess) return err;
-    kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(p, plan, n_cb, z, e, g, out);
-    return cudaGetLastError();
+    return launch_1d(blocks, info, [&](int64_t first, unsigned n) {
+      kernel<<<n, kThreads, smem, stream>>>(p, plan, n_cb, first, z, e, g, out);
+    });
   };
   switch (rpw) {
     case 1: return go(key_dw_kernel<T, 1>);

@@ -1,5 +1,12 @@
 // Torch binding of the CUDA segment-means kernels (csrc/cuda/landmarks_kernel.cu).
-// Builds the segment tables with a few torch ops on the device, then launches.
+// Builds the segment tables with a few torch ops on the device, then launches on the
+// current stream of the inputs' device (under a device guard).
+//
+// No host-device synchronization anywhere (no .item(), no data-dependent shapes), so a
+// call can be captured in a CUDA graph. In consequence c_eff is not checked against the
+// valid lengths as the CPU op does (that check needs the values on the host): each
+// element's c_eff is clamped on the device to [0, min(num_segments, valid length)], i.e.
+// an out-of-range count gives the landmarks of the nearest valid count instead of an error.
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
@@ -24,14 +31,13 @@ struct Tables {
   at::Tensor order, start, seg;
 };
 
-Tables segment_tables(const c10::optional<at::Tensor>& padding, const at::Tensor& c_eff, int64_t B, int64_t L,
+Tables segment_tables(const c10::optional<at::Tensor>& padding, const at::Tensor& c_eff_in, int64_t B, int64_t L,
                       int64_t C, const at::TensorOptions& opts) {
   const auto lopts = opts.dtype(at::kLong);
   at::Tensor valid = padding.has_value() ? padding->logical_not() : at::ones({B, L}, opts.dtype(at::kBool));
   at::Tensor n_valid = valid.sum(-1);                                      // (B,)
-  TORCH_CHECK((c_eff <= n_valid).all().item<bool>() && (c_eff >= 0).all().item<bool>() &&
-                  (c_eff <= C).all().item<bool>(),
-              "lara_kernels::landmarks: c_eff must lie in [0, min(num_segments, valid length)]");
+  // sync-free: clamped to [0, min(C, valid length)] instead of checked (see the top)
+  const at::Tensor c_eff = at::minimum(c_eff_in.clamp(0, C), n_valid);
   at::Tensor pos = valid.to(at::kLong).cumsum(-1) - 1;
   at::Tensor denom = n_valid.clamp_min(1).unsqueeze(1);
   at::Tensor seg = at::where(valid & (c_eff.unsqueeze(1) > 0), at::div(pos * c_eff.unsqueeze(1), denom, "floor"),
@@ -61,7 +67,7 @@ at::Tensor landmarks_cuda(const at::Tensor& x, const c10::optional<at::Tensor>& 
   const cudaError_t err = cuda::landmarks_forward(
       to_dtype(x.scalar_type()), x.data_ptr(), x.stride(0), x.stride(1), x.stride(2), x.stride(3),
       t.order.data_ptr<int64_t>(), t.start.data_ptr<int64_t>(), out.data_ptr(), B, H, L, D, C,
-      c10::cuda::getCurrentCUDAStream().stream());
+      c10::cuda::getCurrentCUDAStream(x.get_device()).stream());
   TORCH_CHECK(err == cudaSuccess, "lara_kernels::landmarks (CUDA) launch failed: ", cudaGetErrorString(err));
   return out;
 }
@@ -70,6 +76,11 @@ at::Tensor landmarks_backward_cuda(const at::Tensor& grad, const c10::optional<a
                                    const at::Tensor& c_eff, int64_t length, at::ScalarType dtype) {
   check_landmarks_backward_args(grad, padding, c_eff, length, dtype);
   TORCH_CHECK(grad.is_cuda(), "lara_kernels::landmarks_backward (CUDA): grad must be a CUDA tensor, got ",
+              grad.device());
+  TORCH_CHECK(c_eff.device() == grad.device(), "lara_kernels::landmarks_backward (CUDA): c_eff is on ", c_eff.device(),
+              " but grad is on ", grad.device());
+  TORCH_CHECK(!padding.has_value() || padding->device() == grad.device(),
+              "lara_kernels::landmarks_backward (CUDA): padding is on ", padding->device(), " but grad is on ",
               grad.device());
   const c10::cuda::CUDAGuard guard(grad.device());
   const int64_t B = grad.size(0), H = grad.size(1), C = grad.size(2), D = grad.size(3), L = length;
@@ -81,7 +92,7 @@ at::Tensor landmarks_backward_cuda(const at::Tensor& grad, const c10::optional<a
   const Tables t = segment_tables(padding, c_eff, B, L, C, grad.options());
   const cudaError_t err = cuda::landmarks_backward(to_dtype(dtype), g64, g.data_ptr(), t.seg.data_ptr<int64_t>(),
                                                    t.start.data_ptr<int64_t>(), gx.data_ptr(), B, H, L, D, C,
-                                                   c10::cuda::getCurrentCUDAStream().stream());
+                                                   c10::cuda::getCurrentCUDAStream(grad.get_device()).stream());
   TORCH_CHECK(err == cudaSuccess, "lara_kernels::landmarks_backward (CUDA) launch failed: ", cudaGetErrorString(err));
   return gx;
 }

@@ -1,11 +1,16 @@
-// Masked segment means on the GPU, forward and backward (design/lara-math.md section 1).
-// Forward: one block per (batch, head, segment), threads over D, a deterministic
-// sequential sum over the segment's positions (no atomics). Backward: one thread per
-// element of grad_x.
+// Masked segment means on the GPU, forward and backward (docs/math.md section 1).
+// Both run a 1-D grid of 256-thread blocks (passes_kernel.h, launch_1d): the block index
+// is an int64 over every (batch, head, segment) or element, never B x H on grid y/z.
+// Forward: one warp per (batch, head, segment), lanes over D, a deterministic sequential
+// sum over the segment's positions (no atomics). Reads each valid row of x once (and the
+// segment's order[] entries once per 32 columns), writes out once: the floor.
+// Backward: one thread per element of grad_x; reads grad once per position of a segment
+// (L2-resident, C x D per (batch, head)), writes grad_x once: the floor for its output.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include "landmarks_kernel.h"
+#include "passes_kernel.h"
 
 namespace lara {
 namespace cuda {
@@ -29,29 +34,36 @@ template <> __device__ __forceinline__ __nv_bfloat16 store<__nv_bfloat16, float>
   return __float2bfloat16(v);
 }
 
+constexpr int kThreads = detail::kThreads;  // 8 warps
+constexpr int kWarps = detail::kWarps;
+
 template <typename T>
-__global__ void landmarks_fwd_kernel(const T* __restrict__ x, int64_t sb, int64_t sh, int64_t sl, int64_t sd,
-                                     const int64_t* __restrict__ order, const int64_t* __restrict__ start,
-                                     typename Acc<T>::type* __restrict__ out, int64_t H, int64_t L, int64_t D,
-                                     int64_t C) {
+__global__ void __launch_bounds__(kThreads)
+    landmarks_fwd_kernel(const T* __restrict__ x, int64_t sb, int64_t sh, int64_t sl, int64_t sd,
+                         const int64_t* __restrict__ order, const int64_t* __restrict__ start,
+                         typename Acc<T>::type* __restrict__ out, int64_t H, int64_t L, int64_t D, int64_t C,
+                         int64_t segments, int64_t block0) {
   using acc_t = typename Acc<T>::type;
-  const int64_t c = blockIdx.x;
-  const int64_t bh = blockIdx.y;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t sg = (block0 + blockIdx.x) * kWarps + warp;  // (b * H + h) * C + c
+  if (sg >= segments) return;                                // no barrier in this kernel
+  const int64_t c = sg % C, bh = sg / C;
   const int64_t b = bh / H, h = bh % H;
   const int64_t p0 = start[b * (C + 1) + c], p1 = start[b * (C + 1) + c + 1];
   const T* xbh = x + b * sb + h * sh;
-  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+  for (int64_t d = lane; d < D; d += 32) {
     acc_t s = 0;
     for (int64_t p = p0; p < p1; ++p) s += load<T>(xbh + order[b * L + p] * sl + d * sd);
-    out[(bh * C + c) * D + d] = p1 > p0 ? s / static_cast<acc_t>(p1 - p0) : acc_t(0);
+    out[sg * D + d] = p1 > p0 ? s / static_cast<acc_t>(p1 - p0) : acc_t(0);
   }
 }
 
 template <typename O, typename G>
-__global__ void landmarks_bwd_kernel(const G* __restrict__ grad, const int64_t* __restrict__ seg,
-                                     const int64_t* __restrict__ start, O* __restrict__ gx, int64_t H, int64_t L,
-                                     int64_t D, int64_t C, int64_t total) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+__global__ void __launch_bounds__(kThreads)
+    landmarks_bwd_kernel(const G* __restrict__ grad, const int64_t* __restrict__ seg,
+                         const int64_t* __restrict__ start, O* __restrict__ gx, int64_t H, int64_t L, int64_t D,
+                         int64_t C, int64_t total, int64_t block0) {
+  const int64_t i = (block0 + blockIdx.x) * kThreads + threadIdx.x;
   if (i >= total) return;
   const int64_t d = i % D;
   const int64_t l = (i / D) % L;
@@ -66,16 +78,22 @@ __global__ void landmarks_bwd_kernel(const G* __restrict__ grad, const int64_t* 
   gx[i] = store<O, G>(v);
 }
 
+template <typename Launch> cudaError_t detail_launch(int64_t blocks, Launch&& launch) {
+  return launch_1d(blocks, device_info(), launch);
+}
+
 template <typename T>
 cudaError_t fwd(const void* x, int64_t sb, int64_t sh, int64_t sl, int64_t sd, const int64_t* order,
                 const int64_t* start, void* out, int64_t B, int64_t H, int64_t L, int64_t D, int64_t C,
                 cudaStream_t stream) {
-  if (B * H * C == 0 || D == 0) return cudaSuccess;
-  const dim3 grid(static_cast<unsigned>(C), static_cast<unsigned>(B * H));
-  const int threads = D >= 128 ? 128 : (D >= 64 ? 64 : 32);
-  landmarks_fwd_kernel<T><<<grid, threads, 0, stream>>>(static_cast<const T*>(x), sb, sh, sl, sd, order, start,
-                                                        static_cast<typename Acc<T>::type*>(out), H, L, D, C);
-  return cudaGetLastError();
+  const int64_t segments = B * H * C;
+  if (segments == 0 || D == 0) return cudaSuccess;
+  const T* xp = static_cast<const T*>(x);
+  auto* op = static_cast<typename Acc<T>::type*>(out);
+  auto kernel = landmarks_fwd_kernel<T>;
+  return detail_launch(detail::cdiv(segments, kWarps), [&](int64_t first, unsigned n) {
+    kernel<<<n, kThreads, 0, stream>>>(xp, sb, sh, sl, sd, order, start, op, H, L, D, C, segments, first);
+  });
 }
 
 template <typename O, typename G>
@@ -83,11 +101,12 @@ cudaError_t bwd(const void* grad, const int64_t* seg, const int64_t* start, void
                 int64_t L, int64_t D, int64_t C, cudaStream_t stream) {
   const int64_t total = B * H * L * D;
   if (total == 0) return cudaSuccess;
-  const int threads = 256;
-  const int64_t blocks = (total + threads - 1) / threads;
-  landmarks_bwd_kernel<O, G><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
-      static_cast<const G*>(grad), seg, start, static_cast<O*>(gx), H, L, D, C, total);
-  return cudaGetLastError();
+  const G* gp = static_cast<const G*>(grad);
+  O* out = static_cast<O*>(gx);
+  auto kernel = landmarks_bwd_kernel<O, G>;
+  return detail_launch(detail::cdiv(total, kThreads), [&](int64_t first, unsigned n) {
+    kernel<<<n, kThreads, 0, stream>>>(gp, seg, start, out, H, L, D, C, total, first);
+  });
 }
 
 }  // namespace

@@ -1,6 +1,12 @@
 // Torch binding of the CUDA passes (csrc/cuda/key_pass_kernel.cu, query_pass_kernel.cu):
 // checks, device guard, allocation of the outputs and of the per-split partials, the
 // launch, and the small C-sized steps (combining and summing partials) as torch ops.
+//
+// Every entry point guards the inputs' device (CUDAGuard) and launches on that device's
+// current stream; nothing synchronizes with the host (no .item(), no shapes that depend
+// on values, only device-attribute queries), so a call can be captured in a CUDA graph.
+// c_eff is read by the query kernels and clamped there to [1, C] per element (the CPU
+// passes do the same), never checked on the host, which would need a sync.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -12,6 +18,10 @@
 
 namespace lara {
 namespace {
+
+static_assert(kMaxDim <= cuda::kMaxWidth, "the shared checks let through sizes the CUDA passes do not take");
+
+cudaStream_t stream_of(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.get_device()).stream(); }
 
 cuda::DType kernel_dtype(at::ScalarType t) {
   switch (t) {
@@ -124,7 +134,7 @@ std::tuple<Tensor, Tensor> key_pass_fwd_cuda(const Tensor& w, const Tensor& k, c
   at::Tensor l_part = at::empty({S, B, H, C}, opts);
   at::Tensor acc_part = at::empty({v.has_value() ? S : 0, B, H, C, Dv}, opts);
   check_launch(op, cuda::key_pass_forward(p, plan, m_part.data_ptr(), l_part.data_ptr(), acc_part.data_ptr(),
-                                          c10::cuda::getCurrentCUDAStream().stream()));
+                                          stream_of(k)));
 
   // Z = mx + log(sum_s exp(m_s - mx) l_s), kap = sum_s exp(m_s - mx) acc_s / that sum.
   // A row without any valid key (excluded by the contract) gets Z = -inf and kap = 0.
@@ -178,7 +188,7 @@ std::tuple<Tensor, Tensor, Tensor> key_pass_bwd_cuda(const Tensor& w, const Tens
   if (v.has_value()) strides_of(dv, sdv);
   check_launch(op, cuda::key_pass_backward(p, plan, z.data_ptr(), E.data_ptr(), g.data_ptr(), dk.data_ptr(), sdk,
                                            dv.data_ptr(), sdv, dw_part.data_ptr(),
-                                           c10::cuda::getCurrentCUDAStream().stream()));
+                                           stream_of(k)));
   return {dw_part.sum(0), dk, dv};
 }
 
@@ -194,7 +204,7 @@ Tensor query_pass_fwd_cuda(const Tensor& q, const Tensor& w, const Tensor& bias,
   int64_t sy[4];
   strides_of(y, sy);
   const cuda::QueryPassProblem p = query_problem(q, w, bias, kap, c_eff, padding, ss, qt, lam, bh, beta);
-  check_launch(op, cuda::query_pass_forward(p, y.data_ptr(), sy, c10::cuda::getCurrentCUDAStream().stream()));
+  check_launch(op, cuda::query_pass_forward(p, y.data_ptr(), sy, stream_of(q)));
   return y;
 }
 
@@ -237,7 +247,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> query_pass_bw
   check_launch(op, cuda::query_pass_backward(p, plan, kernel_dtype(g.scalar_type()), g.data_ptr(), sdy, dq.data_ptr(),
                                              sdq, dw_part.data_ptr(), db_part.data_ptr(), dkap_part.data_ptr(),
                                              dqt_part.data_ptr(), dlam_part.data_ptr(), dbh_part.data_ptr(),
-                                             c10::cuda::getCurrentCUDAStream().stream()));
+                                             stream_of(q)));
   if (!mis) {
     const at::Tensor none = at::empty({0}, opts);
     return {dq, dw_part.sum(0), db_part.sum(0), dkap_part.sum(0), none, none.clone(), none.clone()};

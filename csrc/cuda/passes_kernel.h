@@ -57,6 +57,45 @@ cudaError_t key_pass_backward(const KeyPassProblem& p, SplitPlan plan, const voi
                               const void* dkap, void* dk, const int64_t sdk[4], void* dv, const int64_t sdv[4],
                               void* dw_part, cudaStream_t stream);
 
+// The passes hold a row of D, Dv or C values as 8 registers per lane of a warp: the
+// launchers refuse larger sizes (cudaErrorInvalidValue); the binding checks them first.
+constexpr int64_t kMaxWidth = 256;
+
+// What the current device offers (the binding's device guard makes the inputs' device
+// current). Attribute queries only: no synchronization, allowed during graph capture.
+struct DeviceInfo {
+  int sms = 108;
+  int smem_optin = 48 * 1024;       // the most dynamic shared memory one block may opt in to
+  int64_t max_grid_x = 0x7fffffff;  // gridDim.x limit (y and z, 65535, are never used)
+};
+inline DeviceInfo device_info() {
+  DeviceInfo info;
+  int dev = 0, v = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return info;
+  if (cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess && v > 0) info.sms = v;
+  if (cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) == cudaSuccess && v > 0)
+    info.smem_optin = v;
+  if (cudaDeviceGetAttribute(&v, cudaDevAttrMaxGridDimX, dev) == cudaSuccess && v > 0) info.max_grid_x = v;
+  return info;
+}
+
+// Launch geometry of every kernel of the library: a 1-D grid. B x H, splits, tiles and
+// segments are folded into one int64 block index that rides on x only, and a count of
+// blocks beyond the device's x limit (2^31 - 1) goes as several launches on the same
+// stream, each told the index of its first block (kernels use first + blockIdx.x).
+// launch(first, count) enqueues one launch; returns the first launch error.
+template <typename Launch>
+inline cudaError_t launch_1d(int64_t blocks, const DeviceInfo& info, Launch&& launch) {
+  const int64_t cap = info.max_grid_x > 0 ? info.max_grid_x : 1;
+  for (int64_t first = 0; first < blocks; first += cap) {
+    const int64_t n = blocks - first < cap ? blocks - first : cap;
+    launch(first, static_cast<unsigned>(n));
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
 // N query rows attending over C samples.
 struct QueryPassProblem {
   DType dtype = DType::kFloat32;  // of q
@@ -198,20 +237,6 @@ __device__ __forceinline__ void stage_small(const A* __restrict__ src, int64_t c
   }
 }
 
-// Host side: what the current device offers (the binding's device guard makes it current).
-struct DeviceInfo {
-  int sms = 108;
-  int smem_optin = 48 * 1024;  // the most dynamic shared memory one block may opt in to
-};
-inline DeviceInfo device_info() {
-  DeviceInfo info;
-  int dev = 0, v = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return info;
-  if (cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess && v > 0) info.sms = v;
-  if (cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) == cudaSuccess && v > 0)
-    info.smem_optin = v;
-  return info;
-}
 
 // Tiles beyond this much shared memory are cut smaller where they can be, so that two
 // blocks fit on an H100 SM (228 KB). The largest tile of any kernel (float64 with
@@ -232,10 +257,8 @@ inline SplitPlan split_plan(int64_t n_tiles, int64_t other_blocks, const DeviceI
   return plan;
 }
 
-// Opt in to more than the default 48 KB of dynamic shared memory, and check the grid.
-template <typename Kernel> inline cudaError_t prepare_launch(Kernel kernel, size_t smem, int64_t blocks,
-                                                             const DeviceInfo& info) {
-  if (blocks < 1 || blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
+// Opt in to more than the default 48 KB of dynamic shared memory.
+template <typename Kernel> inline cudaError_t prepare_launch(Kernel kernel, size_t smem, const DeviceInfo& info) {
   if (smem > static_cast<size_t>(info.smem_optin)) return cudaErrorInvalidConfiguration;
   if (smem > 48 * 1024)
     return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));

@@ -1,4 +1,4 @@
-// Query pass on the GPU: N query rows attending over C samples (lara-math.md sections
+// Query pass on the GPU: N query rows attending over C samples (docs/math.md sections
 // 6, 7; contract in csrc/lara_ops.h), with or without the MIS term.
 //
 // Forward (query_fwd_kernel): block (query tile, b*h) holds BN = 8 * RPW rows of qh and
@@ -7,12 +7,24 @@
 // the max and the softmax are warp reductions. The logits are a small GEMM whose w / qt
 // operand goes through shared memory in chunks of DK head-dim columns; y = P kap reads
 // kap in chunks of 32 samples and takes P from the owning lane by shuffles.
+// Traffic: q read once and y written once (the floor); the C-sized inputs (w, qt, kap:
+// C x (2 D + Dv), bias, lam, bh) are read once per tile of BN rows, from L2 (they are
+// small and shared by all tiles of a (b, h)).
 //
-// Backward (query_bwd_kernel): block (split, b*h) walks the query tiles of its split,
-// recomputes the logits, P, dL and dt of a tile (and dy . kap the same way), writes dq
-// of the tile, and adds the tile's share of the sums over n (dw, dqt, dkap) into the
-// block's own slice of the partial buffers (each element always by the same thread, so
-// no atomics), and the C-sized sums (dbias, dbh, dlam) in registers.
+// Backward (query_bwd_kernel): block (sample group, split, b*h) walks the query tiles of
+// its split, recomputes the logits, P, dL and dt of a tile (and dy . kap the same way)
+// for all C samples (the softmax needs them all), and adds the tile's share of the sums
+// over n (dw, dqt, dkap) for the samples of its group into shared memory, where they stay
+// across all its tiles; at the end it writes them once, as its split's partial (each
+// element by one block, no atomics). The group is all C samples whenever they fit the
+// device's shared memory (bwd_group), so in the common case there is one group and no
+// recomputation; for large C x (2 D + Dv) the groups' blocks each recompute the logits.
+// The group-0 block writes dq of its tiles. The C-sized sums (dbias, dbh, dlam) are
+// per-lane registers, reduced across warps once at the end.
+// Traffic: q, dy read once per group (the groups' blocks of a tile are adjacent in launch
+// order, so beyond the first it is mostly L2), dq written once (the floor); the C-sized
+// inputs read once per tile from L2; the partials written once per block:
+// splits x B x H x C x (2 D + Dv) elements, splits ~ 4 x SMs / (B x H x groups).
 #include "passes_kernel.h"
 
 namespace lara {
@@ -47,13 +59,37 @@ int64_t fwd_region(const QueryPassProblem& p, int nc, int dks) {
 size_t fwd_smem(const QueryPassProblem& p, int nc, int bn, int dks, size_t elem) {
   return elem * static_cast<size_t>(bn * pad32(p.D) + bn + fwd_region(p, nc, dks));
 }
-int64_t bwd_region(const QueryPassProblem& p, int nc, int bn, int dks) {
+__host__ __device__ inline int64_t bwd_region(const QueryPassProblem& p, int nc, int bn, int dks) {
   const int64_t stage = int64_t(32) * nc * dks * (p.qt ? 2 : 1);
   const int64_t post = int64_t(p.qt ? 3 : 2) * bn * 32 * nc;  // >= the 8 x C cross-warp sums
   return stage > post ? stage : post;
 }
-size_t bwd_smem(const QueryPassProblem& p, int nc, int bn, int dks, size_t elem) {
-  return elem * static_cast<size_t>(bn * (pad32(p.D) + pad32(p.Dv)) + bn + bwd_region(p, nc, bn, dks));
+// ... plus `group` rows of the partial sums over n (dw, dqt, dkap) the block keeps.
+size_t bwd_smem(const QueryPassProblem& p, int nc, int bn, int dks, int group, size_t elem) {
+  const int64_t part = int64_t(group) * (p.D * (p.qt ? 2 : 1) + p.Dv);
+  return elem * static_cast<size_t>(bn * (pad32(p.D) + pad32(p.Dv)) + bn + bwd_region(p, nc, bn, dks) + part);
+}
+
+// Samples per group of the backward: a block keeps its group's rows of dw, dqt and dkap
+// in shared memory across all the tiles it walks, and writes them once. All C samples
+// when they fit the device's shared memory (no recomputation), else as few groups as fit,
+// of balanced sizes (multiples of 8): each group's block then recomputes the tile's
+// logits. float32 with MIS, for instance, has one group up to D = Dv = 64, C = 128 on an
+// A100 (163 KB) and an H100 (227 KB), two or three at D = Dv = 64, C = 256, and 8 (H100)
+// or 16 (A100) at D = Dv = C = 256.
+int bwd_group(const QueryPassProblem& p, size_t elem, const DeviceInfo& info) {
+  const int nc = samples_per_lane(p.C);
+  const int bn = query_rows(p.dtype, nc);
+  const int dks = (elem == 8 ? 16 : 32) + 1;
+  const int all = static_cast<int>(cdiv(p.C, 8) * 8);
+  const size_t base = bwd_smem(p, nc, bn, dks, 0, elem);
+  const size_t row = elem * static_cast<size_t>(p.D * (p.qt ? 2 : 1) + p.Dv);
+  const size_t limit = static_cast<size_t>(info.smem_optin);
+  if (row == 0 || base + all * row <= limit) return all > 0 ? all : 8;
+  const int64_t fit = base < limit ? static_cast<int64_t>((limit - base) / row) : 0;
+  const int64_t most = fit >= 8 ? fit / 8 * 8 : 8;
+  const int64_t groups = cdiv(p.C, most);  // as few as fit, then balanced
+  return static_cast<int>(cdiv(cdiv(p.C, groups), 8) * 8);
 }
 
 // o1[j][i] += sum_k X[row j][k] B1[c_i][k] (and o2 with B2 when TWO), row j = warp + 8 j
@@ -179,7 +215,7 @@ __device__ __forceinline__ A row_softmax(const QueryPassProblem& p, const Sample
 
 template <typename T, int NC>
 __global__ void __launch_bounds__(kThreads)
-    query_fwd_kernel(const QueryPassProblem p, T* y, const Strides4 sy, const int64_t n_tiles) {
+    query_fwd_kernel(const QueryPassProblem p, T* y, const Strides4 sy, const int64_t n_tiles, const int64_t block0) {
   using A = typename Acc<T>::type;
   constexpr int RPW = rows_per_warp<A, NC>();
   constexpr int BN = kWarps * RPW;
@@ -188,7 +224,8 @@ __global__ void __launch_bounds__(kThreads)
   const int QS = pad32(D), VS = pad32(Dv), NV = VS / 32;
   const int64_t N = p.N, H = p.H;
 
-  const int64_t tile = blockIdx.x % n_tiles, bh = blockIdx.x / n_tiles;
+  const int64_t blk = block0 + blockIdx.x;
+  const int64_t tile = blk % n_tiles, bh = blk / n_tiles;
   const int64_t b = bh / H, h = bh % H;
   const int64_t n0 = tile * BN;
 
@@ -260,15 +297,17 @@ __global__ void __launch_bounds__(kThreads)
 
 // ----------------------------------------------------------------------------- backward
 
-// part[c][d] (+)= sum_n coef[n][c] X[n][d] for c < C, d < width: the tile's share of a
-// sum over n, added into the block's own slice (written on the block's first tile).
-// Warp w owns rows w + 8 q of each group of 32 samples; lane j columns j + 32 i.
+// part[c - g0][d] += sum_n coef[n][c] X[n][d] for g0 <= c < g1, d < width: the tile's
+// share of a sum over n, added into the block's partial in shared memory (row stride
+// width). Warp w owns samples cb + w + 8 q of each group of 32, lane j columns j + 32 i;
+// an element of part is always updated by the same thread, so the tiles need no barrier
+// between their updates.
 template <typename A, int BN>
-__device__ __forceinline__ void add_partial(const A* coef, int cstride, const A* X, int xs, int64_t C, int width,
-                                            A* part, bool first) {
+__device__ __forceinline__ void add_partial(const A* coef, int cstride, const A* X, int xs, int g0, int g1,
+                                            int width, A* part) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int NX = xs / 32;
-  for (int64_t cb = 0; cb < C; cb += 32) {
+  for (int cb = g0; cb < g1; cb += 32) {
     A acc[4][8];
 #pragma unroll
     for (int q = 0; q < 4; ++q)
@@ -280,7 +319,8 @@ __device__ __forceinline__ void add_partial(const A* coef, int cstride, const A*
       for (int i = 0; i < 8; ++i) xv[i] = i < NX ? X[n * xs + lane + 32 * i] : A(0);
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
-        const A cv = coef[n * cstride + cb + warp + kWarps * q];
+        const int c = cb + warp + kWarps * q;
+        const A cv = c < g1 ? coef[n * cstride + c] : A(0);
 #pragma unroll
         for (int i = 0; i < 8; ++i)
           if (i < NX) acc[q][i] += cv * xv[i];
@@ -288,13 +328,13 @@ __device__ __forceinline__ void add_partial(const A* coef, int cstride, const A*
     }
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
-      const int64_t c = cb + warp + kWarps * q;
-      if (c >= C) continue;
-      A* row = part + c * width;
+      const int c = cb + warp + kWarps * q;
+      if (c >= g1) continue;
+      A* row = part + (c - g0) * width;
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
         const int d = lane + 32 * i;
-        if (d < width) row[d] = first ? acc[q][i] : row[d] + acc[q][i];
+        if (d < width) row[d] += acc[q][i];
       }
     }
   }
@@ -302,7 +342,8 @@ __device__ __forceinline__ void add_partial(const A* coef, int cstride, const A*
 
 template <typename T, typename TY, int NC>
 __global__ void __launch_bounds__(kThreads)
-    query_bwd_kernel(const QueryPassProblem p, const SplitPlan plan, const int64_t n_tiles, const TY* dy,
+    query_bwd_kernel(const QueryPassProblem p, const SplitPlan plan, const int64_t n_tiles, const int group,
+                     const int64_t block0, const TY* dy,
                      const Strides4 sdy, T* dq, const Strides4 sdq, typename Acc<T>::type* dw_part,
                      typename Acc<T>::type* db_part, typename Acc<T>::type* dkap_part,
                      typename Acc<T>::type* dqt_part, typename Acc<T>::type* dlam_part,
@@ -319,8 +360,13 @@ __global__ void __launch_bounds__(kThreads)
   const A beta = static_cast<A>(p.beta);
   const A ss = static_cast<A>(p.ss);
 
-  const int64_t s = blockIdx.x % plan.splits, bh = blockIdx.x / plan.splits;
+  const int n_groups = static_cast<int>(cdiv(C, group));
+  int64_t blk = block0 + blockIdx.x;
+  const int cg = static_cast<int>(blk % n_groups);
+  blk /= n_groups;
+  const int64_t s = blk % plan.splits, bh = blk / plan.splits;
   const int64_t b = bh / H, h = bh % H;
+  const int g0 = cg * group, g1 = static_cast<int>(C - g0 < group ? C : g0 + group);  // samples g0 .. g1
 
   A* qs = smem_base<A>();      // [BN][QS] qh of the tile
   A* ys = qs + BN * QS;        // [BN][YS] dy of the tile
@@ -329,6 +375,10 @@ __global__ void __launch_bounds__(kThreads)
   A* Ps = region;              // [BN][CP] P
   A* dLs = Ps + BN * CP;       // [BN][CP] dL
   A* dTs = dLs + BN * CP;      // [BN][CP] dt (MIS)
+  A* dws = region + bwd_region(p, NC, BN, gemm_chunk<A>() + 1);  // [group][D] the block's rows g0 .. of dw,
+  A* dqts = dws + group * D;                                      // [group][D] of dqt (MIS),
+  A* dkaps = dqts + (mis ? group * D : 0);                        // [group][Dv] of dkap, over all tiles
+  for (int i = threadIdx.x; i < group * (D * (mis ? 2 : 1) + Dv); i += kThreads) dws[i] = A(0);
 
   int64_t ce64 = p.c_eff[b];
   ce64 = ce64 < 1 ? 1 : (ce64 > C ? C : ce64);
@@ -340,9 +390,6 @@ __global__ void __launch_bounds__(kThreads)
   const A* kap = static_cast<const A*>(p.kap) + bh * C * Dv;
   const T* qg = static_cast<const T*>(p.q) + b * p.sq[0] + h * p.sq[1];
   const TY* dyg = dy + b * sdy.s[0] + h * sdy.s[1];
-  A* dw_slice = dw_part + (s * BH + bh) * C * D;
-  A* dkap_slice = dkap_part + (s * BH + bh) * C * Dv;
-  A* dqt_slice = mis ? dqt_part + (s * BH + bh) * C * D : nullptr;
 
   A cdb[NC], cdbh[NC], cdlam[NC];  // this lane's share of the C-sized sums
 #pragma unroll
@@ -408,8 +455,9 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();
 
-    // dq_n = ss (sum_c dL_nc w_c + sum_c dt_nc qt_c); w and qt rows are read through L1
-    {
+    // dq_n = ss (sum_c dL_nc w_c + sum_c dt_nc qt_c), by the group-0 block of the tile
+    // (every group block has all of dL and dt); w and qt rows are read through L1
+    if (cg == 0) {
       A acc[RPW][8];
 #pragma unroll
       for (int j = 0; j < RPW; ++j)
@@ -448,18 +496,9 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
 
-    const bool first = t == t0;
-    add_partial<A, BN>(dLs, CP, qs, QS, C, D, dw_slice, first);
-    if (mis) add_partial<A, BN>(dTs, CP, qs, QS, C, D, dqt_slice, first);
-    add_partial<A, BN>(Ps, CP, ys, YS, C, Dv, dkap_slice, first);
-  }
-
-  if (t1 <= t0) {  // a split without tiles (not made by split_plan) still writes its slice
-    for (int64_t i = threadIdx.x; i < C * D; i += kThreads) {
-      dw_slice[i] = A(0);
-      if (mis) dqt_slice[i] = A(0);
-    }
-    for (int64_t i = threadIdx.x; i < C * Dv; i += kThreads) dkap_slice[i] = A(0);
+    add_partial<A, BN>(dLs, CP, qs, QS, g0, g1, D, dws);
+    if (mis) add_partial<A, BN>(dTs, CP, qs, QS, g0, g1, D, dqts);
+    add_partial<A, BN>(Ps, CP, ys, YS, g0, g1, Dv, dkaps);
   }
 
   // C-sized sums: per-warp values through shared memory, added in warp order
@@ -475,8 +514,18 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   __syncthreads();
-  if (threadIdx.x < C) {
-    const int c = threadIdx.x;
+  // the group's rows of the sums over n, written once: contiguous runs of (g1 - g0) rows
+  {
+    const int64_t row0 = (s * BH + bh) * C + g0;
+    const int nd = (g1 - g0) * D, nv = (g1 - g0) * Dv;
+    for (int i = threadIdx.x; i < nd; i += kThreads) {
+      dw_part[row0 * D + i] = dws[i];
+      if (mis) dqt_part[row0 * D + i] = dqts[i];
+    }
+    for (int i = threadIdx.x; i < nv; i += kThreads) dkap_part[row0 * Dv + i] = dkaps[i];
+  }
+  const int c = static_cast<int>(threadIdx.x);
+  if (c >= g0 && c < g1) {
     const int64_t o = (s * BH + bh) * C + c;
     A v0 = A(0), v1 = A(0), v2 = A(0);
     for (int wi = 0; wi < kWarps; ++wi) {
@@ -500,6 +549,7 @@ template <typename T>
 cudaError_t fwd(const QueryPassProblem& p, void* y, const int64_t sy[4], cudaStream_t stream) {
   using A = typename Acc<T>::type;
   const int64_t BH = p.B * p.H;
+  if (p.D > kMaxWidth || p.Dv > kMaxWidth || p.C > kMaxWidth) return cudaErrorInvalidValue;
   if (BH == 0 || p.N == 0) return cudaSuccess;
   const DeviceInfo info = device_info();
   const int nc = samples_per_lane(p.C);
@@ -511,10 +561,11 @@ cudaError_t fwd(const QueryPassProblem& p, void* y, const int64_t sy[4], cudaStr
   for (int i = 0; i < 4; ++i) st.s[i] = sy[i];
   T* out = static_cast<T*>(y);
   auto go = [&](auto kernel) -> cudaError_t {
-    cudaError_t err = prepare_launch(kernel, smem, blocks, info);
+    const cudaError_t err = prepare_launch(kernel, smem, info);
     if (err != cudaSuccess) return err;
-    kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(p, out, st, n_tiles);
-    return cudaGetLastError();
+    return launch_1d(blocks, info, [&](int64_t first, unsigned n) {
+      kernel<<<n, kThreads, smem, stream>>>(p, out, st, n_tiles, first);
+    });
   };
   switch (nc) {
     case 1: return go(query_fwd_kernel<T, 1>);
@@ -530,6 +581,7 @@ cudaError_t bwd(const QueryPassProblem& p, SplitPlan plan, const void* dy, const
                 void* dbh_part, cudaStream_t stream) {
   using A = typename Acc<T>::type;
   const int64_t BH = p.B * p.H;
+  if (p.D > kMaxWidth || p.Dv > kMaxWidth || p.C > kMaxWidth) return cudaErrorInvalidValue;
   if (BH == 0) return cudaSuccess;
   const DeviceInfo info = device_info();
   const int nc = samples_per_lane(p.C);
@@ -537,8 +589,9 @@ cudaError_t bwd(const QueryPassProblem& p, SplitPlan plan, const void* dy, const
   const int64_t n_tiles = cdiv(p.N, bn);
   if (plan.splits < 1 || plan.tiles_per_split < 1 || plan.splits * plan.tiles_per_split < n_tiles)
     return cudaErrorInvalidValue;
-  const int64_t blocks = BH * plan.splits;
-  const size_t smem = bwd_smem(p, nc, bn, gemm_chunk<A>() + 1, sizeof(A));
+  const int group = bwd_group(p, sizeof(A), info);
+  const int64_t blocks = BH * plan.splits * cdiv(p.C, group);
+  const size_t smem = bwd_smem(p, nc, bn, gemm_chunk<A>() + 1, group, sizeof(A));
   Strides4 a{}, c{};
   for (int i = 0; i < 4; ++i) {
     a.s[i] = sdy[i];
@@ -549,12 +602,12 @@ cudaError_t bwd(const QueryPassProblem& p, SplitPlan plan, const void* dy, const
   A* parts[6] = {static_cast<A*>(dw_part),  static_cast<A*>(db_part),   static_cast<A*>(dkap_part),
                  static_cast<A*>(dqt_part), static_cast<A*>(dlam_part), static_cast<A*>(dbh_part)};
   auto go = [&](auto kernel) -> cudaError_t {
-    cudaError_t err = prepare_launch(kernel, smem, blocks, info);
+    const cudaError_t err = prepare_launch(kernel, smem, info);
     if (err != cudaSuccess) return err;
-    kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(p, plan, n_tiles, g, a, out, c, parts[0],
-                                                                       parts[1], parts[2], parts[3], parts[4],
-                                                                       parts[5]);
-    return cudaGetLastError();
+    return launch_1d(blocks, info, [&](int64_t first, unsigned n) {
+      kernel<<<n, kThreads, smem, stream>>>(p, plan, n_tiles, group, first, g, a, out, c, parts[0], parts[1],
+                                            parts[2], parts[3], parts[4], parts[5]);
+    });
   };
   switch (nc) {
     case 1: return go(query_bwd_kernel<T, TY, 1>);
@@ -578,8 +631,10 @@ cudaError_t bwd_dy(const QueryPassProblem& p, SplitPlan plan, DType dy_dtype, co
 }  // namespace
 
 SplitPlan query_pass_split_plan(const QueryPassProblem& p) {
+  const DeviceInfo info = device_info();
   const int bn = query_rows(p.dtype, samples_per_lane(p.C));
-  return split_plan(cdiv(p.N, bn), p.B * p.H, device_info());
+  const int group = bwd_group(p, p.dtype == DType::kFloat64 ? 8 : 4, info);
+  return split_plan(cdiv(p.N, bn), p.B * p.H * cdiv(p.C, group), info);
 }
 
 cudaError_t query_pass_forward(const QueryPassProblem& p, void* y, const int64_t sy[4], cudaStream_t stream) {
