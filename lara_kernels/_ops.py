@@ -159,8 +159,21 @@ if _C is not None:
     torch.library.register_autograd(
         "lara_kernels::landmarks_backward", _LandmarksBackward.backward,
         setup_context=_LandmarksBackward.setup_context)
-    torch.library.register_vmap("lara_kernels::landmarks", _Landmarks.vmap)
-    torch.library.register_vmap("lara_kernels::landmarks_backward", _LandmarksBackward.vmap)
+
+    # The ops' own vmap rules call the ops (the Functions' rules call the Functions).
+    def _landmarks_vmap(info, in_dims, x, padding, c_eff, num_segments):
+        V = info.batch_size
+        return _unfold(V, torch.ops.lara_kernels.landmarks(
+            _fold(V, x, in_dims[0]), _fold(V, padding, in_dims[1]), _fold(V, c_eff, in_dims[2]), num_segments))
+
+    def _landmarks_backward_vmap(info, in_dims, grad, padding, c_eff, length, dtype):
+        V = info.batch_size
+        return _unfold(V, torch.ops.lara_kernels.landmarks_backward(
+            _fold(V, grad, in_dims[0]).contiguous(), _fold(V, padding, in_dims[1]), _fold(V, c_eff, in_dims[2]),
+            length, dtype))
+
+    torch.library.register_vmap("lara_kernels::landmarks", _landmarks_vmap)
+    torch.library.register_vmap("lara_kernels::landmarks_backward", _landmarks_backward_vmap)
 
 
 def landmarks(x, padding, c_eff, C):
