@@ -126,7 +126,8 @@ def _worker(rank, P, store, out, lengths, modes, reps, max_call_s):
             for mode in modes:
                 key = (method, mode)
                 if key in last and last[key] * 2 > max_call_s:       # linear in N: predicted 2x
-                    results.append(dict(P=P, method=method, mode=mode, N=N, cut=f"~{last[key] * 2:.0f} s/call predicted"))
+                    results.append(dict(P=P, method=method, mode=mode, N=N,
+                                        cut=f"~{last[key] * 2:.0f} s/call predicted"))
                     last[key] = float("inf")
                     continue
                 if last.get(key) == float("inf"):
@@ -224,13 +225,16 @@ def _n(N):
     return f"{N // 1024}k" if N < 1048576 else f"{N // 1048576}M"
 
 
-def report(rows, model, env, runtime, command):
+def report(rows, model, env, runtime, command, load):
     lines = [f"Context parallelism on CPU (gloo): B={B}, H={H}, D={D}, C={C}, float32, self-attention, "
              "even shards, backend cpu, one thread per process.",
              f"Machine: {env['device_name']}, torch {env['torch']}, commit {env['commit']}, {env['date']}.",
              "Cell: median time per call (slowest rank) / per-rank peak allocation beyond the inputs / bytes "
              "this rank handed to the collectives (forward, or forward + backward). "
-             "P processes beyond the machine's cores share them: times at P = 4 on 2 cores are not speed-ups.", ""]
+             "P processes beyond the machine's cores share them: times at P = 4 on 2 cores are not speed-ups. "
+             f"Load average (1 min) at the start and the end of the run: {load[0]:.1f} and {load[1]:.1f} "
+             f"on {os.cpu_count()} cores (the machine is shared): the times are noisy; the memory and "
+             "byte columns are exact.", ""]
     Ns = sorted({r["N"] for r in rows})
     for mode in ("fwd", "fwd+bwd"):
         sub = [r for r in rows if r["mode"] == mode]
@@ -273,7 +277,8 @@ def report(rows, model, env, runtime, command):
               "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for m in model:
         lines.append(f"| {m['D']} | {m['R']} | {_n(m['N'])} | {_size(m['lara_bytes'])} | {_size(m['ring_bytes'])} | "
-                     f"{m['ring_bytes'] / m['lara_bytes']:.0f}x | {_t(m['lara_compute_s'])} | {_t(m['ring_compute_s'])} | "
+                     f"{m['ring_bytes'] / m['lara_bytes']:.0f}x | {_t(m['lara_compute_s'])} | "
+                     f"{_t(m['ring_compute_s'])} | "
                      f"{_t(m['lara_bytes'] / MODEL['link'])} | {_t(m['ring_bytes'] / MODEL['link'])} | "
                      f"{_bw(m['lara_bw'])} | {_bw(m['ring_bw'])} |")
     lines += ["", f"Script runtime: {runtime:.0f} s. Command: {command}"]
@@ -288,7 +293,15 @@ def plot(rows, model, path):
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (a1, a3, a2) = plt.subplots(1, 3, figsize=(17, 4.5))
+    for key in sorted({(r["method"], r["P"]) for r in rows}):
+        pts = [(r["N"], r["peak_bytes"] / 2**20) for r in rows if (r["method"], r["P"]) == key
+               and r["mode"] == "fwd+bwd" and "cut" not in r]
+        if pts:
+            a3.plot(*zip(*pts), marker="o", label="single" if key[0] == "single" else f"CP P={key[1]}")
+    a3.set(xscale="log", yscale="log", xlabel="N (tokens)", ylabel="MiB",
+           title="per-rank peak allocation, fwd+bwd (measured)")
+    a3.legend(fontsize=7)
     for mode, ls in (("fwd", "-"), ("fwd+bwd", "--")):
         for key in sorted({(r["method"], r["P"]) for r in rows}):
             pts = [(r["N"], r["time_s"]) for r in rows if (r["method"], r["P"]) == key and r["mode"] == mode
@@ -327,16 +340,19 @@ def main(argv=None):
     from lara_kernels.bench import environment
 
     t0 = time.time()
+    load0 = os.getloadavg()[0]
     torch.set_num_threads(1)
     rows = measure(args.procs, args.lengths, args.modes, args.reps, args.max_call_s)
     model = model_rows()
     env = environment(torch.device("cpu"))
     command = "python bench/context_parallel.py " + " ".join(sys.argv[1:] if argv is None else argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    md = report(rows, model, env, time.time() - t0, command.strip())
+    load = (load0, os.getloadavg()[0])
+    md = report(rows, model, env, time.time() - t0, command.strip(), load)
     (args.out / "context-parallel-cpu.md").write_text(md)
     (args.out / "context-parallel-cpu.json").write_text(json.dumps(
-        {"environment": env, "shape": dict(B=B, H=H, D=D, C=C), "measured": rows, "model": model,
+        {"environment": env, "load_average_1min": load, "shape": dict(B=B, H=H, D=D, C=C), "measured": rows,
+         "model": model,
          "model_assumptions": dict(MODEL, tflops=TFLOPS)}, indent=1))
     plot(rows, model, args.out / "context-parallel-cpu.png")
     print(md)
