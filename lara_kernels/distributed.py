@@ -4,7 +4,11 @@ Each rank holds a contiguous shard of the queries (B, H, N_r, D) and, independen
 the keys and values (B, H, M_r, D / Dv), with its shard of the padding masks; rank order
 in ``group`` is sequence order, and shards may be uneven, empty or all padding. The rows a
 rank gets back equal the matching rows of :func:`lara_kernels.lara_attention` on the whole
-sequence (same options, same eps), and so do the gradients of its q, k, v and landmarks.
+sequence (same options, same eps), and so do the gradients of its q, k, v. Given landmarks
+(``q_landmarks``, ``k_landmarks``) describe the whole sequence and are replicated: each
+rank gets its share of their gradient, and the sum over the group is the gradient of the
+whole call (all_reduce it, as DDP does for replicated parameters; the same holds for the
+parameters of a layer run with ``context_parallel_group``).
 
 Why this is cheap (docs/math.md): everything that spans the long axes is a sum over
 positions. The landmarks (section 1) are segment sums divided by segment sizes; the key
@@ -36,7 +40,8 @@ CPU), each step's partials batched into one buffer:
 4. a max all_reduce of the key-pass Z partials with the Lam partials (weighting
    "optimal"), then one sum all_reduce of [weights, weighted kap (, Lam weights)].
 
-Backward: one sum all_reduce per differentiable sum of steps 2-4 (eps has no gradient).
+Backward (when an input requires grad): one sum all_reduce of the gradients for each sum
+all_reduce of steps 2-4 (eps has no gradient; the max shifts have none either).
 
 Bytes per call, per rank (the size of the tensors this rank hands to the collectives; the
 wire traffic of a ring all_reduce is 2 (R-1)/R times its buffer). With G = B H C,
@@ -63,9 +68,10 @@ tests check it on the reference backend).
 Segment sums of the landmarks are computed here, in torch (a rank's segments are a window
 of the global ones, which the backends' single-device landmark pass cannot express):
 without padding as one sum per run of positions of a segment, with padding by
-``scatter_add`` (O(L D), any device). The key pass, the query normalizer and the query pass run on
-the backend ``backend=`` selects (its ``passes`` object), chosen on the global shapes so
-that every rank runs the same backend.
+``scatter_add`` (O(L D), any device). The key pass, the query normalizer and the query
+pass run on the backend ``backend=`` selects (its ``passes`` object), chosen on the global
+shapes so that every rank runs the same backend. Not supported: ``torch.compile`` of the
+call (it runs eagerly) and ``torch.func`` transforms.
 """
 
 from __future__ import annotations
