@@ -60,7 +60,7 @@ from .api import PROPOSALS, WEIGHTINGS, lara_attention
 from .api import _check_backend, _check_bool, _check_int, _check_real
 from .api import _check_choice as _choice
 
-__all__ = ["LaraAttention", "PerformerAttention", "LaraEncoderLayer", "segment_pool", "LANDMARKS"]
+__all__ = ["LaraAttention", "PerformerAttention", "LaraEncoderLayer", "segment_pool", "LANDMARKS", "convert"]
 
 LANDMARKS = ("mean", "learned", "pool2d")
 
@@ -664,3 +664,60 @@ class LaraEncoderLayer(nn.Module):
             x = self.norm1(x + self._sa(x, src_key_padding_mask))
             x = self.norm2(x + self._ff(x))
         return x
+
+
+def _lara_from_mha(mha: nn.MultiheadAttention, options: dict) -> LaraAttention:
+    """A LaraAttention with ``mha``'s configuration, weights, device, dtype and mode."""
+    w = mha.in_proj_weight if mha.in_proj_weight is not None else mha.q_proj_weight
+    if mha.bias_k is not None or mha.add_zero_attn:
+        raise NotImplementedError(
+            f"convert: nn.MultiheadAttention with add_bias_kv={mha.bias_k is not None} and add_zero_attn="
+            f"{mha.add_zero_attn} has no LARA counterpart (LARA has no bias key/value row)")
+    new = LaraAttention(mha.embed_dim, mha.num_heads, dropout=mha.dropout, bias=mha.in_proj_bias is not None,
+                        kdim=mha.kdim, vdim=mha.vdim, batch_first=mha.batch_first, device=w.device,
+                        dtype=w.dtype, **options)
+    missing, unexpected = new.load_state_dict(mha.state_dict(), strict=False)
+    extra = [k for k in missing if "landmark_proj" not in k]
+    if unexpected or extra:     # cannot happen for the MHA configurations accepted above
+        raise RuntimeError(f"convert: weights did not map (missing {extra}, unexpected {unexpected})")
+    new.train(mha.training)
+    return new
+
+
+def convert(module: nn.Module, **options) -> nn.Module:
+    """Replace every ``nn.MultiheadAttention`` in ``module`` by :class:`LaraAttention`, in place.
+
+    This covers the attention of ``nn.TransformerEncoderLayer`` / ``nn.TransformerDecoderLayer``
+    (their ``self_attn`` / ``multihead_attn``) and any model holding MHA modules. Each new
+    layer gets the MHA's ``embed_dim, num_heads, dropout, bias, kdim, vdim, batch_first``,
+    its device, dtype and train/eval mode, and its weights (``in_proj_weight`` or
+    ``q/k/v_proj_weight``, ``in_proj_bias``, ``out_proj``); ``options`` are
+    LaraAttention's keyword-only arguments (``num_samples=``, ``landmarks=``, ...), the same
+    for every layer. With ``landmarks="learned"`` the landmark projections are new
+    parameters, freshly initialized.
+
+    Returns ``module`` (or, when ``module`` itself is an ``nn.MultiheadAttention``, its
+    replacement). The calls of the converted model must then be ones LaraAttention takes:
+    padding masks only (an ``attn_mask``/``src_mask`` or ``is_causal=True``, as a
+    ``TransformerDecoderLayer``'s causal self-attention, raises NotImplementedError), and
+    ``need_weights=False`` (``nn.TransformerEncoderLayer`` already passes it).
+    MHA with ``add_bias_kv=True`` or ``add_zero_attn=True`` raises NotImplementedError
+    before anything is replaced.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    LaraAttention(8, 1, **options)          # check the options once, before touching the model
+    if isinstance(module, nn.MultiheadAttention):
+        return _lara_from_mha(module, options)
+    # every name of every MHA (a module shared by two parents gets one replacement, shared too)
+    targets = [(name, m) for name, m in module.named_modules(remove_duplicate=False)
+               if isinstance(m, nn.MultiheadAttention)]
+    built = {}
+    for _, m in targets:                    # build all first: a failure leaves the model unchanged
+        if id(m) not in built:
+            built[id(m)] = _lara_from_mha(m, options)
+    for name, m in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        setattr(parent, child, built[id(m)])
+    return module
