@@ -1,9 +1,14 @@
-"""The long passes written as eager torch ops (kernels.md's pass table, unfused).
+"""The long passes written as eager torch ops (the passes of docs/math.md, sections 1,
+4, 5 and 7, unfused).
 
 The fallback for ``landmarks`` where ``_C`` is not built, and an independent
 implementation of the same formulas as ``reference.py`` and the fused kernels (they
 check each other in the tests). It materializes the N x C and M x C matrices; the fused
-backends (``_fused.py``: triton, cpu, cuda) do not.
+backends (``_fused.py``: triton, cpu, cuda) do not, except where they run these passes
+because the fused kernels have no such derivative: a backward under
+``create_graph=True`` (differentiated again) and forward-mode AD. So every operation
+here must stay differentiable to any order and forward-differentiable (plain torch ops;
+the MIS floor as a ``where``, whose derivative is 1 only where alpha > 1e-8).
 
 Pass signatures (shared by every backend's passes object, see ``_pipeline.py``):
 
