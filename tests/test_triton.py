@@ -322,6 +322,43 @@ def test_backend_reasons(monkeypatch):
     assert "triton" not in dispatch.auto_order("cpu")
 
 
+def test_dot_precision_follows_torch():
+    # float32 products follow torch.get_float32_matmul_precision (triton_kernels/_common.py:
+    # "highest" -> ieee, "high" -> tf32x3, "medium" -> tf32); half dtypes are not float32
+    old = torch.get_float32_matmul_precision()
+    try:
+        for setting, want in (("highest", "ieee"), ("high", "tf32x3"), ("medium", "tf32")):
+            torch.set_float32_matmul_precision(setting)
+            assert _common.dot_precision(torch.float32) == want
+            assert _common.dot_precision(torch.bfloat16) == "ieee"
+    finally:
+        torch.set_float32_matmul_precision(old)
+    assert _common.emulated(torch.device("cpu")) and not _common.emulated(torch.device("cuda", 0))
+
+
+def test_split_count_uses_cached_sm_count(monkeypatch):
+    calls = []
+
+    class Props:
+        multi_processor_count = 132
+
+    def props(index):
+        calls.append(index)
+        return Props()
+
+    _common._sm_count.cache_clear()
+    monkeypatch.setattr(torch.cuda, "get_device_properties", props)
+    try:
+        dev = torch.device("cuda", 1)
+        # 1000 blocks, 4 other programs, 2 resident per SM: 66 splits of 16 blocks -> 63 splits
+        assert _common.num_splits(1000, 4, dev, per_sm=2) == (63, 16)
+        assert _common.num_splits(1000, 4, dev, per_sm=2) == (63, 16)
+        assert calls == [1]                                   # read once per device
+        assert _common.num_splits(1000, 4, torch.device("meta")) == (2, 500)   # DEFAULT_SMS = 8
+    finally:
+        _common._sm_count.cache_clear()
+
+
 # ----------------------------------------------------------------------------- GPU, natively
 
 
