@@ -20,6 +20,8 @@ y and z <= 65535):
   launch limits: grid x <= 3    the emulated device reports a grid x limit of 3 blocks, so
                                 the launchers split every grid into several launches; the
                                 results must still equal the oracle (three test cases)
+And "query backward in sample groups": a device with little shared memory makes the query
+backward split C into groups (see query_pass_kernel.cu, bwd_group).
 """
 
 import os
@@ -71,6 +73,18 @@ def launch_limits_grid_x(T):
     print(f"     {blocks} blocks in {launches} launches of at most {widest}")
 
 
+def query_backward_in_groups(T, dtype):
+    # 34000 bytes of shared memory per block: the query backward of QUERY_SHAPES[1] (C = 24)
+    # cannot keep the partials of all 24 samples, so it runs 3 groups of 8, each block
+    # recomputing the logits (its forward still fits)
+    E.set_device(4, 34000)
+    try:
+        T.test_query_pass_cuda(T.QUERY_SHAPES[1], dtype, True)
+    finally:
+        E.set_device(4, 166912)
+    print(f"     most shared memory of a launch: {E.stats()[1]} bytes")
+
+
 def cases(T):
     """(name, in_smoke, fn, args) for every emulated test case."""
     for i, shape in enumerate(T.KEY_SHAPES):
@@ -90,6 +104,8 @@ def cases(T):
     yield "test_landmarks_cuda_clamps_c_eff", True, T.test_landmarks_cuda_clamps_c_eff, ()
     yield "launch limits: B*H = 65536 (dry run)", True, launch_limits_many_heads, (T,)
     yield "launch limits: grid x <= 3", True, launch_limits_grid_x, (T,)
+    for dt in (torch.float64, torch.float32):
+        yield f"query backward in sample groups {dt}", True, query_backward_in_groups, (T, dt)
 
 
 def main():

@@ -51,10 +51,13 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t b = bh / H, h = bh % H;
   const int64_t p0 = start[b * (C + 1) + c], p1 = start[b * (C + 1) + c + 1];
   const T* xbh = x + b * sb + h * sh;
+  const int64_t* ord = order + b * L;
+  const acc_t inv = p1 > p0 ? acc_t(1) / static_cast<acc_t>(p1 - p0) : acc_t(0);
   for (int64_t d = lane; d < D; d += 32) {
     acc_t s = 0;
-    for (int64_t p = p0; p < p1; ++p) s += load<T>(xbh + order[b * L + p] * sl + d * sd);
-    out[sg * D + d] = p1 > p0 ? s / static_cast<acc_t>(p1 - p0) : acc_t(0);
+    const T* xd = xbh + d * sd;
+    for (int64_t p = p0; p < p1; ++p) s += load<T>(xd + ord[p] * sl);
+    out[sg * D + d] = s * inv;
   }
 }
 
