@@ -286,7 +286,10 @@ def test_vmap_equals_loop(backend, op):
     rfa draws its features inside the call: randomness="same" with a generator reseeded
     every call, as the loop does."""
     masks = _masks()
-    f = _lara_fn(backend, "cpu", masks=masks, proposal="attend") if op == "lara" else _rfa_fn(backend, "cpu", masks=masks)
+    if op == "lara":
+        f = _lara_fn(backend, "cpu", masks=masks, proposal="attend")
+    else:
+        f = _rfa_fn(backend, "cpu", masks=masks)
     q, k, v = _batched(20)
     got = torch.vmap(f, randomness="same")(q, k, v)
     want = torch.stack([f(q[i], k[i], v[i]) for i in range(V)])
