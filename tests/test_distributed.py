@@ -38,10 +38,10 @@ CASES = {
     "w2-segment-optimal-plain": dict(n=[5, 7], m=[5, 7], C=4),
     "w3-mixed-optimal-train-self-mask-empty": dict(n=[6, 0, 5], m=[6, 0, 5], C=4, proposal="mixed", training=True,
                                                    masks="self", B=3, drop=True),
-    "w4-attend-balance-cross-empty": dict(n=[3, 4, 0, 2], m=[7, 1, 5, 0], C=5, proposal="attend",
-                                          weighting="balance", beta=2.0, masks="both"),
-    "w4-segment-balance-train-allpad-shard": dict(n=[4, 4, 4, 4], m=[4, 4, 4, 4], C=6, weighting="balance",
-                                                  training=True, masks="self", pad_rank=1),
+    "w4-attend-balance-cross-empty-nan-padding": dict(n=[3, 4, 0, 2], m=[7, 1, 5, 0], C=5, proposal="attend",
+                                                      weighting="balance", beta=2.0, masks="both", garbage=True),
+    "w4-segment-balance-train-allpad-shard-nan": dict(n=[4, 4, 4, 4], m=[4, 4, 4, 4], C=6, weighting="balance",
+                                                      training=True, masks="self", pad_rank=1, garbage=True),
     "w3-mixed-balance-cut-C-scale": dict(n=[2, 4, 3], m=[5, 1, 5], C=16, proposal="mixed", weighting="balance",
                                          scale=0.3),
     "w2-mixed-optimal-landmarks-train": dict(n=[4, 6], m=[3, 8], C=4, proposal="mixed", training=True,
@@ -55,7 +55,7 @@ CASES = {
                                          double=True),
     "w4-ref-segment-balance-cross-empty": dict(n=[0, 5, 3, 2], m=[4, 4, 0, 3], C=4, weighting="balance",
                                                masks="both", backend="reference", training=True),
-    "w2-rfa-cpu-cross-empty": dict(op="rfa", n=[0, 6], m=[5, 3], C=5, masks="both"),
+    "w2-rfa-cpu-cross-empty-nan-padding": dict(op="rfa", n=[0, 6], m=[5, 3], C=5, masks="both", garbage=True),
     "w3-rfa-cpu-self-mask": dict(op="rfa", n=[4, 4, 3], m=[4, 4, 3], C=4, masks="self", B=3, drop=True),
     "w4-rfa-reference-double": dict(op="rfa", n=[2, 3, 2, 1], m=[3, 1, 2, 4], C=3, backend="reference",
                                     double=True),
@@ -127,6 +127,11 @@ def _run_case(case, group, r):
                 kpad[-1] = True
         if masks == "key":
             qpad = None
+    if case.get("garbage"):                          # padded positions may hold anything: NaN here
+        if qpad is not None:
+            q = q.masked_fill(qpad[:, None, :, None], float("nan"))
+        k = k.masked_fill(kpad[:, None, :, None], float("nan"))
+        v = v.masked_fill(kpad[:, None, :, None], float("nan"))
     names = ["q", "k", "v"] + [f"{c}_landmarks" for c in case.get("landmarks", "")]
     full = [q, k, v] + [lms[c] for c in case.get("landmarks", "")]
 
