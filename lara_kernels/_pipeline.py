@@ -49,14 +49,16 @@ def drop_inputs(keep, *tensors):
     """Zero the inputs of dropped elements (no valid query or key): their output is 0 and
     they are computed on stand-in masks, so their padded data must not enter the passes.
 
-    On CPU tensors (eager) the copies are skipped when nothing is dropped: reading
-    ``keep`` there costs no device synchronization. Elsewhere (GPU, or a compiled graph,
+    On CPU tensors (eager, outside torch.func transforms, which cannot branch on values)
+    the copies are skipped when nothing is dropped: reading ``keep`` there costs no device
+    synchronization. Elsewhere (GPU, or a compiled graph,
     which cannot branch on values) the inputs are always masked, so the call never waits
     for the device and can be captured in a CUDA graph; the result is the same.
     """
     if keep is None:
         return tensors
-    if keep.device.type == "cpu" and not torch.compiler.is_compiling() and bool(keep.all()):
+    if (keep.device.type == "cpu" and not torch.compiler.is_compiling()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(keep) and bool(keep.all())):
         return tensors
     return tuple(None if t is None else t.masked_fill(~keep[:, None, None, None], 0.0) for t in tensors)
 

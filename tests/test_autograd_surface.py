@@ -300,13 +300,8 @@ def test_vmap_equals_loop(backend, op):
 
 
 @pytest.mark.parametrize("backend", _func_backends())
-def test_vmap_batched_masks_equals_loop(backend, request):
-    """vmap over the padding masks as well."""
-    if backend != "reference":
-        request.applymarker(pytest.mark.xfail(
-            strict=True, raises=RuntimeError,
-            reason="the fused backends' pipeline (_pipeline.drop_inputs) branches on keep.all(), "
-                   "data-dependent control flow that vmap rejects when the masks are batched"))
+def test_vmap_batched_masks_equals_loop(backend):
+    """vmap over the padding masks as well (the pipeline never branches on batched values)."""
     q, k, v = _batched(21)
     kpm = torch.zeros(V, B, M, dtype=torch.bool)
     kpm[1, 0, 2:4] = True
