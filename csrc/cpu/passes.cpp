@@ -24,7 +24,7 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kTile = 128;       // rows per tile, at most: C x kTile logits of 32 KiB at C = 64 (float)
-constexpr int64_t kMinTile = 16;     // rows per tile, at least (below it BLAS calls cost more than they do)
+constexpr int64_t kMinTile = 16;     // rows per tile, at least (fewer: the per-call BLAS overhead dominates)
 constexpr int64_t kTileElems = 256 * kTile;  // elements of one tile buffer (C, D or Dv wide), at most
 constexpr int64_t kMinChunk = 512;   // rows per task, at least
 constexpr int64_t kMaxChunks = 64;   // partial buffers per (batch, head), at most
