@@ -42,6 +42,29 @@ from . import _passes_torch
 from ._ops import built
 
 
+_FUNCTION_APPLY = torch._C._FunctionBase.__dict__["apply"]   # the C++ apply every Function ends in
+
+
+def _apply(fn, *args):
+    """``fn.apply(*args)`` without its per-call argument binding.
+
+    ``Function.apply`` binds the arguments to ``forward``'s signature with
+    ``inspect.signature`` whenever ``setup_context`` is defined, about 50 us per call: most
+    of a small call's host time. Every argument here is positional and none has a default,
+    so that binding changes nothing; outside torch.func transforms and torch.compile (which
+    take the documented path) the call goes straight to the C++ apply.
+    """
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return fn.apply(*args)
+    return _FUNCTION_APPLY.__get__(None, fn)(*_unwrap_dead(args))
+
+
+def _unwrap_dead(args):
+    from torch._functorch.utils import unwrap_dead_wrappers   # what Function.apply does first
+
+    return unwrap_dead_wrappers(args)
+
+
 def _cast(g, like):
     return None if g is None else g.to(like.dtype)
 
@@ -222,20 +245,20 @@ class FusedPasses:
     def key_pass(self, w, k, v, padding, ss, subtract_norm):
         if _forward_ad_active():
             return _passes_torch.key_pass(w, k, v, padding, float(ss), bool(subtract_norm))
-        return _KeyPass.apply(self.kernels, w, k, v, padding, float(ss), bool(subtract_norm))
+        return _apply(_KeyPass, self.kernels, w, k, v, padding, float(ss), bool(subtract_norm))
 
     def query_normalizer(self, qt, q, padding, ss):
         if _forward_ad_active():
             return _passes_torch.query_normalizer(qt, q, padding, float(ss))
-        return _QueryNormalizer.apply(self.kernels, qt, q, padding, float(ss))
+        return _apply(_QueryNormalizer, self.kernels, qt, q, padding, float(ss))
 
     def query_pass(self, q, w, bias, kap, c_eff, padding, ss, mis):
         if _forward_ad_active():
             return _passes_torch.query_pass(q, w, bias, kap, c_eff, padding, float(ss), mis)
         if mis is None:
-            return _QueryPass.apply(self.kernels, q, w, bias, kap, c_eff, padding, float(ss), None, None, None, 0.0)
+            return _apply(_QueryPass, self.kernels, q, w, bias, kap, c_eff, padding, float(ss), None, None, None, 0.0)
         qt, lam, bh, beta = mis
-        return _QueryPass.apply(self.kernels, q, w, bias, kap, c_eff, padding, float(ss), qt, lam, bh, float(beta))
+        return _apply(_QueryPass, self.kernels, q, w, bias, kap, c_eff, padding, float(ss), qt, lam, bh, float(beta))
 
 
 class CompiledKernels:

@@ -179,4 +179,6 @@ if _C is not None:
 def landmarks(x, padding, c_eff, C):
     """Unscaled masked segment means (B, H, C, D) by the compiled op (differentiable to any
     order, under torch.func transforms too)."""
-    return _Landmarks.apply(x, padding, c_eff, C)
+    from ._fused import _apply   # apply without per-call argument binding
+
+    return _apply(_Landmarks, x, padding, c_eff, C)
