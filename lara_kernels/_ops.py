@@ -13,7 +13,25 @@ import warnings
 
 import torch
 
+def _built_against():
+    """The torch version ``setup.py`` compiled ``_C`` against (None if it left no record)."""
+    try:
+        from ._build_info import TORCH_VERSION
+    except ImportError:
+        return None
+    return TORCH_VERSION
+
+
+class _WrongTorch(ImportError):
+    pass
+
+
 try:
+    _against = _built_against()
+    if _against is not None and _against != torch.__version__:
+        # An extension built against another torch may load and then fail or crash inside a
+        # call: refuse it before importing.
+        raise _WrongTorch(f"built against torch {_against}, but this is torch {torch.__version__}")
     from . import _C  # noqa: F401  (importing registers torch.ops.lara_kernels.*)
 
     C_ERROR = None

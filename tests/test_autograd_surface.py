@@ -418,6 +418,11 @@ if mode == "broken":
                 return importlib.machinery.ModuleSpec(name, Loader(), origin="_C.so")
             return None
     sys.meta_path.insert(0, Finder())
+elif mode == "wrongtorch":                      # built, but setup.py recorded another torch
+    import types
+    info = types.ModuleType("lara_kernels._build_info")
+    info.TORCH_VERSION = "0.0.1+other"
+    sys.modules["lara_kernels._build_info"] = info
 else:                                           # never built: no module of that name
     sys.modules["lara_kernels._C"] = None
 with warnings.catch_warnings(record=True) as caught:
@@ -453,3 +458,10 @@ def test_missing_c_is_quiet():
     assert not r["built"] and r["warnings"] == []
     assert r["C_ERROR"].startswith("ModuleNotFoundError")
     assert any("not built" in reason for reason in r["cpu_reasons"])
+
+
+def test_c_built_against_another_torch_is_refused_with_reason():
+    r = _probe("wrongtorch")
+    assert not r["built"]
+    assert r["C_ERROR"].startswith("_WrongTorch: built against torch 0.0.1+other, but this is torch ")
+    assert len(r["warnings"]) == 1 and "pip install --no-build-isolation -e ." in r["warnings"][0]
