@@ -223,22 +223,23 @@ def _dir_inputs(seed, B_, H_, C, L, D, DV):
             torch.randn(B_, H_, L, DV, generator=g)]
 
 
-KEY_CFGS = [  # (block_m, splits): default, several splits of small key blocks
-    (None, None),
-    (16, 3),
+KEY_CFGS = [  # (block_m, splits, block_c): default, several splits of small key blocks, and
+    (None, None, None),     # C blocks on the grid (as for C x D past 128 x 128)
+    (16, 3, None),
+    (16, 3, 16),
 ]
 
 
 @interp
 @pytest.mark.parametrize("subtract_norm", [True, False])
-@pytest.mark.parametrize("cfg", KEY_CFGS, ids=["default", "split3-mblock16"])
+@pytest.mark.parametrize("cfg", KEY_CFGS, ids=["default", "split3-mblock16", "split3-cblock16"])
 def test_key_pass_direct(subtract_norm, cfg):
-    block_m, splits = cfg
+    block_m, splits, block_c = cfg
     Bn, C, M, D, DV = 2, 37, 70, 60, 24
     w, k, v = _dir_inputs(17, Bn, H, C, M, D, DV)
     pad = _kpm(Bn, M, seed=18)
     ss = D ** -0.25
-    opt = dict(block_m=block_m, splits=splits)
+    opt = dict(block_m=block_m, splits=splits, block_c=block_c)
     Z, kap = kp.key_pass_fwd(w, k, v, pad, ss, subtract_norm, **opt)
     ins = [x.double().requires_grad_() for x in (w, k, v)]
     Zr, kr = _passes_torch.key_pass(*ins, pad, ss, subtract_norm)

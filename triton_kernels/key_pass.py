@@ -52,18 +52,19 @@ def _key_fwd_kernel(
     H, C, M, D, DV, ss, S, blocks_per_split,
     HAS_V: tl.constexpr, HAS_PAD: tl.constexpr, SUB_NORM: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PREC: tl.constexpr, EMU: tl.constexpr,
+    NCB: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr,
 ):
     DT: tl.constexpr = K.dtype.element_ty
-    pid = tl.program_id(0)                                             # (bh, s), s fastest
+    pid = tl.program_id(0)                                             # (bh, cb, s), s fastest
     pid_s = pid % S
-    pid_bh = pid // S
+    pid_c = (pid // S) % NCB
+    pid_bh = pid // (S * NCB)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     bh = pid_bh.to(tl.int64)
-    BH = (tl.num_programs(0) // S).to(tl.int64)
+    BH = (tl.num_programs(0) // (S * NCB)).to(tl.int64)
 
-    c = tl.arange(0, BLOCK_C)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     d = tl.arange(0, BLOCK_D).to(tl.int64)
     d_ok = d < D
@@ -153,24 +154,26 @@ def _key_bwd_kernel(
     sp_b, sp_m,
     sdk_b, sdk_h, sdk_m, sdk_d,
     sdv_b, sdv_h, sdv_m, sdv_d,
+    sdk_c, sdv_c,
     H, C, M, D, DV, ss, S, blocks_per_split,
     HAS_V: tl.constexpr, HAS_PAD: tl.constexpr, SUB_NORM: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PREC: tl.constexpr, EMU: tl.constexpr,
+    NCB: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr,
 ):
     # S_cm = exp(l_cm - Z_c); E_c = dZ_c - dkap_c . kap_c
     # dv_m = sum_c S_cm dkap_c;  dl_cm = S_cm (dkap_c . v_m + E_c)
     # dk_m = sum_c dl_cm (ss w_c [- ss^2 k_m]);  dw_c = ss sum_m dl_cm k_m
     DT: tl.constexpr = K.dtype.element_ty
-    pid = tl.program_id(0)                                             # (bh, s), s fastest
+    pid = tl.program_id(0)                                             # (bh, cb, s), s fastest
     pid_s = pid % S
-    pid_bh = pid // S
+    pid_c = (pid // S) % NCB
+    pid_bh = pid // (S * NCB)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     bh = pid_bh.to(tl.int64)
-    BH = (tl.num_programs(0) // S).to(tl.int64)
+    BH = (tl.num_programs(0) // (S * NCB)).to(tl.int64)
 
-    c = tl.arange(0, BLOCK_C)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     d = tl.arange(0, BLOCK_D).to(tl.int64)
     d_ok = d < D
@@ -190,8 +193,8 @@ def _key_bwd_kernel(
 
     k_base = K + b * sk_b + h * sk_h
     v_base = V + b * sv_b + h * sv_h
-    dk_base = DK + b * sdk_b + h * sdk_h
-    dv_base = DVO + b * sdv_b + h * sdv_h
+    dk_base = DK + pid_c.to(tl.int64) * sdk_c + b * sdk_b + h * sdk_h   # sdk_c = 0 with one C block
+    dv_base = DVO + pid_c.to(tl.int64) * sdv_c + b * sdv_b + h * sdv_h
     dw_acc = tl.zeros([BLOCK_C, BLOCK_D], tl.float32)
     for blk in range(0, blocks_per_split):
         m = (pid_s * blocks_per_split + blk).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -229,13 +232,18 @@ def _key_bwd_kernel(
     tl.store(DW_PART + prow[:, None] * D + d[None, :], dw_acc * ss, mask=c_ok[:, None] & d_ok[None, :])
 
 
-def blocks(C, D, DV, block_m=None, bwd=False):
+def blocks(C, D, DV, block_m=None, bwd=False, block_c=None):
     """(BLOCK_C, BLOCK_M, BLOCK_D, BLOCK_DV, num_warps, num_stages) of the forward (or
     the backward) key kernel. All C rows are in one program (one read of k and v per
     pass); the key block and the warps shrink and grow with the C x head-dim tiles held
     in registers; the backward holds about twice the forward's state, so twice the warps."""
     BLOCK_C, BLOCK_D, BLOCK_DV = _common.pow2(C), _common.pow2(D), _common.pow2(DV)
     wide = max(BLOCK_D, BLOCK_DV)
+    # Past 128 x 128 the C x D operands and accumulators do not fit one program (sm_90, C =
+    # D = 256: 289 KB of shared memory in float32, and no wgmma under 16 warps' 128 registers):
+    # C blocks of 16384 / wide rows go on the grid; k, v are then read once per C block and the
+    # backward sums per-C-block dk, dv partials (kept only for these sizes).
+    BLOCK_C = block_c if block_c is not None else min(BLOCK_C, max(16, 128 * 128 // wide))
     tile = BLOCK_C * wide
     if block_m is None:   # the backward holds dw (C x D, float32) besides: 16 keys a block
         block_m = 16 if bwd or tile > 128 * 128 else (64 if tile <= 64 * 64 else 32)
@@ -259,7 +267,7 @@ def _f32(x):
     return x.to(torch.float32).contiguous()   # C-sized; no copy when already so
 
 
-def key_pass_fwd(w, k, v, padding, ss, subtract_norm, *, block_m=None, splits=None):
+def key_pass_fwd(w, k, v, padding, ss, subtract_norm, *, block_m=None, splits=None, block_c=None):
     """Z (B, H, C) and kap (B, H, C, Dv) in float32 (kap is None when v is None).
 
     w (B, H, C, D) float32; k (B, H, M, D) and v (B, H, M, Dv) in one float dtype and
@@ -271,20 +279,21 @@ def key_pass_fwd(w, k, v, padding, ss, subtract_norm, *, block_m=None, splits=No
     DV = v.shape[3] if has_v else 1
     dev = k.device
     w = _f32(w)
-    BLOCK_C, BLOCK_M, BLOCK_D, BLOCK_DV, num_warps, num_stages = blocks(C, D, DV, block_m)
+    BLOCK_C, BLOCK_M, BLOCK_D, BLOCK_DV, num_warps, num_stages = blocks(C, D, DV, block_m, block_c=block_c)
     S, per_split = _common.num_splits(_common.cdiv(M, BLOCK_M), B * H, dev, FWD_PER_SM, splits)
 
+    NCB = _common.cdiv(C, BLOCK_C)
     part = _common.empty((S, B * H * C, 2 + DV), torch.float32, dev)
     vt = v if has_v else k
     pad, sp_b, sp_m = _pad_arg(padding, k)
     _common.launch(
-        _key_fwd_kernel, (S * B * H,), dev,
+        _key_fwd_kernel, (S * NCB * B * H,), dev,
         w, k, vt, pad, part,
         *k.stride(), *vt.stride(), sp_b, sp_m,
         H, C, M, D, DV, float(ss), S, per_split,
         HAS_V=has_v, HAS_PAD=padding is not None, SUB_NORM=bool(subtract_norm),
         BLOCK_C=BLOCK_C, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
-        PREC=_common.dot_precision(k.dtype), EMU=_common.emulated(dev),
+        NCB=NCB, PREC=_common.dot_precision(k.dtype), EMU=_common.emulated(dev),
         num_warps=num_warps, num_stages=num_stages,
     )
     Z = _common.empty((B, H, C), torch.float32, dev)
@@ -298,7 +307,8 @@ def key_pass_fwd(w, k, v, padding, ss, subtract_norm, *, block_m=None, splits=No
     return Z, kap
 
 
-def key_pass_bwd(w, k, v, padding, ss, subtract_norm, Z, kap, dZ, dkap, *, block_m=None, splits=None):
+def key_pass_bwd(w, k, v, padding, ss, subtract_norm, Z, kap, dZ, dkap, *, block_m=None, splits=None,
+                 block_c=None):
     """Gradients (dw float32, dk in k's dtype, dv in v's dtype or None) of key_pass_fwd."""
     B, H, C, D = w.shape
     M = k.shape[2]
@@ -312,23 +322,34 @@ def key_pass_bwd(w, k, v, padding, ss, subtract_norm, Z, kap, dZ, dkap, *, block
         dkap = torch.zeros_like(kap) if dkap is None else _f32(dkap)
     else:
         kap = dkap = Z
-    BLOCK_C, BLOCK_M, BLOCK_D, BLOCK_DV, num_warps, num_stages = blocks(C, D, DV, block_m, bwd=True)
+    BLOCK_C, BLOCK_M, BLOCK_D, BLOCK_DV, num_warps, num_stages = blocks(C, D, DV, block_m, bwd=True,
+                                                                        block_c=block_c)
     S, per_split = _common.num_splits(_common.cdiv(M, BLOCK_M), B * H, dev, BWD_PER_SM, splits)
 
-    dk = _common.empty(k.shape, k.dtype, dev)
-    dv = _common.empty(v.shape, v.dtype, dev) if has_v else dk
+    NCB = _common.cdiv(C, BLOCK_C)
+    if NCB == 1:     # every key block in one program: dk, dv written directly
+        dk = _common.empty(k.shape, k.dtype, dev)
+        dv = _common.empty(v.shape, v.dtype, dev) if has_v else dk
+    else:            # C blocks on the grid (C x D past 128 x 128): float32 partials per block
+        dk = _common.empty((NCB,) + tuple(k.shape), torch.float32, dev)
+        dv = _common.empty((NCB,) + tuple(v.shape), torch.float32, dev) if has_v else dk
+    dks, dvs = dk.stride()[-4:], dv.stride()[-4:]
+    sdk_c, sdv_c = (dk.stride(0), dv.stride(0)) if NCB > 1 else (0, 0)
     dw_part = _common.empty((S, B * H * C, D), torch.float32, dev)
     vt = v if has_v else k
     pad, sp_b, sp_m = _pad_arg(padding, k)
     _common.launch(
-        _key_bwd_kernel, (S * B * H,), dev,
+        _key_bwd_kernel, (S * NCB * B * H,), dev,
         w, k, vt, pad, Z, kap, dZ, dkap, dk, dv, dw_part,
-        *k.stride(), *vt.stride(), sp_b, sp_m, *dk.stride(), *dv.stride(),
+        *k.stride(), *vt.stride(), sp_b, sp_m, *dks, *dvs, sdk_c, sdv_c,
         H, C, M, D, DV, float(ss), S, per_split,
         HAS_V=has_v, HAS_PAD=padding is not None, SUB_NORM=bool(subtract_norm),
         BLOCK_C=BLOCK_C, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
-        PREC=_common.dot_precision(k.dtype), EMU=_common.emulated(dev),
+        NCB=NCB, PREC=_common.dot_precision(k.dtype), EMU=_common.emulated(dev),
         num_warps=num_warps, num_stages=num_stages,
     )
+    if NCB > 1:
+        dk = dk.sum(0).to(k.dtype)
+        dv = dv.sum(0).to(v.dtype) if has_v else dv
     dw = dw_part.sum(0).view(B, H, C, D)
     return dw, dk, (dv if has_v else None)
