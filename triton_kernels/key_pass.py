@@ -16,6 +16,10 @@ power of two >= 16) and runs an online log-sum-exp over the key blocks of split 
 every key block is read by exactly one program whatever C is. It writes the partials
 (max, sum of exp, accumulator) of its split to one (S, B*H*C, 2 + Dv) float32 buffer; a
 second small kernel (grid B*H*C/16) combines the splits into Z and kap.
+Past C x max(D, Dv) = 128 x 128 (C = 256 with D = 128, or D = 256 with C > 64) one program
+cannot hold all C rows (shared memory, registers): C blocks of 128 * 128 / max(D, Dv)
+rows go on the grid, k and v are read once per C block and the backward sums float32
+dk, dv partials per C block; the sizes up to 128 x 128 read k and v once.
 Traffic: k and v read once (the floor); w (C x D) read once per program; partials
 S x C x (2 + Dv) float32 per head written and read once, with S ~ SMs / (B*H): small
 next to k and v unless M is short.
