@@ -99,15 +99,15 @@ def active_samples(op: str, num_samples: int, q, k) -> int:
     return min(num_samples, q.shape[2], k.shape[2]) if op == "lara" else num_samples
 
 
-MAX_COMPILED_DIM = 256  # head dims and sample counts of the CUDA passes (csrc/lara_ops.h kMaxDim)
+MAX_COMPILED_DIM = 256  # head dims and sample counts of the CUDA passes (csrc/lara_ops.h kMaxDim; _C._max_pass_dim("cuda"))
 
 
 class CpuBackend(Backend):
     name = "cpu"
-    description = "fused C++ passes (OpenMP, BLAS tiles); CPU tensors"
+    description = "fused C++ passes (OpenMP, BLAS tiles); CPU tensors, any D, Dv and C"
     devices = ("cpu",)
-    max_head_dim = MAX_COMPILED_DIM
-    max_samples = MAX_COMPILED_DIM
+    max_head_dim = None   # the CPU passes walk any D, Dv and C (csrc/lara_ops.h max_pass_dim)
+    max_samples = None
 
     def availability_reasons(self):
         return [] if built() else [f"lara_kernels._C not built ({C_ERROR})"]

@@ -282,3 +282,16 @@ def test_auto_warns_once_when_it_passes_over_a_fused_backend_for_size():
         # C = 300 but only 200 samples can be active: triton fits, nothing to warn about
         q2 = _OnCuda((2, 4, 200, 64))
         assert dispatch.select("lara", "auto", q2, q2, q2, num_samples=300).name == "triton"
+
+
+def test_auto_on_cpu_runs_fused_at_any_size_without_warning():
+    if not built():
+        pytest.skip("lara_kernels._C is not built, so the cpu backend cannot run")
+    q, k, v = make_qkv(1, 1, 330, 330, 300, Dv=264, dtype=torch.float32, seed=6)
+    assert dispatch.select("lara", "auto", q, k, v, num_samples=320).name == "cpu"
+    assert dispatch.select("rfa", "auto", q, k, v, num_samples=320).name == "cpu"
+    dispatch._WARNED.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = lara_attention(q, k, v, num_samples=320)
+    assert y.shape == (1, 1, 330, 264) and torch.isfinite(y).all()

@@ -121,6 +121,7 @@ std::tuple<Tensor, Tensor> key_pass_fwd_cuda(const Tensor& w, const Tensor& k, c
                                              const OptTensor& padding, double ss, bool subtract_norm) {
   constexpr const char* op = "lara_kernels::key_pass_fwd";
   check_key_pass_args(op, w, k, v, padding);
+  check_cuda_pass_dims(op, k.size(3), v.has_value() ? v->size(3) : 0, w.size(2));
   check_cuda(op, "k", k);
   const c10::cuda::CUDAGuard guard(k.device());
   const int64_t B = k.size(0), H = k.size(1), C = w.size(2);
@@ -156,6 +157,7 @@ std::tuple<Tensor, Tensor, Tensor> key_pass_bwd_cuda(const Tensor& w, const Tens
                                                      const OptTensor& dkap) {
   constexpr const char* op = "lara_kernels::key_pass_bwd";
   check_key_pass_args(op, w, k, v, padding);
+  check_cuda_pass_dims(op, k.size(3), v.has_value() ? v->size(3) : 0, w.size(2));
   check_cuda(op, "k", k);
   const c10::cuda::CUDAGuard guard(k.device());
   const int64_t B = k.size(0), H = k.size(1), C = w.size(2), D = k.size(3);
@@ -197,6 +199,7 @@ Tensor query_pass_fwd_cuda(const Tensor& q, const Tensor& w, const Tensor& bias,
                            const OptTensor& lam, const OptTensor& bh, double beta) {
   constexpr const char* op = "lara_kernels::query_pass_fwd";
   check_query_pass_args(op, q, w, bias, kap, c_eff, padding, qt, lam, bh);
+  check_cuda_pass_dims(op, q.size(3), kap.size(3), w.size(2));
   check_cuda(op, "q", q);
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), Dv = kap.size(3);
@@ -214,6 +217,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> query_pass_bw
     double beta, const Tensor& dy) {
   constexpr const char* op = "lara_kernels::query_pass_bwd";
   check_query_pass_args(op, q, w, bias, kap, c_eff, padding, qt, lam, bh);
+  check_cuda_pass_dims(op, q.size(3), kap.size(3), w.size(2));
   check_cuda(op, "q", q);
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3), C = w.size(2), Dv = kap.size(3);
