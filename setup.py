@@ -78,7 +78,14 @@ def _write_build_info(with_cuda):
         f.write(text)
 
 
-cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+def _cxx_std():
+    """The C++ standard of torch's headers: C++20 from torch 2.14 on, C++17 before."""
+    major, minor = (int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+    return "c++20" if (major, minor) >= (2, 14) else "c++17"
+
+
+CXX_STD = _cxx_std()
+cxx_flags = ["-O3", f"-std={CXX_STD}", "-fopenmp"]
 sources = _rel("csrc/*.cpp") + _rel("csrc/cpu/*.cpp")
 with_cuda, why = _want_cuda()
 print(f"lara_kernels: CUDA kernels {'will' if with_cuda else 'will not'} be built ({why}); "
@@ -87,7 +94,7 @@ _write_build_info(with_cuda)
 
 if with_cuda:
     archs = os.environ.get("LARA_CUDA_ARCHS", "80;90").replace(",", ";").split(";")
-    nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+    nvcc_flags = ["-O3", f"-std={CXX_STD}", "--use_fast_math", "-lineinfo"]
     for arch in filter(None, (a.strip() for a in archs)):
         nvcc_flags += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
     ext = CUDAExtension(
