@@ -22,7 +22,7 @@
 # register/shared-memory limits of a real device, and fast-math intrinsics (the emulation
 # uses exact libm; nvcc's --use_fast_math exp/log/division differ by a few ulp).
 #
-# Usage: .ci/cuda_emulation.sh            smoke subset (21 cases, ~8-10 minutes on 2 cores, plus the build)
+# Usage: .ci/cuda_emulation.sh            smoke subset (25 cases, ~7-10 minutes on 2 cores, plus the build)
 #        .ci/cuda_emulation.sh --all      every case (~15-20 minutes on 2 cores, plus the build)
 #        .ci/cuda_emulation.sh FILTER     cases whose name contains FILTER (e.g. key_pass, float64)
 #        .ci/cuda_emulation.sh --list     the case names (the smoke ones marked)

@@ -137,6 +137,9 @@ KEY_SHAPES = [
     (1, 2, 200, 256, 256, 256, True),
     (2, 2, 150, 40, None, 17, False),
     (1, 1, 77, 256, None, 130, False),
+    (2, 2, 90, 64, 128, 16, True),
+    (2, 1, 70, 32, 24, 40, True),     # two groups of 32 rows, one k/v tile load for both
+    (1, 1, 70, 64, 64, 130, True),    # five groups; float64 in c blocks (shared memory)
 ]
 
 

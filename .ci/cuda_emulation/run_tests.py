@@ -21,7 +21,9 @@ y and z <= 65535):
                                 the launchers split every grid into several launches; the
                                 results must still equal the oracle (three test cases)
 And "query backward in sample groups": a device with little shared memory makes the query
-backward split C into groups (see query_pass_kernel.cu, bwd_group).
+backward split C into groups (see query_pass_kernel.cu, bwd_group); "key pass in c blocks":
+the same makes the key forward and dw kernels fall back to several c blocks (key_pass_kernel.cu,
+plan_rows).
 """
 
 import os
@@ -37,9 +39,10 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
-# key shapes 0 (small, contiguous), 1 (padded, strided) and 5 (no values); query shapes 0 and 1;
+# key shapes 0 (small, contiguous), 1 (padded, strided), 5 (no values) and 8 (two groups of rows
+# sharing each k/v tile); query shapes 0 and 1;
 # float32 and float64; the query pass with and without MIS; one half-precision dy case.
-SMOKE_KEY = {0, 1, 5}
+SMOKE_KEY = {0, 1, 5, 8}
 SMOKE_QUERY = {0, 1}
 SMOKE_DTYPES = (torch.float32, torch.float64)
 
@@ -85,6 +88,22 @@ def query_backward_in_groups(T, dtype):
     print(f"     most shared memory of a launch: {E.stats()[1]} bytes")
 
 
+def key_pass_in_c_blocks(T, dtype):
+    # 26000 bytes of shared memory per block: the key pass of KEY_SHAPES[8] (C = 40) cannot hold
+    # all 40 rows in one block, so it falls back to c blocks (k and v read once per c block;
+    # float32: the forward keeps two groups of 32 rows, the dw kernel runs two c blocks of 32;
+    # float64: the forward runs two c blocks, the dw kernel three of 16 rows)
+    E.stats()
+    E.set_device(4, 26000)
+    try:
+        T.test_key_pass_cuda(T.KEY_SHAPES[8], dtype)
+    finally:
+        E.set_device(4, 166912)
+    most = E.stats()[1]
+    assert most <= 26000, most
+    print(f"     most shared memory of a launch: {most} bytes")
+
+
 def cases(T):
     """(name, in_smoke, fn, args) for every emulated test case."""
     for i, shape in enumerate(T.KEY_SHAPES):
@@ -106,6 +125,8 @@ def cases(T):
     yield "launch limits: grid x <= 3", True, launch_limits_grid_x, (T,)
     for dt in (torch.float64, torch.float32):
         yield f"query backward in sample groups {dt}", True, query_backward_in_groups, (T, dt)
+    for dt in (torch.float64, torch.float32):
+        yield f"key pass in c blocks {dt}", True, key_pass_in_c_blocks, (T, dt)
 
 
 def main():
