@@ -278,7 +278,16 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--markdown-from", metavar="JSON", help="only rewrite the .md from a saved minilm_study.json")
     args = ap.parse_args(argv)
+    if args.markdown_from:
+        with open(args.markdown_from) as f:
+            saved = json.load(f)
+        m = saved["meta"]
+        args.steps, args.lr = m["steps"], m["lr"]
+        write_md(os.path.join(os.path.dirname(os.path.abspath(args.markdown_from)), "minilm_study.md"), m,
+                 saved["results"], saved["per_layer"], saved["fine_tune"], None, args)
+        return
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     t_start = time.time()
@@ -422,7 +431,8 @@ def write_md(path, meta, results, layers, fine, C_list, args):
     L.append("| quantity | " + " | ".join(f"layer {r['layer']}" for r in layers) + " |")
     L.append("|---|" + "---:|" * len(layers))
     for k in keys:
-        L.append(f"| {k} | " + " | ".join(f"{r[k]:.3g}" for r in layers) + " |")
+        name = k.replace("|", "\\|")              # |q| inside a table cell
+        L.append(f"| {name} | " + " | ".join(f"{r[k]:.3g}" for r in layers) + " |")
     L.append("")
     L.append("## Distillation\n")
     L.append(f"Each layer's attention block (q, k, v, output dense, LayerNorm) trained alone for {meta['steps']} "
