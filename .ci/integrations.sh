@@ -47,7 +47,9 @@ mkdir "$work/src" "$work/run"
 git ls-files -z | tar --null -cf - -T - | tar -xf - -C "$work/src"
 cp -r tests "$work/run/"                      # run from a folder without the source tree on sys.path
 built=1
-(cd "$work/src" && LARA_SKIP_CUDA_BUILD=1 "$ROOT/.venv-timm/bin/pip" install --no-build-isolation --no-deps .) \
+# editable, in the copy: the extension lands in the copy's lara_kernels/, and every
+# subpackage (lara_kernels.integrations) is importable whatever setup.py's package list says
+(cd "$work/src" && LARA_SKIP_CUDA_BUILD=1 "$ROOT/.venv-timm/bin/pip" install --no-build-isolation --no-deps -e .) \
   || built=0
 cd "$work/run"
 if [ "$built" = 1 ]; then
