@@ -28,7 +28,6 @@ writes ``examples/results/minilm_study.md`` and ``minilm_study.json``.
 from __future__ import annotations
 
 import argparse
-import copy
 import importlib
 import inspect
 import json

@@ -18,7 +18,6 @@ except Exception as exc:  # noqa: BLE001  (ImportError, or torchvision's Runtime
     pytest.skip(f"timm cannot be imported here ({type(exc).__name__}: {exc}); CI runs this file in the "
                 ".venv-timm made by .ci/integrations.sh", allow_module_level=True)
 
-import torch.nn.functional as F  # noqa: E402
 
 from lara_kernels import lara_attention  # noqa: E402
 from lara_kernels.integrations.timm import LaraTimmAttention, convert, lara_attn_layer  # noqa: E402

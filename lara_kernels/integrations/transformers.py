@@ -28,10 +28,11 @@ keyword arguments of ``register``, and the model config's attribute ``lara_optio
 
 or ``model.config.lara_options = {...}`` after loading (read at every call).
 ``from_pretrained(path, lara_options=...)`` does not work: transformers hands unknown
-keywords to the model's constructor, not to the config. Keys: ``num_samples``, ``proposal``, ``weighting``, ``beta``, ``backend``,
-``check_finite`` (as in :func:`lara_kernels.lara_attention`), ``generator`` (a
-``torch.Generator`` for the training-mode draws; ``register`` only, a generator does not
-serialize) and ``attention_dropout``: ``"output"`` (default) or ``"none"``.
+keywords to the model's constructor, not to the config. Keys: ``num_samples``,
+``proposal``, ``weighting``, ``beta``, ``backend``, ``check_finite`` (as in
+:func:`lara_kernels.lara_attention`), ``generator`` (a ``torch.Generator`` for the
+training-mode draws; ``register`` only, a generator does not serialize) and
+``attention_dropout``: ``"output"`` (default) or ``"none"``.
 
 Behaviour, on purpose:
 
