@@ -20,9 +20,16 @@ Fails on:
   float32 accumulators and about ten N x C tiles live at once) keeps up to ~270 bytes at
   C or D = 128 (sm_90, bf16); the bound holds that and fails any regression to the
   kilobyte spills of before. It is enforced for sm_90 (the H100/H200 the project runs
-  on) only: on sm_80 ptxas still spills the backward kernels at C = D = 128 (key
-  backward 848 bytes, query backward 7480 bytes with 32 registers; query backward
-  1360 bytes at C = D = 64), printed in the table and left to a later change;
+  on) only: on sm_80 ptxas still spills the backward kernels, printed in the table and
+  left to a later change. The launchers choose their parameters per architecture
+  (``_common.arch``; ``capture`` passes the target compiled for), and the sm_80 choices
+  (8 warps for the key backward at C = D = 128, head-dim chunks of 32 for the query
+  backward at C >= 64) reduce its stack frames (bf16: key backward C = D = 128 848 ->
+  528 bytes, query backward C = D = 64 1360 -> 888 bytes) without reaching the bound.
+  The mma.sync layout puts every product's warps along its rows, so tiles of 16 rows
+  over 8 or 16 warps are held in copies; the query backward at C = D = 128 is compiled
+  by ptxas with 32 registers and a 6-8 KB frame whatever the warps, stages or chunks
+  tried (measured: 4/8/16 warps, chunks 16/32/64, 1-2 stages, 16-128 query rows);
 - a grid axis other than 0, or a grid beyond axis 0's limit (2**31 - 1) at B*H = 70000.
 
 A compile takes 10-30 s on CI's two cores, so CI compiles the two ends of the main
@@ -71,10 +78,11 @@ PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", 
 # ----------------------------------------------------------------------------- capture
 
 
-def capture(C, D, DV, dtype, *, B=B_, H=H_, L=L_, full=True, sms=H100_SMS):
+def capture(C, D, DV, dtype, *, B=B_, H=H_, L=L_, full=True, sms=H100_SMS, arch=90):
     """Every launch of the four kernel-set functions on meta tensors, as (kernel, grid,
-    args, kwargs). ``full``: every variant (with and without values, norm term, MIS,
-    padding); else the ones holding the most state (values and norm term, MIS, padding)."""
+    args, kwargs), as the launchers choose them for compute capability ``arch``. ``full``:
+    every variant (with and without values, norm term, MIS, padding); else the ones
+    holding the most state (values and norm term, MIS, padding)."""
     rec = []
 
     def record(kernel, grid, device, *args, **kwargs):
@@ -93,7 +101,8 @@ def capture(C, D, DV, dtype, *, B=B_, H=H_, L=L_, full=True, sms=H100_SMS):
     pads = [torch.empty(B, L, dtype=torch.bool, **meta)] + ([None] if full else [])
     with mock.patch.object(_common, "launch", record), \
             mock.patch.object(_common, "emulated", lambda dev: False), \
-            mock.patch.object(_common, "sm_count", lambda dev: sms):
+            mock.patch.object(_common, "sm_count", lambda dev: sms), \
+            mock.patch.object(_common, "arch", lambda dev: arch):
         for pad in pads:
             key_variants = [(v, True)] + ([(k, False), (None, False)] if full else [])
             for vv, sub in key_variants:
@@ -187,9 +196,9 @@ def jobs_for(configs, archs, full):
     """Deduplicated compile jobs: {key: (job, [(D, C, dtype), ...])}."""
     out = {}
     for D, C, dt in configs:
-        for kernel, grid, args, kwargs in capture(C, D, D, DTYPES[dt], full=full):
-            sig, consts, opts = spec(kernel, args, kwargs)
-            for arch in archs:
+        for arch in archs:   # the launch parameters depend on the target (_common.arch)
+            for kernel, grid, args, kwargs in capture(C, D, D, DTYPES[dt], full=full, arch=arch):
+                sig, consts, opts = spec(kernel, args, kwargs)
                 key = _key(kernel, sig, consts, opts, arch)
                 fn = getattr(kernel, "fn", kernel)
                 job = (fn.__module__, fn.__name__, sig, consts, opts, arch)
@@ -293,6 +302,22 @@ def test_split_counts_follow_the_device():
     for name in few:
         assert 1 <= few[name] < many[name], (name, few[name], many[name])
         assert many[name] <= 132 * 2, (name, many[name])
+
+
+def test_launch_parameters_follow_the_target():
+    # the launchers ask _common.arch for the device's compute capability: on sm_80 the
+    # backward kernels take smaller head-dim chunks / fewer warps (spills, see above);
+    # meta and CPU tensors (arch None: shape tracing, the interpreter) take the sm_90 choices
+    def launches(C, D, arch):
+        rec = capture(C, D, D, torch.bfloat16, B=1, H=2, L=256, full=False, arch=arch)
+        return {kernel.__name__: k for kernel, _, _, k in rec}
+
+    assert _common.arch(torch.device("meta")) is None and _common.arch(torch.device("cpu")) is None
+    q80, q90, qnone = (launches(64, 64, a)["_query_bwd_kernel"] for a in (80, 90, None))
+    assert (q80["BLOCK_DC"], q80["NJ"]) == (32, 2) and (q90["BLOCK_DC"], q90["NJ"]) == (64, 1)
+    assert qnone == q90
+    k80, k90, knone = (launches(128, 128, a)["_key_bwd_kernel"] for a in (80, 90, None))
+    assert k80["num_warps"] == 8 and k90["num_warps"] == 16 and knone == k90
 
 
 def test_device_guard_in_every_launch(monkeypatch):

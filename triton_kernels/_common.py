@@ -94,6 +94,23 @@ def sm_count(device: torch.device) -> int:
     return DEFAULT_SMS
 
 
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
+
+
+def arch(device: torch.device):
+    """Compute capability of ``device`` as 80, 90, ... (cached per device); None for CPU
+    and meta tensors (the interpreter, shape tracing), where the launchers take the
+    choices of the newest architecture. The block sizes and warps of a launch depend on it
+    (``blocks`` of each pass): tests/test_triton_aot.py replaces it by the architecture it
+    compiles for, so the check sees the launchers' own choice for that target."""
+    if device.type == "cuda":
+        return _capability(device.index if device.index is not None else torch.cuda.current_device())
+    return None
+
+
 def num_splits(n_blocks: int, other_programs: int, device: torch.device, per_sm: int = 1, splits=None):
     """Split ``n_blocks`` blocks of the long axis into (splits, blocks_per_split) so that
     splits x other_programs fills the device once: ``per_sm`` programs of this kernel are

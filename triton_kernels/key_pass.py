@@ -236,11 +236,12 @@ def _key_bwd_kernel(
     tl.store(DW_PART + prow[:, None] * D + d[None, :], dw_acc * ss, mask=c_ok[:, None] & d_ok[None, :])
 
 
-def blocks(C, D, DV, block_m=None, bwd=False, block_c=None):
+def blocks(C, D, DV, block_m=None, bwd=False, block_c=None, arch=None):
     """(BLOCK_C, BLOCK_M, BLOCK_D, BLOCK_DV, num_warps, num_stages) of the forward (or
-    the backward) key kernel. All C rows are in one program (one read of k and v per
-    pass); the key block and the warps shrink and grow with the C x head-dim tiles held
-    in registers; the backward holds about twice the forward's state, so twice the warps."""
+    the backward) key kernel for compute capability ``arch`` (``_common.arch``; None:
+    the newest). All C rows are in one program (one read of k and v per pass); the key
+    block and the warps shrink and grow with the C x head-dim tiles held in registers;
+    the backward holds about twice the forward's state, so twice the warps."""
     BLOCK_C, BLOCK_D, BLOCK_DV = _common.pow2(C), _common.pow2(D), _common.pow2(DV)
     wide = max(BLOCK_D, BLOCK_DV)
     # Past 128 x 128 the C x D operands and accumulators do not fit one program (sm_90, C =
@@ -254,6 +255,11 @@ def blocks(C, D, DV, block_m=None, bwd=False, block_c=None):
     num_warps = 4 if tile <= 64 * 64 else (8 if tile <= 128 * 128 else 16)
     if bwd:
         num_warps = min(2 * num_warps, 16)
+        if arch is not None and arch < 90 and num_warps == 16 and block_m <= 16:
+            # sm_80 (mma.sync): the products share one layout with the warps along the
+            # rows, so 16 warps over 16-key tiles hold copies; 8 warps spill less
+            # (C = D = 128, bf16: stack 848 -> 528 bytes, AOT check)
+            num_warps = 8
     # software-pipelining buffers of the k and v tiles: fewer stages for wide heads
     num_stages = 3 if wide <= 64 else (2 if wide <= 128 else 1)
     return BLOCK_C, block_m, BLOCK_D, BLOCK_DV, num_warps, num_stages
@@ -283,7 +289,8 @@ def key_pass_fwd(w, k, v, padding, ss, subtract_norm, *, block_m=None, splits=No
     DV = v.shape[3] if has_v else 1
     dev = k.device
     w = _f32(w)
-    BLOCK_C, BLOCK_M, BLOCK_D, BLOCK_DV, num_warps, num_stages = blocks(C, D, DV, block_m, block_c=block_c)
+    BLOCK_C, BLOCK_M, BLOCK_D, BLOCK_DV, num_warps, num_stages = blocks(C, D, DV, block_m, block_c=block_c,
+                                                                        arch=_common.arch(dev))
     S, per_split = _common.num_splits(_common.cdiv(M, BLOCK_M), B * H, dev, FWD_PER_SM, splits)
 
     NCB = _common.cdiv(C, BLOCK_C)
@@ -327,7 +334,7 @@ def key_pass_bwd(w, k, v, padding, ss, subtract_norm, Z, kap, dZ, dkap, *, block
     else:
         kap = dkap = Z
     BLOCK_C, BLOCK_M, BLOCK_D, BLOCK_DV, num_warps, num_stages = blocks(C, D, DV, block_m, bwd=True,
-                                                                        block_c=block_c)
+                                                                        block_c=block_c, arch=_common.arch(dev))
     S, per_split = _common.num_splits(_common.cdiv(M, BLOCK_M), B * H, dev, BWD_PER_SM, splits)
 
     NCB = _common.cdiv(C, BLOCK_C)

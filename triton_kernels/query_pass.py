@@ -253,12 +253,17 @@ def _query_bwd_kernel(
             tl.store(PART + prow + 2 * D + DV + 2, acc_dlam, mask=c_ok)
 
 
-def blocks(C, D, DV, block_n=None, d_chunk=None, bwd=False):
+def blocks(C, D, DV, block_n=None, d_chunk=None, bwd=False, arch=None):
     """(BLOCK_N, BLOCK_C, BLOCK_DC, N_DC, BLOCK_VC, N_VC, num_warps) of the forward (or
-    the backward) query kernel; the backward holds three C x chunk accumulators and
-    about ten N x C tiles, so twice the warps."""
+    the backward) query kernel for compute capability ``arch`` (``_common.arch``; None:
+    the newest); the backward holds three C x chunk accumulators and about ten N x C
+    tiles, so twice the warps."""
     BLOCK_C = _common.pow2(C)
     chunk = d_chunk if d_chunk is not None else (64 if BLOCK_C <= 64 else 32)
+    if d_chunk is None and bwd and arch is not None and arch < 90 and BLOCK_C >= 64:
+        # sm_80 (mma.sync) spills more of the C x chunk accumulators than sm_90 (wgmma):
+        # smaller chunks (C = D = 64, bf16: stack 1360 -> 888 bytes, AOT check)
+        chunk = 32
     BLOCK_DC = min(_common.pow2(D), chunk)
     BLOCK_VC = min(_common.pow2(DV), chunk)
     tile = BLOCK_C * max(_common.pow2(D), _common.pow2(DV))
@@ -300,7 +305,8 @@ def query_pass_fwd(q, w, bias, kap, c_eff, padding, ss, qt=None, lam=None, bh=No
     B, H, N, D = q.shape
     C, DV, dev, mis = w.shape[2], kap.shape[3], q.device, qt is not None
     w, bias, kap, c_eff, qt, lam, bh = _prepare(w, bias, kap, c_eff, qt, lam, bh, dev)
-    BLOCK_N, BLOCK_C, BLOCK_DC, N_DC, BLOCK_VC, N_VC, num_warps = blocks(C, D, DV, block_n, d_chunk)
+    BLOCK_N, BLOCK_C, BLOCK_DC, N_DC, BLOCK_VC, N_VC, num_warps = blocks(C, D, DV, block_n, d_chunk,
+                                                                       arch=_common.arch(dev))
     y = _common.empty((B, H, N, DV), q.dtype, dev)
     pad, sp_b, sp_n = _pad_arg(padding, q)
     _common.launch(
@@ -323,7 +329,8 @@ def query_pass_bwd(q, w, bias, kap, c_eff, padding, ss, qt, lam, bh, beta, dy, *
     B, H, N, D = q.shape
     C, DV, dev, mis = w.shape[2], kap.shape[3], q.device, qt is not None
     w, bias, kap, c_eff, qt, lam, bh = _prepare(w, bias, kap, c_eff, qt, lam, bh, dev)
-    BLOCK_N, BLOCK_C, BLOCK_DC, N_DC, BLOCK_VC, N_VC, num_warps = blocks(C, D, DV, block_n, d_chunk, bwd=True)
+    BLOCK_N, BLOCK_C, BLOCK_DC, N_DC, BLOCK_VC, N_VC, num_warps = blocks(C, D, DV, block_n, d_chunk, bwd=True,
+                                                                       arch=_common.arch(dev))
     NJ = max(N_DC, N_VC)
     S, per_split = _common.num_splits(_common.cdiv(N, BLOCK_N), B * H * NJ, dev, BWD_PER_SM, splits)
 
