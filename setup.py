@@ -113,7 +113,7 @@ else:
     )
 
 setup(
-    packages=["lara_kernels", "lara_kernels.triton_kernels"],
+    packages=["lara_kernels", "lara_kernels.triton_kernels", "lara_kernels.integrations"],
     package_dir={"lara_kernels": "lara_kernels", "lara_kernels.triton_kernels": "triton_kernels"},
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

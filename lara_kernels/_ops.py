@@ -26,6 +26,16 @@ class _WrongTorch(ImportError):
     pass
 
 
+def _never_built():
+    """No ``_C`` extension file next to the package (importing it then reports a partially
+    initialized package, not a missing module): "not built", quietly."""
+    import glob
+    import os
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    return not glob.glob(os.path.join(here, "_C.*"))
+
+
 try:
     _against = _built_against()
     if _against is not None and _against != torch.__version__:
@@ -38,7 +48,7 @@ try:
 except Exception as exc:  # noqa: BLE001  (not built, or a broken build: any error importing it)
     _C = None
     C_ERROR = f"{type(exc).__name__}: {exc}"
-    if not (isinstance(exc, ModuleNotFoundError) and exc.name == f"{__package__}._C"):
+    if not (isinstance(exc, ModuleNotFoundError) and exc.name == f"{__package__}._C") and not _never_built():
         warnings.warn(
             f"lara_kernels._C is present but failed to import ({C_ERROR}); the compiled backends "
             "(cpu, cuda) are unavailable. Rebuild it against this torch "
