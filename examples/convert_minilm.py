@@ -284,8 +284,10 @@ def main(argv=None):
             saved = json.load(f)
         m = saved["meta"]
         args.steps, args.lr = m["steps"], m["lr"]
-        write_md(os.path.join(os.path.dirname(os.path.abspath(args.markdown_from)), "minilm_study.md"), m,
+        folder = os.path.dirname(os.path.abspath(args.markdown_from))
+        write_md(os.path.join(folder, "minilm_study.md"), m,
                  saved["results"], saved["per_layer"], saved["fine_tune"], None, args)
+        write_plot(os.path.join(folder, "minilm_study.png"), saved["results"], saved["per_layer"])
         return
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -401,7 +403,41 @@ def main(argv=None):
     with open(os.path.join(args.out, "minilm_study.json"), "w") as f:
         json.dump({"meta": meta, "results": results, "per_layer": layers, "fine_tune": fine}, f, indent=1)
     write_md(os.path.join(args.out, "minilm_study.md"), meta, results, layers, fine, C_list, args)
+    write_plot(os.path.join(args.out, "minilm_study.png"), results, layers)
     log(f"done in {runtime:.0f} s")
+
+
+def write_plot(path, results, layers):
+    """Left: agreement with the softmax model, drop-in and after distillation. Right: the
+    per-layer error of the attention output on the softmax model's own q, k, v."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.8))
+    rows = [(f"{k}, drop-in", v) for k, v in results["drop-in"].items()]
+    rows += [(f"{k}, distilled", v) for k, v in results.get("fine-tuned", {}).items()]
+    y = range(len(rows))
+    ax.barh([i - 0.2 for i in y], [v["cosine"] for _, v in rows], height=0.4, label="cosine to softmax")
+    ax.barh([i + 0.2 for i in y], [v["spearman"] for _, v in rows], height=0.4, label="Spearman of similarities")
+    ax.set_yticks(list(y), [name for name, _ in rows], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_title("all-MiniLM-L6-v2 against its softmax self")
+    ax.legend(fontsize=7, loc="lower right")
+    keys = [k for k in ("uniform", "LARA C=32 eval", "LARA C=32 mean of 8", "Performer S=32",
+                        "LARA C=32 eval @logits x0.25", "uniform @logits x0.25") if k in layers[0]]
+    xs = [row["layer"] for row in layers]
+    for k in keys:
+        bx.plot(xs, [row[k] for row in layers], marker="o", label=k, linestyle="--" if "@logits" in k else "-")
+    bx.set_xlabel("layer")
+    bx.set_ylabel("relative error of the attention output")
+    bx.set_title("per layer, on the model's own q, k, v")
+    bx.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def write_md(path, meta, results, layers, fine, C_list, args):
