@@ -12,7 +12,7 @@ import contextlib
 import math
 import numbers
 import warnings
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -474,6 +474,51 @@ def lara_attention(
     Returns:
         (B, H, N, Dv) in q's dtype.
     """
+    a = checked_lara_args(q, k, v, num_samples=num_samples, proposal=proposal, weighting=weighting, beta=beta,
+                          scale=scale, training=training, generator=generator, key_padding_mask=key_padding_mask,
+                          query_padding_mask=query_padding_mask, padding_mask=padding_mask,
+                          q_landmarks=q_landmarks, k_landmarks=k_landmarks, backend=backend, is_causal=is_causal,
+                          attn_mask=attn_mask, dropout_p=dropout_p, check_finite=check_finite)
+    q, k, v = a.q, a.k, a.v
+    if _degenerate(q, k, v):
+        return _empty_result(q, k, v, a.q_landmarks, a.k_landmarks)
+    B, H, _, D = q.shape
+    eps = None
+    if a.training:
+        eps = torch.randn((B, H, a.num_samples, D), generator=a.generator, device=q.device, dtype=torch.float32)
+    with _no_autocast(q.device):
+        return run_lara(q, k, v, eps, a.backend, num_samples=a.num_samples, proposal=a.proposal,
+                        weighting=a.weighting, beta=a.beta, scale=a.scale, key_padding_mask=a.key_padding_mask,
+                        query_padding_mask=a.query_padding_mask, q_landmarks=a.q_landmarks,
+                        k_landmarks=a.k_landmarks)
+
+
+class LaraArgs(NamedTuple):
+    """The arguments of :func:`lara_attention` after :func:`checked_lara_args`."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    num_samples: int
+    proposal: str
+    weighting: str
+    beta: float
+    scale: float
+    training: bool
+    generator: Optional[torch.Generator]
+    key_padding_mask: Optional[torch.Tensor]
+    query_padding_mask: Optional[torch.Tensor]
+    q_landmarks: Optional[torch.Tensor]
+    k_landmarks: Optional[torch.Tensor]
+    backend: str
+
+
+def checked_lara_args(q, k, v, *, num_samples, proposal, weighting, beta, scale, training, generator,
+                      key_padding_mask, query_padding_mask, padding_mask, q_landmarks, k_landmarks, backend,
+                      is_causal, attn_mask, dropout_p, check_finite) -> LaraArgs:
+    """Every check and default of :func:`lara_attention`, in its order (autocast cast
+    first, ``check_finite`` last), for the entry points that take its arguments (the
+    function itself and ``lara_kernels.distributed``): one place for the sequence."""
     q, k, v, q_landmarks, k_landmarks = _autocast_inputs(q, k, v, q_landmarks, k_landmarks)
     _check_qkv(q, k, v)
     _check_unsupported(is_causal, attn_mask, dropout_p)
@@ -494,16 +539,8 @@ def lara_attention(
     backend = _check_backend(backend)
     _check_finite(check_finite, q, k, v, q_landmarks=q_landmarks, k_landmarks=k_landmarks,
                   key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask, scale=scale)
-
-    if _degenerate(q, k, v):
-        return _empty_result(q, k, v, q_landmarks, k_landmarks)
-    eps = None
-    if training:
-        eps = torch.randn((B, H, C, D), generator=generator, device=q.device, dtype=torch.float32)
-    with _no_autocast(q.device):
-        return run_lara(q, k, v, eps, backend, num_samples=C, proposal=proposal, weighting=weighting, beta=beta,
-                        scale=scale, key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask,
-                        q_landmarks=q_landmarks, k_landmarks=k_landmarks)
+    return LaraArgs(q, k, v, C, proposal, weighting, beta, scale, training, generator, key_padding_mask,
+                    query_padding_mask, q_landmarks, k_landmarks, backend)
 
 
 def _check_landmarks_used(proposal, k_landmarks):

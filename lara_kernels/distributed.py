@@ -431,26 +431,15 @@ def context_parallel_lara_attention(
     rank's rows (B, H, N_r, Dv) in q's dtype. Bytes exchanged: :func:`bytes_per_call`.
     """
     fn = "context_parallel_lara_attention"
-    q, k, v, q_landmarks, k_landmarks = api._autocast_inputs(q, k, v, q_landmarks, k_landmarks)
-    api._check_qkv(q, k, v)
-    api._check_unsupported(is_causal, attn_mask, dropout_p)
+    (q, k, v, C_req, proposal, weighting, beta, scale, training, generator, key_padding_mask, query_padding_mask,
+     q_landmarks, k_landmarks, backend) = api.checked_lara_args(
+        q, k, v, num_samples=num_samples, proposal=proposal, weighting=weighting, beta=beta, scale=scale,
+        training=training, generator=generator, key_padding_mask=key_padding_mask,
+        query_padding_mask=query_padding_mask, padding_mask=padding_mask, q_landmarks=q_landmarks,
+        k_landmarks=k_landmarks, backend=backend, is_causal=is_causal, attn_mask=attn_mask, dropout_p=dropout_p,
+        check_finite=check_finite)
     B, H, N_r, D = q.shape
     M_r, Dv = k.shape[2], v.shape[3]
-    C_req = api._check_int("num_samples", num_samples, 1)
-    proposal = api._check_choice("proposal", proposal, api.PROPOSALS)
-    weighting = api._check_choice("weighting", weighting, api.WEIGHTINGS)
-    beta = api._check_real("beta", beta)
-    scale = api._check_scale(scale, D)
-    training = api._check_bool("training", training)
-    generator = api._check_generator(generator, q.device)
-    key_padding_mask, query_padding_mask = api._resolve_padding(
-        padding_mask, key_padding_mask, query_padding_mask, B, N_r, M_r, q.device, "lara")
-    q_landmarks = api._check_landmarks("q_landmarks", q_landmarks, q, C_req)
-    k_landmarks = api._check_landmarks("k_landmarks", k_landmarks, q, C_req)
-    api._check_landmarks_used(proposal, k_landmarks)
-    backend = api._check_backend(backend)
-    api._check_finite(check_finite, q, k, v, q_landmarks=q_landmarks, k_landmarks=k_landmarks,
-                      key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask, scale=scale)
 
     group = _group(group)
     rank = dist.get_rank(group)
