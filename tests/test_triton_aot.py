@@ -45,6 +45,7 @@ cache in a temporary folder.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import functools
 import os
 import re
@@ -359,8 +360,15 @@ def test_device_guard_in_every_launch(monkeypatch):
 
 
 def test_device_guard_cpu_is_a_no_op():
-    with _common.device_guard(torch.device("cpu")):
-        pass
+    # CPU and meta tensors (the interpreter, shape tracing) get no CUDA context: nothing is
+    # made current and CUDA is not initialized by the guard
+    was_initialized = torch.cuda.is_initialized()
+    for dev in (torch.device("cpu"), torch.device("meta")):
+        guard = _common.device_guard(dev)
+        assert isinstance(guard, contextlib.nullcontext), (dev, type(guard))
+        with guard:
+            pass
+    assert torch.cuda.is_initialized() == was_initialized
 
 
 if __name__ == "__main__":
