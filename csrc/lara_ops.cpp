@@ -22,14 +22,41 @@ at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& opts) {
   return at::full(sizes, std::numeric_limits<double>::quiet_NaN(), opts);
 }
 
+namespace {
+
+// The packed layout's offsets: (B + 1) int32, contiguous, on x's device, with no padding
+// mask beside them and max_seqlen >= 0. Returns B.
+int64_t check_cu_seqlens(const char* op, const at::Tensor& cu, const c10::optional<at::Tensor>& padding,
+                         int64_t max_seqlen, const at::Tensor& x) {
+  TORCH_CHECK(cu.dim() == 1 && cu.size(0) >= 1, op, ": cu_seqlens must be 1-D of size B + 1 >= 1, got shape ",
+              cu.sizes());
+  TORCH_CHECK(cu.scalar_type() == at::kInt, op, ": cu_seqlens must be int32, got ", cu.scalar_type());
+  TORCH_CHECK(cu.is_contiguous(), op, ": cu_seqlens must be contiguous");
+  TORCH_CHECK(cu.device() == x.device(), op, ": cu_seqlens is on ", cu.device(), " but the inputs are on ",
+              x.device());
+  TORCH_CHECK(!padding.has_value(), op, ": padding must be none with cu_seqlens (the packed layout has no padding)");
+  TORCH_CHECK(max_seqlen >= 0, op, ": max_seqlen must be >= 0, got ", max_seqlen);
+  return cu.size(0) - 1;
+}
+
+}  // namespace
+
 void check_landmarks_args(const at::Tensor& x, const c10::optional<at::Tensor>& padding,
-                          const at::Tensor& c_eff, int64_t num_segments) {
-  TORCH_CHECK(x.dim() == 4, "lara_kernels::landmarks: x must be 4-D (B, H, L, D), got shape ", x.sizes());
+                          const at::Tensor& c_eff, int64_t num_segments,
+                          const c10::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen) {
+  const bool packed = cu_seqlens.has_value();
+  if (packed)
+    TORCH_CHECK(x.dim() == 3, "lara_kernels::landmarks: x must be 3-D (T, H, D) with cu_seqlens, got shape ",
+                x.sizes());
+  else
+    TORCH_CHECK(x.dim() == 4, "lara_kernels::landmarks: x must be 4-D (B, H, L, D), got shape ", x.sizes());
   const auto st = x.scalar_type();
   TORCH_CHECK(st == at::kDouble || st == at::kFloat || st == at::kHalf || st == at::kBFloat16,
               "lara_kernels::landmarks: x must be float64, float32, float16 or bfloat16, got ", st);
   TORCH_CHECK(num_segments >= 1, "lara_kernels::landmarks: num_segments must be >= 1, got ", num_segments);
-  const int64_t B = x.size(0), L = x.size(2);
+  const int64_t B = packed ? check_cu_seqlens("lara_kernels::landmarks", *cu_seqlens, padding, max_seqlen, x)
+                           : x.size(0);
+  const int64_t L = packed ? x.size(0) : x.size(2);
   TORCH_CHECK(c_eff.dim() == 1 && c_eff.size(0) == B && c_eff.scalar_type() == at::kLong,
               "lara_kernels::landmarks: c_eff must be int64 of shape (", B, ",), got ", c_eff.scalar_type(),
               " of shape ", c_eff.sizes());
@@ -46,7 +73,8 @@ void check_landmarks_args(const at::Tensor& x, const c10::optional<at::Tensor>& 
 }
 
 void check_landmarks_backward_args(const at::Tensor& grad, const c10::optional<at::Tensor>& padding,
-                                   const at::Tensor& c_eff, int64_t length, at::ScalarType dtype) {
+                                   const at::Tensor& c_eff, int64_t length, at::ScalarType dtype,
+                                   const c10::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen) {
   TORCH_CHECK(grad.dim() == 4, "lara_kernels::landmarks_backward: grad must be 4-D (B, H, C, D), got shape ",
               grad.sizes());
   TORCH_CHECK(grad.scalar_type() == at::kDouble || grad.scalar_type() == at::kFloat,
@@ -55,6 +83,11 @@ void check_landmarks_backward_args(const at::Tensor& grad, const c10::optional<a
   TORCH_CHECK(dtype == at::kDouble || dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
               "lara_kernels::landmarks_backward: dtype must be floating, got ", dtype);
   const int64_t B = grad.size(0);
+  if (cu_seqlens.has_value()) {
+    const int64_t Bc = check_cu_seqlens("lara_kernels::landmarks_backward", *cu_seqlens, padding, max_seqlen, grad);
+    TORCH_CHECK(Bc == B, "lara_kernels::landmarks_backward: cu_seqlens must have size B + 1 = ", B + 1, ", got ",
+                Bc + 1);
+  }
   TORCH_CHECK(c_eff.dim() == 1 && c_eff.size(0) == B && c_eff.scalar_type() == at::kLong,
               "lara_kernels::landmarks_backward: c_eff must be int64 of shape (", B, ",), got shape ", c_eff.sizes());
   if (padding.has_value()) {
@@ -111,33 +144,50 @@ void check_dim(const char* op, const char* what, int64_t d, const at::Tensor& x)
 }  // namespace
 
 void check_key_pass_args(const char* op, const Tensor& w, const Tensor& k, const OptTensor& v,
-                         const OptTensor& padding) {
-  TORCH_CHECK(k.dim() == 4, op, ": k must be 4-D (B, H, M, D), got shape ", k.sizes());
+                         const OptTensor& padding, const OptTensor& cu_seqlens, int64_t max_seqlen) {
+  const bool packed = cu_seqlens.has_value();
+  if (packed)
+    TORCH_CHECK(k.dim() == 3, op, ": k must be 3-D (T, H, D) with cu_seqlens, got shape ", k.sizes());
+  else
+    TORCH_CHECK(k.dim() == 4, op, ": k must be 4-D (B, H, M, D), got shape ", k.sizes());
   TORCH_CHECK(is_float(k.scalar_type()), op, ": k must be float64, float32, float16 or bfloat16, got ",
               k.scalar_type());
-  const int64_t B = k.size(0), H = k.size(1), M = k.size(2), D = k.size(3);
+  // packed: M is the total row count T, and B comes from cu_seqlens
+  const int64_t B = packed ? check_cu_seqlens(op, *cu_seqlens, padding, max_seqlen, k) : k.size(0);
+  const int64_t H = k.size(1), M = k.size(packed ? 0 : 2), D = k.size(packed ? 2 : 3);
   check_dim(op, "head dim D", D, k);
   check_small(op, "w", w, {B, H, -1, D}, compute_type(k.scalar_type()), k);
   check_dim(op, "number of samples C", w.size(2), k);
   TORCH_CHECK(w.is_contiguous(), op, ": w must be contiguous");
   if (v.has_value()) {
-    TORCH_CHECK(v->dim() == 4 && v->size(0) == B && v->size(1) == H && v->size(2) == M, op,
-                ": v must have shape (", B, ", ", H, ", ", M, ", Dv), got ", v->sizes());
+    if (packed)
+      TORCH_CHECK(v->dim() == 3 && v->size(0) == M && v->size(1) == H, op, ": v must have shape (", M, ", ", H,
+                  ", Dv), got ", v->sizes());
+    else
+      TORCH_CHECK(v->dim() == 4 && v->size(0) == B && v->size(1) == H && v->size(2) == M, op,
+                  ": v must have shape (", B, ", ", H, ", ", M, ", Dv), got ", v->sizes());
     TORCH_CHECK(v->scalar_type() == k.scalar_type(), op, ": v must have k's dtype ", k.scalar_type(), ", got ",
                 v->scalar_type());
     TORCH_CHECK(v->device() == k.device(), op, ": v is on ", v->device(), " but k is on ", k.device());
-    check_dim(op, "value head dim Dv", v->size(3), k);
+    check_dim(op, "value head dim Dv", v->size(-1), k);
   }
   check_padding(op, padding, B, M, k);
 }
 
 void check_query_pass_args(const char* op, const Tensor& q, const Tensor& w, const Tensor& bias,
                            const Tensor& kap, const Tensor& c_eff, const OptTensor& padding,
-                           const OptTensor& qt, const OptTensor& lam, const OptTensor& bh) {
-  TORCH_CHECK(q.dim() == 4, op, ": q must be 4-D (B, H, N, D), got shape ", q.sizes());
+                           const OptTensor& qt, const OptTensor& lam, const OptTensor& bh,
+                           const OptTensor& cu_seqlens, int64_t max_seqlen) {
+  const bool packed = cu_seqlens.has_value();
+  if (packed)
+    TORCH_CHECK(q.dim() == 3, op, ": q must be 3-D (T, H, D) with cu_seqlens, got shape ", q.sizes());
+  else
+    TORCH_CHECK(q.dim() == 4, op, ": q must be 4-D (B, H, N, D), got shape ", q.sizes());
   TORCH_CHECK(is_float(q.scalar_type()), op, ": q must be float64, float32, float16 or bfloat16, got ",
               q.scalar_type());
-  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3);
+  // packed: N is the total row count T, and B comes from cu_seqlens
+  const int64_t B = packed ? check_cu_seqlens(op, *cu_seqlens, padding, max_seqlen, q) : q.size(0);
+  const int64_t H = q.size(1), N = q.size(packed ? 0 : 2), D = q.size(packed ? 2 : 3);
   const auto ct = compute_type(q.scalar_type());
   check_dim(op, "head dim D", D, q);
   check_small(op, "w", w, {B, H, -1, D}, ct, q);
@@ -165,16 +215,21 @@ void check_query_pass_args(const char* op, const Tensor& q, const Tensor& w, con
 }  // namespace lara
 
 TORCH_LIBRARY(lara_kernels, m) {
-  m.def("landmarks(Tensor x, Tensor? padding, Tensor c_eff, int num_segments) -> Tensor");
-  m.def("landmarks_backward(Tensor grad, Tensor? padding, Tensor c_eff, int length, ScalarType dtype) -> Tensor");
-  m.def("key_pass_fwd(Tensor w, Tensor k, Tensor? v, Tensor? padding, float ss, bool subtract_norm) "
-        "-> (Tensor, Tensor)");
+  // Every op ends in the layout pair (cu_seqlens, max_seqlen): none and 0 for the padded
+  // layout, the offsets of a packed batch of sequences otherwise (lara_ops.h).
+  m.def("landmarks(Tensor x, Tensor? padding, Tensor c_eff, int num_segments, Tensor? cu_seqlens=None, "
+        "int max_seqlen=0) -> Tensor");
+  m.def("landmarks_backward(Tensor grad, Tensor? padding, Tensor c_eff, int length, ScalarType dtype, "
+        "Tensor? cu_seqlens=None, int max_seqlen=0) -> Tensor");
+  m.def("key_pass_fwd(Tensor w, Tensor k, Tensor? v, Tensor? padding, float ss, bool subtract_norm, "
+        "Tensor? cu_seqlens=None, int max_seqlen=0) -> (Tensor, Tensor)");
   m.def("key_pass_bwd(Tensor w, Tensor k, Tensor? v, Tensor? padding, float ss, bool subtract_norm, Tensor Z, "
-        "Tensor? kap, Tensor dZ, Tensor? dkap) -> (Tensor, Tensor, Tensor)");
+        "Tensor? kap, Tensor dZ, Tensor? dkap, Tensor? cu_seqlens=None, int max_seqlen=0) "
+        "-> (Tensor, Tensor, Tensor)");
   m.def("query_pass_fwd(Tensor q, Tensor w, Tensor bias, Tensor kap, Tensor c_eff, Tensor? padding, float ss, "
-        "Tensor? qt, Tensor? lam, Tensor? bh, float beta) -> Tensor");
+        "Tensor? qt, Tensor? lam, Tensor? bh, float beta, Tensor? cu_seqlens=None, int max_seqlen=0) -> Tensor");
   m.def("query_pass_bwd(Tensor q, Tensor w, Tensor bias, Tensor kap, Tensor c_eff, Tensor? padding, float ss, "
-        "Tensor? qt, Tensor? lam, Tensor? bh, float beta, Tensor dy) "
+        "Tensor? qt, Tensor? lam, Tensor? bh, float beta, Tensor dy, Tensor? cu_seqlens=None, int max_seqlen=0) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 

@@ -9,29 +9,49 @@
 
 namespace lara {
 
+// Two layouts of the long tensors (q, k, v, x, dy and their gradients), for every op:
+// - padded: (B, H, L, D), any strides, with an optional padding (B, L) bool mask
+//   (True = padding); cu_seqlens is none.
+// - packed (variable-length sequences, flash-attention's varlen convention): (T, H, D),
+//   any strides, with cu_seqlens (B + 1) int32 contiguous on the inputs' device: sequence b
+//   is rows cu_seqlens[b] .. cu_seqlens[b + 1] - 1 of the tensor (cu_seqlens[0] = 0,
+//   non-decreasing, cu_seqlens[B] = T; the Python API validates the values, the ops trust
+//   them), and padding is none. max_seqlen >= every sequence's length (sizes the CUDA
+//   grids; 0 is allowed only with T = 0). An empty sequence is allowed anywhere.
+//   The C-sized tensors stay (B, H, C, ...) with B = cu_seqlens.size(0) - 1.
+// Every op below takes the trailing pair (cu_seqlens, max_seqlen); both default to the
+// padded layout (none, 0) in the schema.
+
 // Masked segment means (docs/math.md section 1), unscaled.
-//   x (B, H, L, D) float64/float32/float16/bfloat16, any strides
+//   x (B, H, L, D) or packed (T, H, D); float64/float32/float16/bfloat16, any strides
 //   padding (B, L) bool, True = padding, or none
 //   c_eff (B,) int64, 0 <= c_eff[b] <= min(num_segments, valid length of b)
 // returns (B, H, num_segments, D) contiguous, float64 for float64 input, else float32;
-// rows c >= c_eff[b] are 0.
+// rows c >= c_eff[b] are 0 (every row for c_eff[b] = 0). landmarks_backward returns the
+// gradient of x: (B, H, length, D), or packed (length = T, H, D), in `dtype`.
 at::Tensor landmarks_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& padding,
-                         const at::Tensor& c_eff, int64_t num_segments);
+                         const at::Tensor& c_eff, int64_t num_segments,
+                         const c10::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen);
 at::Tensor landmarks_backward_cpu(const at::Tensor& grad, const c10::optional<at::Tensor>& padding,
-                                  const at::Tensor& c_eff, int64_t length, at::ScalarType dtype);
+                                  const at::Tensor& c_eff, int64_t length, at::ScalarType dtype,
+                                  const c10::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen);
 
 #ifdef LARA_WITH_CUDA
 at::Tensor landmarks_cuda(const at::Tensor& x, const c10::optional<at::Tensor>& padding,
-                          const at::Tensor& c_eff, int64_t num_segments);
+                          const at::Tensor& c_eff, int64_t num_segments,
+                          const c10::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen);
 at::Tensor landmarks_backward_cuda(const at::Tensor& grad, const c10::optional<at::Tensor>& padding,
-                                   const at::Tensor& c_eff, int64_t length, at::ScalarType dtype);
+                                   const at::Tensor& c_eff, int64_t length, at::ScalarType dtype,
+                                   const c10::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen);
 #endif
 
 // Shared argument checks (csrc/lara_ops.cpp); they name the bad argument and value.
 void check_landmarks_args(const at::Tensor& x, const c10::optional<at::Tensor>& padding,
-                          const at::Tensor& c_eff, int64_t num_segments);
+                          const at::Tensor& c_eff, int64_t num_segments,
+                          const c10::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen);
 void check_landmarks_backward_args(const at::Tensor& grad, const c10::optional<at::Tensor>& padding,
-                                   const at::Tensor& c_eff, int64_t length, at::ScalarType dtype);
+                                   const at::Tensor& c_eff, int64_t length, at::ScalarType dtype,
+                                   const c10::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen);
 
 
 // ---------------------------------------------------------------------------------
@@ -66,47 +86,58 @@ void check_landmarks_backward_args(const at::Tensor& grad, const c10::optional<a
 //   dr_nc = beta (dalpha_nc - mean_{c' < c_eff} dalpha_nc'), dt_nc = dr_nc r_nc,
 //   dlam_c = -sum_n dt_nc, dqt_c = sum_n dt_nc qh_n, dqh_n += sum_c dt_nc qt_c;
 //   dq_n = ss dqh_n (0 for padded n).
+// Packed layout (cu_seqlens given): q, k, v, dy, y, dq, dk, dv are (T, H, D) / (T, H, Dv)
+// and sequence b's rows are its keys or queries. A sequence with no keys gives Z_c = -inf
+// and kap_c = 0 (finite), and dw = 0; c_eff[b] = 0 (a sequence with no keys or no queries)
+// gives y = 0 on its rows and zero gradients from them (no NaN). The key pass takes any C
+// (the rows of w need not be samples of one head: grouped-query attention passes the
+// C rows of the G query heads that share a key/value head as G * C rows).
 using Tensor = at::Tensor;
 using OptTensor = c10::optional<at::Tensor>;
 
 std::tuple<Tensor, Tensor> key_pass_fwd_cpu(const Tensor& w, const Tensor& k, const OptTensor& v,
-                                            const OptTensor& padding, double ss, bool subtract_norm);
+                                            const OptTensor& padding, double ss, bool subtract_norm,
+    const OptTensor& cu_seqlens, int64_t max_seqlen);
 std::tuple<Tensor, Tensor, Tensor> key_pass_bwd_cpu(const Tensor& w, const Tensor& k, const OptTensor& v,
                                                     const OptTensor& padding, double ss, bool subtract_norm,
                                                     const Tensor& Z, const OptTensor& kap, const Tensor& dZ,
-                                                    const OptTensor& dkap);
+                                                    const OptTensor& dkap, const OptTensor& cu_seqlens, int64_t max_seqlen);
 Tensor query_pass_fwd_cpu(const Tensor& q, const Tensor& w, const Tensor& bias, const Tensor& kap,
                           const Tensor& c_eff, const OptTensor& padding, double ss, const OptTensor& qt,
-                          const OptTensor& lam, const OptTensor& bh, double beta);
+                          const OptTensor& lam, const OptTensor& bh, double beta,
+    const OptTensor& cu_seqlens, int64_t max_seqlen);
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> query_pass_bwd_cpu(
     const Tensor& q, const Tensor& w, const Tensor& bias, const Tensor& kap, const Tensor& c_eff,
     const OptTensor& padding, double ss, const OptTensor& qt, const OptTensor& lam, const OptTensor& bh,
-    double beta, const Tensor& dy);
+    double beta, const Tensor& dy, const OptTensor& cu_seqlens, int64_t max_seqlen);
 
 #ifdef LARA_WITH_CUDA
 std::tuple<Tensor, Tensor> key_pass_fwd_cuda(const Tensor& w, const Tensor& k, const OptTensor& v,
-                                             const OptTensor& padding, double ss, bool subtract_norm);
+                                             const OptTensor& padding, double ss, bool subtract_norm,
+    const OptTensor& cu_seqlens, int64_t max_seqlen);
 std::tuple<Tensor, Tensor, Tensor> key_pass_bwd_cuda(const Tensor& w, const Tensor& k, const OptTensor& v,
                                                      const OptTensor& padding, double ss, bool subtract_norm,
                                                      const Tensor& Z, const OptTensor& kap, const Tensor& dZ,
-                                                     const OptTensor& dkap);
+                                                     const OptTensor& dkap, const OptTensor& cu_seqlens, int64_t max_seqlen);
 Tensor query_pass_fwd_cuda(const Tensor& q, const Tensor& w, const Tensor& bias, const Tensor& kap,
                            const Tensor& c_eff, const OptTensor& padding, double ss, const OptTensor& qt,
-                           const OptTensor& lam, const OptTensor& bh, double beta);
+                           const OptTensor& lam, const OptTensor& bh, double beta,
+    const OptTensor& cu_seqlens, int64_t max_seqlen);
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> query_pass_bwd_cuda(
     const Tensor& q, const Tensor& w, const Tensor& bias, const Tensor& kap, const Tensor& c_eff,
     const OptTensor& padding, double ss, const OptTensor& qt, const OptTensor& lam, const OptTensor& bh,
-    double beta, const Tensor& dy);
+    double beta, const Tensor& dy, const OptTensor& cu_seqlens, int64_t max_seqlen);
 #endif
 
 // Shared argument checks of the passes (csrc/lara_ops.cpp): shapes, dtypes, devices, and
 // D, Dv, C in [1, max_pass_dim(device of the inputs)]. Each names the op, the argument and
 // the bad value.
 void check_key_pass_args(const char* op, const Tensor& w, const Tensor& k, const OptTensor& v,
-                         const OptTensor& padding);
+                         const OptTensor& padding, const OptTensor& cu_seqlens, int64_t max_seqlen);
 void check_query_pass_args(const char* op, const Tensor& q, const Tensor& w, const Tensor& bias,
                            const Tensor& kap, const Tensor& c_eff, const OptTensor& padding,
-                           const OptTensor& qt, const OptTensor& lam, const OptTensor& bh);
+                           const OptTensor& qt, const OptTensor& lam, const OptTensor& bh,
+                           const OptTensor& cu_seqlens, int64_t max_seqlen);
 // The compute type of an input dtype: float64 for float64, float32 otherwise.
 inline at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 // The largest D, Dv and C the CUDA passes take (their tiles live in shared memory and
