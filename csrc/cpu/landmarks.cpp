@@ -50,8 +50,9 @@ void segment_table(const c10::optional<at::Tensor>& padding, const at::Tensor& c
 }  // namespace
 
 at::Tensor landmarks_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& padding, const at::Tensor& c_eff,
-                         int64_t num_segments) {
-  check_landmarks_args(x, padding, c_eff, num_segments);
+                         int64_t num_segments, const c10::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen) {
+  check_landmarks_args(x, padding, c_eff, num_segments, cu_seqlens, max_seqlen);
+  TORCH_CHECK(!cu_seqlens.has_value(), "lara_kernels::landmarks (CPU): cu_seqlens (the packed layout) is not implemented yet");
   TORCH_CHECK(x.device().is_cpu(), "lara_kernels::landmarks (CPU): x must be a CPU tensor, got ", x.device());
   const int64_t B = x.size(0), H = x.size(1), L = x.size(2), D = x.size(3), C = num_segments;
   const auto out_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -93,8 +94,10 @@ at::Tensor landmarks_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& p
 }
 
 at::Tensor landmarks_backward_cpu(const at::Tensor& grad, const c10::optional<at::Tensor>& padding,
-                                  const at::Tensor& c_eff, int64_t length, at::ScalarType dtype) {
-  check_landmarks_backward_args(grad, padding, c_eff, length, dtype);
+                                  const at::Tensor& c_eff, int64_t length, at::ScalarType dtype,
+                                  const c10::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen) {
+  check_landmarks_backward_args(grad, padding, c_eff, length, dtype, cu_seqlens, max_seqlen);
+  TORCH_CHECK(!cu_seqlens.has_value(), "lara_kernels::landmarks_backward (CPU): cu_seqlens (the packed layout) is not implemented yet");
   TORCH_CHECK(grad.device().is_cpu(), "lara_kernels::landmarks_backward (CPU): grad must be a CPU tensor, got ",
               grad.device());
   const int64_t B = grad.size(0), H = grad.size(1), C = grad.size(2), D = grad.size(3), L = length;

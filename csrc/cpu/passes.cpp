@@ -644,8 +644,10 @@ QueryArgs query_args(const Tensor& q, const Tensor& w, const Tensor& bias, const
 // Entry points (registered in lara_ops.cpp)
 
 std::tuple<Tensor, Tensor> key_pass_fwd_cpu(const Tensor& w, const Tensor& k, const OptTensor& v,
-                                            const OptTensor& padding, double ss, bool subtract_norm) {
-  check_key_pass_args("lara_kernels::key_pass_fwd", w, k, v, padding);
+                                            const OptTensor& padding, double ss, bool subtract_norm,
+                                            const OptTensor& cu_seqlens, int64_t max_seqlen) {
+  check_key_pass_args("lara_kernels::key_pass_fwd", w, k, v, padding, cu_seqlens, max_seqlen);
+  TORCH_CHECK(!cu_seqlens.has_value(), "lara_kernels::key_pass_fwd (CPU): cu_seqlens (the packed layout) is not implemented yet");
   const int64_t B = k.size(0), H = k.size(1), C = w.size(2);
   const int64_t DV = v.has_value() ? v->size(3) : 0;
   const auto opts = w.options();
@@ -662,9 +664,11 @@ std::tuple<Tensor, Tensor> key_pass_fwd_cpu(const Tensor& w, const Tensor& k, co
 std::tuple<Tensor, Tensor, Tensor> key_pass_bwd_cpu(const Tensor& w, const Tensor& k, const OptTensor& v,
                                                     const OptTensor& padding, double ss, bool subtract_norm,
                                                     const Tensor& Z, const OptTensor& kap, const Tensor& dZ,
-                                                    const OptTensor& dkap) {
+                                                    const OptTensor& dkap, const OptTensor& cu_seqlens,
+                                                    int64_t max_seqlen) {
   const char* op = "lara_kernels::key_pass_bwd";
-  check_key_pass_args(op, w, k, v, padding);
+  check_key_pass_args(op, w, k, v, padding, cu_seqlens, max_seqlen);
+  TORCH_CHECK(!cu_seqlens.has_value(), op, " (CPU): cu_seqlens (the packed layout) is not implemented yet");
   const int64_t B = k.size(0), H = k.size(1), M = k.size(2), D = k.size(3), C = w.size(2);
   const auto ct = w.scalar_type();
   TORCH_CHECK(Z.sizes() == at::IntArrayRef({B, H, C}) && Z.scalar_type() == ct && Z.is_contiguous(), op,
@@ -698,8 +702,11 @@ std::tuple<Tensor, Tensor, Tensor> key_pass_bwd_cpu(const Tensor& w, const Tenso
 
 Tensor query_pass_fwd_cpu(const Tensor& q, const Tensor& w, const Tensor& bias, const Tensor& kap,
                           const Tensor& c_eff, const OptTensor& padding, double ss, const OptTensor& qt,
-                          const OptTensor& lam, const OptTensor& bh, double beta) {
-  check_query_pass_args("lara_kernels::query_pass_fwd", q, w, bias, kap, c_eff, padding, qt, lam, bh);
+                          const OptTensor& lam, const OptTensor& bh, double beta, const OptTensor& cu_seqlens,
+                          int64_t max_seqlen) {
+  check_query_pass_args("lara_kernels::query_pass_fwd", q, w, bias, kap, c_eff, padding, qt, lam, bh, cu_seqlens,
+                        max_seqlen);
+  TORCH_CHECK(!cu_seqlens.has_value(), "lara_kernels::query_pass_fwd (CPU): cu_seqlens (the packed layout) is not implemented yet");
   const auto a = cpu::query_args(q, w, bias, kap, c_eff, padding, qt, lam, bh);
   Tensor y = new_output({q.size(0), q.size(1), q.size(2), kap.size(3)},
                        q.options());
@@ -713,9 +720,10 @@ Tensor query_pass_fwd_cpu(const Tensor& q, const Tensor& w, const Tensor& bias, 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> query_pass_bwd_cpu(
     const Tensor& q, const Tensor& w, const Tensor& bias, const Tensor& kap, const Tensor& c_eff,
     const OptTensor& padding, double ss, const OptTensor& qt, const OptTensor& lam, const OptTensor& bh,
-    double beta, const Tensor& dy) {
+    double beta, const Tensor& dy, const OptTensor& cu_seqlens, int64_t max_seqlen) {
   const char* op = "lara_kernels::query_pass_bwd";
-  check_query_pass_args(op, q, w, bias, kap, c_eff, padding, qt, lam, bh);
+  check_query_pass_args(op, q, w, bias, kap, c_eff, padding, qt, lam, bh, cu_seqlens, max_seqlen);
+  TORCH_CHECK(!cu_seqlens.has_value(), op, " (CPU): cu_seqlens (the packed layout) is not implemented yet");
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3), C = w.size(2), DV = kap.size(3);
   TORCH_CHECK(dy.sizes() == at::IntArrayRef({B, H, N, DV}) && dy.scalar_type() == q.scalar_type(), op,
               ": dy must be ", q.scalar_type(), " of shape (", B, ", ", H, ", ", N, ", ", DV, "), got ",

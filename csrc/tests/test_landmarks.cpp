@@ -23,10 +23,11 @@ void expect_close(const at::Tensor& a, const at::Tensor& b, const char* what) {
 
 int main() {
   auto op = c10::Dispatcher::singleton().findSchemaOrThrow("lara_kernels::landmarks", "")
-                .typed<at::Tensor(const at::Tensor&, const c10::optional<at::Tensor>&, const at::Tensor&, int64_t)>();
+                .typed<at::Tensor(const at::Tensor&, const c10::optional<at::Tensor>&, const at::Tensor&, int64_t,
+                                  const c10::optional<at::Tensor>&, int64_t)>();
   auto bwd = c10::Dispatcher::singleton().findSchemaOrThrow("lara_kernels::landmarks_backward", "")
                  .typed<at::Tensor(const at::Tensor&, const c10::optional<at::Tensor>&, const at::Tensor&, int64_t,
-                                   at::ScalarType)>();
+                                   at::ScalarType, const c10::optional<at::Tensor>&, int64_t)>();
   const auto f64 = at::TensorOptions().dtype(at::kDouble);
   // One element, one head, L = 6 positions of which position 1 is padding; D = 1, C = 2.
   // Valid positions p = 0..4 (values 0, 2, 3, 4, 5); segment floor(p * 2 / 5): 0, 0, 0, 1, 1.
@@ -34,15 +35,15 @@ int main() {
   at::Tensor pad = at::zeros({1, 6}, at::kBool);
   pad.index_put_({0, 1}, true);
   at::Tensor ceff = at::full({1}, 2, at::kLong);
-  at::Tensor out = op.call(x, pad, ceff, 2);
+  at::Tensor out = op.call(x, pad, ceff, 2, c10::nullopt, 0);
   expect_close(out, at::tensor({(0.0 + 2 + 3) / 3, (4.0 + 5) / 2}, f64).reshape({1, 1, 2, 1}), "forward, padded");
 
   at::Tensor g = at::tensor({3.0, 4.0}, f64).reshape({1, 1, 2, 1});
-  at::Tensor gx = bwd.call(g, pad, ceff, 6, at::kDouble);
+  at::Tensor gx = bwd.call(g, pad, ceff, 6, at::kDouble, c10::nullopt, 0);
   expect_close(gx, at::tensor({1.0, 0.0, 1.0, 1.0, 2.0, 2.0}, f64).reshape({1, 1, 6, 1}), "backward, padded");
 
   // c_eff = 1 with C = 3: one segment holding everything, rows 1 and 2 zero.
-  at::Tensor out1 = op.call(x, c10::nullopt, at::full({1}, 1, at::kLong), 3);
+  at::Tensor out1 = op.call(x, c10::nullopt, at::full({1}, 1, at::kLong), 3, c10::nullopt, 0);
   expect_close(out1, at::tensor({2.5, 0.0, 0.0}, f64).reshape({1, 1, 3, 1}), "forward, c_eff < C");
   return failures == 0 ? 0 : 1;
 }

@@ -47,12 +47,12 @@ void run_case(KF& key_fwd, KB& key_bwd, QF& query_fwd, QB& query_bwd, int64_t B,
   l = l.masked_fill(pad.unsqueeze(1).unsqueeze(1), -std::numeric_limits<double>::infinity());
   at::Tensor Z = l.logsumexp(-1);
   at::Tensor kap = at::matmul(at::softmax(l, -1), v * valid);
-  auto [Zo, kapo] = key_fwd.call(w.detach(), x.detach(), v.detach(), pad, ss, true);
+  auto [Zo, kapo] = key_fwd.call(w.detach(), x.detach(), v.detach(), pad, ss, true, c10::nullopt, 0);
   expect_close(Zo, Z.detach(), "key_pass_fwd Z");
   expect_close(kapo, kap.detach(), "key_pass_fwd kap");
   at::Tensor dZ = at::randn({B, H, C}, f64), dkap = at::randn({B, H, C, DV}, f64);
   auto g = torch::autograd::grad({Z, kap}, {w, x, v}, {dZ, dkap});
-  auto [dw, dk, dv] = key_bwd.call(w.detach(), x.detach(), v.detach(), pad, ss, true, Zo, kapo, dZ, dkap);
+  auto [dw, dk, dv] = key_bwd.call(w.detach(), x.detach(), v.detach(), pad, ss, true, Zo, kapo, dZ, dkap, c10::nullopt, 0);
   expect_close(dw, g[0], "key_pass_bwd dw");
   expect_close(dk, g[1], "key_pass_bwd dk");
   expect_close(dv, g[2], "key_pass_bwd dv");
@@ -73,12 +73,12 @@ void run_case(KF& key_fwd, KB& key_bwd, QF& query_fwd, QB& query_bwd, int64_t B,
   at::Tensor y = at::matmul(at::softmax(logits, -1), kp) * valid;
   const at::Tensor c_eff = at::full({B}, C, at::kLong);
   at::Tensor yo = query_fwd.call(x.detach(), w.detach(), bias.detach(), kp.detach(), c_eff, pad, ss, qt.detach(),
-                                 lam.detach(), bh.detach(), beta);
+                                 lam.detach(), bh.detach(), beta, c10::nullopt, 0);
   expect_close(yo, y.detach(), "query_pass_fwd y");
   at::Tensor dy = at::randn({B, H, L, DV}, f64);
   auto gq = torch::autograd::grad({y}, {x, w, bias, kp, qt, lam_in, bh}, {dy});
   auto out = query_bwd.call(x.detach(), w.detach(), bias.detach(), kp.detach(), c_eff, pad, ss, qt.detach(),
-                            lam.detach(), bh.detach(), beta, dy);
+                            lam.detach(), bh.detach(), beta, dy, c10::nullopt, 0);
   expect_close(std::get<0>(out), gq[0], "query_pass_bwd dq");
   expect_close(std::get<1>(out), gq[1], "query_pass_bwd dw");
   expect_close(std::get<2>(out), gq[2], "query_pass_bwd dbias");
@@ -94,20 +94,21 @@ int main() {
   auto& d = c10::Dispatcher::singleton();
   auto key_fwd = d.findSchemaOrThrow("lara_kernels::key_pass_fwd", "")
                      .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const Opt&,
-                                                               const Opt&, double, bool)>();
+                                                               const Opt&, double, bool, const Opt&, int64_t)>();
   auto key_bwd = d.findSchemaOrThrow("lara_kernels::key_pass_bwd", "")
                      .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
                          const at::Tensor&, const at::Tensor&, const Opt&, const Opt&, double, bool, const at::Tensor&,
-                         const Opt&, const at::Tensor&, const Opt&)>();
+                         const Opt&, const at::Tensor&, const Opt&, const Opt&, int64_t)>();
   auto query_fwd = d.findSchemaOrThrow("lara_kernels::query_pass_fwd", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                          const at::Tensor&, const Opt&, double, const Opt&, const Opt&, const Opt&,
-                                         double)>();
+                                         double, const Opt&, int64_t)>();
   auto query_bwd =
       d.findSchemaOrThrow("lara_kernels::query_pass_bwd", "")
           .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
               const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-              const Opt&, double, const Opt&, const Opt&, const Opt&, double, const at::Tensor&)>();
+              const Opt&, double, const Opt&, const Opt&, const Opt&, double, const at::Tensor&, const Opt&,
+              int64_t)>();
 
   // the CUDA passes keep their 256 limit; the CPU passes take any size BLAS takes
   if (lara::max_pass_dim(c10::Device(c10::kCUDA)) != 256 ||
