@@ -6,10 +6,11 @@
 See README.md and docs/math.md for the definition every backend computes.
 """
 
-from .api import PROPOSALS, WEIGHTINGS, lara_attention, ra_attention, rfa_attention
+from .api import (PROPOSALS, WEIGHTINGS, lara_attention, lara_attention_varlen, ra_attention, rfa_attention,
+                  rfa_attention_varlen)
 from .dispatch import backends
 from . import nn  # noqa: E402  (layers: LaraAttention, PerformerAttention, LaraEncoderLayer)
 
 __version__ = "0.1.0"
 
-__all__ = ["lara_attention", "rfa_attention", "ra_attention", "backends", "PROPOSALS", "WEIGHTINGS", "__version__"]
+__all__ = ["lara_attention", "lara_attention_varlen", "rfa_attention", "rfa_attention_varlen", "ra_attention", "backends", "PROPOSALS", "WEIGHTINGS", "__version__"]

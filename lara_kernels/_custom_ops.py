@@ -374,7 +374,7 @@ def lara_attention_op(q: Tensor, k: Tensor, v: Tensor, *, num_samples: int = 64,
                       key_padding_mask: Optional[Tensor] = None, query_padding_mask: Optional[Tensor] = None,
                       padding_mask: Optional[Tensor] = None, q_landmarks: Optional[Tensor] = None,
                       k_landmarks: Optional[Tensor] = None, backend: str = "auto",
-                      check_finite: bool = False) -> Tensor:
+                      check_finite: bool = False, enable_gqa: bool = False) -> Tensor:
     """:func:`lara_kernels.lara_attention` through the custom op (same arguments, checks,
     autocast casts, eps draw and result); use it in code that ``torch.compile(fullgraph=True)``
     traces. ``generator`` works under ``torch.compile`` (see the module doc: the draw is the
@@ -386,7 +386,7 @@ def lara_attention_op(q: Tensor, k: Tensor, v: Tensor, *, num_samples: int = 64,
     that makes a changing float symbolic) instead of recompiling for every value; its
     value is checked when the op runs."""
     q, k, v, q_landmarks, k_landmarks = api._autocast_inputs(q, k, v, q_landmarks, k_landmarks)
-    api._check_qkv(q, k, v)
+    api._check_qkv(q, k, v, enable_gqa)
     B, H, N, D = q.shape
     M = k.shape[2]
     C = api._check_int("num_samples", num_samples, 1)
@@ -478,16 +478,16 @@ _rfa_op.register_autograd(_rfa_backward, setup_context=_rfa_setup_context)
 
 def rfa_features(q: Tensor, k: Tensor, v: Tensor, w: Tensor, *, scale: Optional[float] = None,
                  key_padding_mask: Optional[Tensor] = None, query_padding_mask: Optional[Tensor] = None,
-                 backend: str = "auto") -> Tensor:
+                 backend: str = "auto", enable_gqa: bool = False) -> Tensor:
     """RFA / Performer attention with the given features ``w`` (B, H, S, D), float32.
 
     :func:`lara_kernels.rfa_attention` draws ``w`` itself; this takes it, for a layer that
     keeps one fixed set of features in evaluation. Eager: the selected backend with its
     own autograd; under ``torch.compile``: the op ``lara_kernels::rfa_attention``. Same
-    checks and autocast casts as the function.
+    checks and autocast casts as the function (``enable_gqa`` included).
     """
     q, k, v = api._autocast_inputs(q, k, v)
-    api._check_qkv(q, k, v)
+    api._check_qkv(q, k, v, enable_gqa)
     B, H, N, D = q.shape
     M = k.shape[2]
     if not isinstance(w, Tensor) or tuple(w.shape[:2]) != (B, H) or w.dim() != 4 or w.shape[3] != D:

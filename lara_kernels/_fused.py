@@ -4,11 +4,17 @@
 A backend supplies a *kernel set*: four functions with the signatures of
 ``triton_kernels.key_pass`` / ``triton_kernels.query_pass``:
 
-- ``key_pass_fwd(w, k, v, padding, ss, subtract_norm) -> (Z, kap or None)``
-- ``key_pass_bwd(w, k, v, padding, ss, subtract_norm, Z, kap, dZ, dkap) -> (dw, dk, dv or None)``
-- ``query_pass_fwd(q, w, bias, kap, c_eff, padding, ss, qt, lam, bh, beta) -> y``
-- ``query_pass_bwd(q, w, bias, kap, c_eff, padding, ss, qt, lam, bh, beta, dy)
+- ``key_pass_fwd(w, k, v, padding, ss, subtract_norm, cu_seqlens, max_seqlen) -> (Z, kap or None)``
+- ``key_pass_bwd(w, k, v, padding, ss, subtract_norm, Z, kap, dZ, dkap, cu_seqlens, max_seqlen)
+  -> (dw, dk, dv or None)``
+- ``query_pass_fwd(q, w, bias, kap, c_eff, padding, ss, qt, lam, bh, beta, cu_seqlens, max_seqlen) -> y``
+- ``query_pass_bwd(q, w, bias, kap, c_eff, padding, ss, qt, lam, bh, beta, dy, cu_seqlens, max_seqlen)
   -> (dq, dw, dbias, dkap, dqt, dlam, dbh)`` (the last three None without the MIS term)
+
+``cu_seqlens`` (None) and ``max_seqlen`` (0) give the padded layout; with offsets, the long
+tensors are packed (T, H, D) rows of B sequences (``_varlen``; contract in csrc/lara_ops.h).
+The passes object takes the layout as one ``padding`` argument (a mask, None, or a
+``_varlen.Packed``) and splits it for the kernels.
 
 ``FusedPasses(kernels)`` turns it into the passes object that ``_pipeline`` runs, with
 one ``torch.autograd.Function`` per long pass. Each saves only its inputs and the
@@ -40,6 +46,7 @@ from torch.autograd import forward_ad as _forward_ad_module
 
 from . import _passes_torch
 from ._ops import built
+from ._varlen import Packed
 
 
 _FUNCTION_APPLY = torch._C._FunctionBase.__dict__["apply"]   # the C++ apply every Function ends in
@@ -120,67 +127,91 @@ def _unfold(info, outputs):
     return one(outputs)
 
 
+def _split(padding):
+    """The ``padding`` argument of a pass -> (mask or None, cu_seqlens or None, max_seqlen)."""
+    if isinstance(padding, Packed):
+        return None, padding.cu_seqlens, int(padding.max_seqlen)
+    return padding, None, 0
+
+
+def _layout(padding, cu, max_seqlen):
+    """The inverse of ``_split``, for the eager passes."""
+    return padding if cu is None else Packed(cu, max_seqlen)
+
+
+def _no_packed_vmap(cu):
+    if cu is not None:
+        raise NotImplementedError(
+            "torch.vmap over the varlen functions (lara_attention_varlen, rfa_attention_varlen) is not supported: "
+            "a packed batch already holds many sequences; pack the vmapped ones into it instead")
+
+
 class _KeyPass(torch.autograd.Function):
-    """Z, kap = key_pass(w, k, v, padding, ss, subtract_norm); saves w, k, v, Z, kap."""
+    """Z, kap = key_pass(w, k, v, padding, ss, subtract_norm, cu_seqlens, max_seqlen);
+    saves w, k, v, Z, kap."""
 
     @staticmethod
-    def forward(kernels, w, k, v, padding, ss, subtract_norm):
-        return kernels.key_pass_fwd(w, k, v, padding, ss, subtract_norm)
+    def forward(kernels, w, k, v, padding, ss, subtract_norm, cu, max_seqlen):
+        return kernels.key_pass_fwd(w, k, v, padding, ss, subtract_norm, cu, max_seqlen)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        kernels, w, k, v, padding, ss, subtract_norm = inputs
+        kernels, w, k, v, padding, ss, subtract_norm, cu, max_seqlen = inputs
         Z, kap = output
-        ctx.save_for_backward(w, k, v, padding, Z, kap)
-        ctx.kernels, ctx.ss, ctx.subtract_norm = kernels, ss, subtract_norm
+        ctx.save_for_backward(w, k, v, padding, Z, kap, cu)
+        ctx.kernels, ctx.ss, ctx.subtract_norm, ctx.max_seqlen = kernels, ss, subtract_norm, max_seqlen
 
     @staticmethod
     def backward(ctx, dZ, dkap):
-        w, k, v, padding, Z, kap = ctx.saved_tensors
+        w, k, v, padding, Z, kap, cu = ctx.saved_tensors
         if torch.is_grad_enabled():   # create_graph=True: a backward that is differentiable
-            ss, sn = ctx.ss, ctx.subtract_norm
+            ss, sn, layout = ctx.ss, ctx.subtract_norm, _layout(padding, cu, ctx.max_seqlen)
             dw, dk, dv = _differentiable_vjp(
-                lambda w_, k_, v_: _passes_torch.key_pass(w_, k_, v_, padding, ss, sn),
+                lambda w_, k_, v_: _passes_torch.key_pass(w_, k_, v_, layout, ss, sn),
                 (w, k, v), ctx.needs_input_grad[1:4], (dZ, dkap))
-            return None, dw, dk, dv, None, None, None
-        dw, dk, dv = ctx.kernels.key_pass_bwd(w, k, v, padding, ctx.ss, ctx.subtract_norm, Z, kap, dZ, dkap)
-        return None, _cast(dw, w), dk, dv, None, None, None
+            return None, dw, dk, dv, None, None, None, None, None
+        dw, dk, dv = ctx.kernels.key_pass_bwd(w, k, v, padding, ctx.ss, ctx.subtract_norm, Z, kap, dZ, dkap,
+                                              cu, ctx.max_seqlen)
+        return None, _cast(dw, w), dk, dv, None, None, None, None, None
 
     @staticmethod
-    def vmap(info, in_dims, kernels, w, k, v, padding, ss, subtract_norm):
+    def vmap(info, in_dims, kernels, w, k, v, padding, ss, subtract_norm, cu, max_seqlen):
+        _no_packed_vmap(cu)
         args = _fold(info, in_dims, (kernels, w, k, v, padding, ss, subtract_norm))
-        return _unfold(info, _KeyPass.apply(*args))
+        return _unfold(info, _KeyPass.apply(*args, None, 0))
 
 
 class _QueryNormalizer(torch.autograd.Function):
     """Lam_c = LSE over valid n of qt_c . qh_n: the key pass without values."""
 
     @staticmethod
-    def forward(kernels, qt, q, padding, ss):
-        lam, _ = kernels.key_pass_fwd(qt, q, None, padding, ss, False)
+    def forward(kernels, qt, q, padding, ss, cu, max_seqlen):
+        lam, _ = kernels.key_pass_fwd(qt, q, None, padding, ss, False, cu, max_seqlen)
         return lam
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        kernels, qt, q, padding, ss = inputs
-        ctx.save_for_backward(qt, q, padding, output)
-        ctx.kernels, ctx.ss = kernels, ss
+        kernels, qt, q, padding, ss, cu, max_seqlen = inputs
+        ctx.save_for_backward(qt, q, padding, output, cu)
+        ctx.kernels, ctx.ss, ctx.max_seqlen = kernels, ss, max_seqlen
 
     @staticmethod
     def backward(ctx, dlam):
-        qt, q, padding, lam = ctx.saved_tensors
+        qt, q, padding, lam, cu = ctx.saved_tensors
         if torch.is_grad_enabled():   # create_graph=True
-            ss = ctx.ss
+            ss, layout = ctx.ss, _layout(padding, cu, ctx.max_seqlen)
             dqt, dq = _differentiable_vjp(
-                lambda qt_, q_: _passes_torch.query_normalizer(qt_, q_, padding, ss),
+                lambda qt_, q_: _passes_torch.query_normalizer(qt_, q_, layout, ss),
                 (qt, q), ctx.needs_input_grad[1:3], (dlam,))
-            return None, dqt, dq, None, None
-        dqt, dq, _ = ctx.kernels.key_pass_bwd(qt, q, None, padding, ctx.ss, False, lam, None, dlam, None)
-        return None, _cast(dqt, qt), dq, None, None
+            return None, dqt, dq, None, None, None, None
+        dqt, dq, _ = ctx.kernels.key_pass_bwd(qt, q, None, padding, ctx.ss, False, lam, None, dlam, None,
+                                              cu, ctx.max_seqlen)
+        return None, _cast(dqt, qt), dq, None, None, None, None
 
     @staticmethod
-    def vmap(info, in_dims, kernels, qt, q, padding, ss):
-        return _unfold(info, _QueryNormalizer.apply(*_fold(info, in_dims, (kernels, qt, q, padding, ss))))
+    def vmap(info, in_dims, kernels, qt, q, padding, ss, cu, max_seqlen):
+        _no_packed_vmap(cu)
+        return _unfold(info, _QueryNormalizer.apply(*_fold(info, in_dims, (kernels, qt, q, padding, ss)), None, 0))
 
 
 class _QueryPass(torch.autograd.Function):
@@ -191,38 +222,39 @@ class _QueryPass(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(kernels, q, w, bias, kap, c_eff, padding, ss, qt, lam, bh, beta):
-        return kernels.query_pass_fwd(q, w, bias, kap, c_eff, padding, ss, qt, lam, bh, beta)
+    def forward(kernels, q, w, bias, kap, c_eff, padding, ss, qt, lam, bh, beta, cu, max_seqlen):
+        return kernels.query_pass_fwd(q, w, bias, kap, c_eff, padding, ss, qt, lam, bh, beta, cu, max_seqlen)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        kernels, q, w, bias, kap, c_eff, padding, ss, qt, lam, bh, beta = inputs
-        ctx.save_for_backward(q, w, bias, kap, c_eff, padding, qt, lam, bh)
-        ctx.kernels, ctx.ss, ctx.beta = kernels, ss, beta
+        kernels, q, w, bias, kap, c_eff, padding, ss, qt, lam, bh, beta, cu, max_seqlen = inputs
+        ctx.save_for_backward(q, w, bias, kap, c_eff, padding, qt, lam, bh, cu)
+        ctx.kernels, ctx.ss, ctx.beta, ctx.max_seqlen = kernels, ss, beta, max_seqlen
 
     @staticmethod
     def backward(ctx, dy):
-        q, w, bias, kap, c_eff, padding, qt, lam, bh = ctx.saved_tensors
+        q, w, bias, kap, c_eff, padding, qt, lam, bh, cu = ctx.saved_tensors
         if torch.is_grad_enabled():   # create_graph=True
-            ss, beta = ctx.ss, ctx.beta
+            ss, beta, layout = ctx.ss, ctx.beta, _layout(padding, cu, ctx.max_seqlen)
 
             def eager(q_, w_, bias_, kap_, qt_, lam_, bh_):
                 mis = None if qt_ is None else (qt_, lam_, bh_, beta)
-                return _passes_torch.query_pass(q_, w_, bias_, kap_, c_eff, padding, ss, mis)
+                return _passes_torch.query_pass(q_, w_, bias_, kap_, c_eff, layout, ss, mis)
 
             needs = ctx.needs_input_grad
             dq, dw, dbias, dkap, dqt, dlam, dbh = _differentiable_vjp(
                 eager, (q, w, bias, kap, qt, lam, bh), needs[1:5] + needs[8:11], (dy,))
-            return None, dq, dw, dbias, dkap, None, None, None, dqt, dlam, dbh, None
+            return None, dq, dw, dbias, dkap, None, None, None, dqt, dlam, dbh, None, None, None
         dq, dw, dbias, dkap, dqt, dlam, dbh = ctx.kernels.query_pass_bwd(
-            q, w, bias, kap, c_eff, padding, ctx.ss, qt, lam, bh, ctx.beta, dy)
+            q, w, bias, kap, c_eff, padding, ctx.ss, qt, lam, bh, ctx.beta, dy, cu, ctx.max_seqlen)
         return (None, dq, _cast(dw, w), _cast(dbias, bias), _cast(dkap, kap), None, None, None,
-                _cast(dqt, qt), _cast(dlam, lam), _cast(dbh, bh), None)
+                _cast(dqt, qt), _cast(dlam, lam), _cast(dbh, bh), None, None, None)
 
     @staticmethod
-    def vmap(info, in_dims, kernels, q, w, bias, kap, c_eff, padding, ss, qt, lam, bh, beta):
+    def vmap(info, in_dims, kernels, q, w, bias, kap, c_eff, padding, ss, qt, lam, bh, beta, cu, max_seqlen):
+        _no_packed_vmap(cu)
         args = _fold(info, in_dims, (kernels, q, w, bias, kap, c_eff, padding, ss, qt, lam, bh, beta))
-        return _unfold(info, _QueryPass.apply(*args))
+        return _unfold(info, _QueryPass.apply(*args, None, 0))
 
 
 class FusedPasses:
@@ -245,20 +277,25 @@ class FusedPasses:
     def key_pass(self, w, k, v, padding, ss, subtract_norm):
         if _forward_ad_active():
             return _passes_torch.key_pass(w, k, v, padding, float(ss), bool(subtract_norm))
-        return _apply(_KeyPass, self.kernels, w, k, v, padding, float(ss), bool(subtract_norm))
+        mask, cu, max_seqlen = _split(padding)
+        return _apply(_KeyPass, self.kernels, w, k, v, mask, float(ss), bool(subtract_norm), cu, max_seqlen)
 
     def query_normalizer(self, qt, q, padding, ss):
         if _forward_ad_active():
             return _passes_torch.query_normalizer(qt, q, padding, float(ss))
-        return _apply(_QueryNormalizer, self.kernels, qt, q, padding, float(ss))
+        mask, cu, max_seqlen = _split(padding)
+        return _apply(_QueryNormalizer, self.kernels, qt, q, mask, float(ss), cu, max_seqlen)
 
     def query_pass(self, q, w, bias, kap, c_eff, padding, ss, mis):
         if _forward_ad_active():
             return _passes_torch.query_pass(q, w, bias, kap, c_eff, padding, float(ss), mis)
+        mask, cu, max_seqlen = _split(padding)
         if mis is None:
-            return _apply(_QueryPass, self.kernels, q, w, bias, kap, c_eff, padding, float(ss), None, None, None, 0.0)
+            return _apply(_QueryPass, self.kernels, q, w, bias, kap, c_eff, mask, float(ss), None, None, None, 0.0,
+                          cu, max_seqlen)
         qt, lam, bh, beta = mis
-        return _apply(_QueryPass, self.kernels, q, w, bias, kap, c_eff, padding, float(ss), qt, lam, bh, float(beta))
+        return _apply(_QueryPass, self.kernels, q, w, bias, kap, c_eff, mask, float(ss), qt, lam, bh, float(beta),
+                      cu, max_seqlen)
 
 
 class CompiledKernels:
@@ -279,12 +316,13 @@ class CompiledKernels:
         return None if t is None else t.to(cls._ct(x)).contiguous()
 
     @classmethod
-    def key_pass_fwd(cls, w, k, v, padding, ss, subtract_norm):
-        Z, kap = torch.ops.lara_kernels.key_pass_fwd(cls._small(w, k), k, v, padding, float(ss), bool(subtract_norm))
+    def key_pass_fwd(cls, w, k, v, padding, ss, subtract_norm, cu_seqlens=None, max_seqlen=0):
+        Z, kap = torch.ops.lara_kernels.key_pass_fwd(cls._small(w, k), k, v, padding, float(ss), bool(subtract_norm),
+                                                     cu_seqlens, int(max_seqlen))
         return Z, (kap if v is not None else None)
 
     @classmethod
-    def key_pass_bwd(cls, w, k, v, padding, ss, subtract_norm, Z, kap, dZ, dkap):
+    def key_pass_bwd(cls, w, k, v, padding, ss, subtract_norm, Z, kap, dZ, dkap, cu_seqlens=None, max_seqlen=0):
         Z = cls._small(Z, k)
         dZ = torch.zeros_like(Z) if dZ is None else cls._small(dZ, k)
         if v is not None:
@@ -293,7 +331,8 @@ class CompiledKernels:
         else:
             kap = dkap = None
         dw, dk, dv = torch.ops.lara_kernels.key_pass_bwd(
-            cls._small(w, k), k, v, padding, float(ss), bool(subtract_norm), Z, kap, dZ, dkap)
+            cls._small(w, k), k, v, padding, float(ss), bool(subtract_norm), Z, kap, dZ, dkap, cu_seqlens,
+            int(max_seqlen))
         return dw, dk, (dv if v is not None else None)
 
     @classmethod
@@ -302,15 +341,17 @@ class CompiledKernels:
         return s(w), s(bias), s(kap), c_eff.to(device=q.device, dtype=torch.int64).contiguous(), s(qt), s(lam), s(bh)
 
     @classmethod
-    def query_pass_fwd(cls, q, w, bias, kap, c_eff, padding, ss, qt=None, lam=None, bh=None, beta=0.0):
+    def query_pass_fwd(cls, q, w, bias, kap, c_eff, padding, ss, qt=None, lam=None, bh=None, beta=0.0,
+                       cu_seqlens=None, max_seqlen=0):
         w, bias, kap, c_eff, qt, lam, bh = cls._query_inputs(q, w, bias, kap, c_eff, qt, lam, bh)
         return torch.ops.lara_kernels.query_pass_fwd(q, w, bias, kap, c_eff, padding, float(ss), qt, lam, bh,
-                                                     float(beta))
+                                                     float(beta), cu_seqlens, int(max_seqlen))
 
     @classmethod
-    def query_pass_bwd(cls, q, w, bias, kap, c_eff, padding, ss, qt, lam, bh, beta, dy):
+    def query_pass_bwd(cls, q, w, bias, kap, c_eff, padding, ss, qt, lam, bh, beta, dy, cu_seqlens=None,
+                       max_seqlen=0):
         mis = qt is not None
         w, bias, kap, c_eff, qt, lam, bh = cls._query_inputs(q, w, bias, kap, c_eff, qt, lam, bh)
         out = torch.ops.lara_kernels.query_pass_bwd(q, w, bias, kap, c_eff, padding, float(ss), qt, lam, bh,
-                                                    float(beta), dy.to(q.dtype))
+                                                    float(beta), dy.to(q.dtype), cu_seqlens, int(max_seqlen))
         return tuple(out[:4]) + (tuple(out[4:]) if mis else (None, None, None))

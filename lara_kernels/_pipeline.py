@@ -4,6 +4,17 @@ The long passes (landmarks, key pass, query normalizer, query pass) come from a
 backend's ``passes`` object; the C x D and C x C steps between them (proposal means,
 samples, proposal densities g, rho, the balance heuristic) are plain torch ops that
 autograd differentiates. All backends run this same sequence on the same eps.
+
+Two layouts (``_varlen``): padded (B, H, L, D) tensors with optional padding masks, or a
+packed batch of sequences, (T, H, D) rows with ``cu_seqlens``/``max_seqlen`` per side,
+whose ``Packed`` value goes to the passes where a mask would. Grouped-query attention
+(k, v with H_kv heads, H_kv dividing H): the G = H / H_kv query heads of a key/value head
+share its keys, so the pipeline runs its key passes on the (B, H_kv, G * C, D) view of
+the samples, the G heads' rows one after the other: k and v are read once per key/value
+head and the key pass's dk, dv sum over the group by construction. The key landmarks are
+computed once per key/value head and shared (a (B, H_kv, C, D) tensor repeated to H
+heads); everything else (query landmarks, samples, weights, the query pass) is per
+query head.
 """
 
 from __future__ import annotations
@@ -13,6 +24,7 @@ from typing import Optional
 
 import torch
 
+from ._varlen import Packed
 from .reference import compute_dtype
 
 NEG_INF = float("-inf")
@@ -74,11 +86,32 @@ def _zero_dropped(y, keep):
     return y.masked_fill(~keep[:, None, None, None], 0.0)
 
 
+def packed_sizes(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    """(B, N, M, query layout, key layout, query lengths, key lengths): the padded sizes,
+    or for a packed batch the longest lengths and the ``Packed`` layouts."""
+    if cu_seqlens_q is None:
+        return q.shape[0], q.shape[2], k.shape[2], None, None, None, None
+    q_lay, k_lay = Packed(cu_seqlens_q, int(max_seqlen_q)), Packed(cu_seqlens_k, int(max_seqlen_k))
+    return q_lay.num_seqs, q_lay.max_seqlen, k_lay.max_seqlen, q_lay, k_lay, q_lay.lengths(), k_lay.lengths()
+
+
+def _key_pass_grouped(passes, w, k, v, k_pad, ss, subtract_norm):
+    """The key pass of (B, H, C, D) rows against keys with H_kv heads: the G = H / H_kv
+    query heads of a key/value head go in as one (B, H_kv, G * C, D) block of rows."""
+    B, H, C, D = w.shape
+    Hkv = k.shape[1]
+    if Hkv == H:
+        return passes.key_pass(w, k, v, k_pad, ss, subtract_norm)
+    Z, kap = passes.key_pass(w.reshape(B, Hkv, (H // Hkv) * C, D), k, v, k_pad, ss, subtract_norm)
+    return Z.reshape(B, H, C), (None if kap is None else kap.reshape(B, H, C, kap.shape[-1]))
+
+
 def lara_forward(passes, q, k, v, eps, *, num_samples, proposal, weighting, beta, scale,
                  key_padding_mask=None, query_padding_mask=None, q_landmarks=None,
-                 k_landmarks=None) -> torch.Tensor:
-    B, H, N, D = q.shape
-    M = k.shape[2]
+                 k_landmarks=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
+                 max_seqlen_k=None) -> torch.Tensor:
+    B, N, M, q_lay, k_lay, n_len, m_len = packed_sizes(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    H = q.shape[1]
     # Samples c >= C_eff = min(C, N_valid, M_valid) are inactive: run only the first
     # min(C, N, M) rows, which hold every active one (exact; the result does not depend on C
     # beyond C_eff, and the dropped rows of given landmarks get zero gradients).
@@ -89,14 +122,28 @@ def lara_forward(passes, q, k, v, eps, *, num_samples, proposal, weighting, beta
         k_landmarks = None if k_landmarks is None else k_landmarks[:, :, :C]
     ct = compute_dtype(q.dtype)
     ss = math.sqrt(scale)
-    q_pad, k_pad, keep, c_eff = prepare_masks(B, N, M, C, query_padding_mask, key_padding_mask, q.device)
-    q, k, v, q_landmarks, k_landmarks = drop_inputs(keep, q, k, v, q_landmarks, k_landmarks)
-    # Without masks every sample is active (C_eff = C for every element): no masking needed.
-    act_c = None if keep is None else (torch.arange(C, device=q.device)[None, :] < c_eff[:, None])[:, None, None, :]
+    if q_lay is not None:
+        # packed: C_eff per sequence, 0 for one with no queries or no keys (the kernels give
+        # it output 0); the C x C steps below treat its sample 0 as active, so that they stay
+        # finite, and the passes ignore it.
+        c_eff = torch.clamp(torch.minimum(n_len, m_len), max=C)
+        q_pad, k_pad = q_lay, k_lay
+        act_c = (torch.arange(C, device=q.device)[None, :] < c_eff.clamp(min=1)[:, None])[:, None, None, :]
+        keep = None
+    else:
+        q_pad, k_pad, keep, c_eff = prepare_masks(B, N, M, C, query_padding_mask, key_padding_mask, q.device)
+        q, k, v, q_landmarks, k_landmarks = drop_inputs(keep, q, k, v, q_landmarks, k_landmarks)
+        # Without masks every sample is active (C_eff = C for every element): no masking needed.
+        act_c = None if keep is None else (torch.arange(C, device=q.device)[None, :] < c_eff[:, None])[:, None, None, :]
 
-    # 1. landmarks, in the scaled space
+    # 1. landmarks, in the scaled space (key landmarks once per key/value head)
     qt = ss * (q_landmarks.to(ct) if q_landmarks is not None else passes.landmarks(q, q_pad, c_eff, C))
-    kt = ss * (k_landmarks.to(ct) if k_landmarks is not None else passes.landmarks(k, k_pad, c_eff, C))
+    if k_landmarks is not None:
+        kt = ss * k_landmarks.to(ct)
+    else:
+        kt = ss * passes.landmarks(k, k_pad, c_eff, C)
+        if kt.shape[1] != H:
+            kt = kt.repeat_interleave(H // kt.shape[1], dim=1)
 
     # 2. proposal means
     if proposal == "segment":
@@ -105,14 +152,14 @@ def lara_forward(passes, q, k, v, eps, *, num_samples, proposal, weighting, beta
         a = _mask_inactive(kt @ kt.transpose(-1, -2), act_c).softmax(-1)
         mu = qt + a @ kt
     else:  # "attend": a key pass with values k and no -|kh|^2/2 term
-        _, mean_k = passes.key_pass(qt, k, k, k_pad, ss, False)
+        _, mean_k = _key_pass_grouped(passes, qt, k, k, k_pad, ss, False)
         mu = qt + ss * mean_k
 
     # 3. samples
     w = mu if eps is None else mu + eps.to(ct)
 
     # 4. key statistics
-    Z, kap = passes.key_pass(w, k, v, k_pad, ss, True)
+    Z, kap = _key_pass_grouped(passes, w, k, v, k_pad, ss, True)
 
     # 6. densities g_cc' and weights (C x C)
     g = w @ mu.transpose(-1, -2) - 0.5 * mu.pow(2).sum(-1)[..., None, :]
@@ -127,16 +174,19 @@ def lara_forward(passes, q, k, v, eps, *, num_samples, proposal, weighting, beta
     return _zero_dropped(y, keep)
 
 
-def rfa_forward(passes, q, k, v, w, *, scale, key_padding_mask=None,
-                query_padding_mask=None) -> torch.Tensor:
-    B, H, N, D = q.shape
-    M = k.shape[2]
+def rfa_forward(passes, q, k, v, w, *, scale, key_padding_mask=None, query_padding_mask=None,
+                cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None) -> torch.Tensor:
+    B, N, M, q_lay, k_lay, _, m_len = packed_sizes(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     S = w.shape[2]
     ss = math.sqrt(scale)
-    q_pad, k_pad, keep, _ = prepare_masks(B, N, M, S, query_padding_mask, key_padding_mask, q.device)
-    q, k, v = drop_inputs(keep, q, k, v)
-    c_all = torch.full((B,), S, dtype=torch.long, device=q.device)
+    if q_lay is not None:   # packed: every feature active, none for a sequence with no keys (output 0)
+        q_pad, k_pad, keep = q_lay, k_lay, None
+        c_all = torch.where(m_len > 0, S, 0)
+    else:
+        q_pad, k_pad, keep, _ = prepare_masks(B, N, M, S, query_padding_mask, key_padding_mask, q.device)
+        q, k, v = drop_inputs(keep, q, k, v)
+        c_all = torch.full((B,), S, dtype=torch.long, device=q.device)
     w = w.to(compute_dtype(q.dtype))
-    Z, kap = passes.key_pass(w, k, v, k_pad, ss, True)
+    Z, kap = _key_pass_grouped(passes, w, k, v, k_pad, ss, True)
     y = passes.query_pass(q, w, Z, kap, c_all, q_pad, ss, None)
     return _zero_dropped(y, keep)

@@ -61,11 +61,16 @@ def _no_autocast(device):
     return torch.autocast(device.type, enabled=False)
 
 
-def _check_qkv(q, k, v):
+def _check_qkv(q, k, v, enable_gqa=False, packed=False):
+    """Shapes, dtypes and devices of q, k, v: (B, H, L, D) as in SDPA, or packed (T, H, D)
+    rows of a varlen batch; with ``enable_gqa``, k and v may have H_kv heads, H_kv dividing H."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
+        if packed and t.dim() != 3:
+            raise ValueError(f"{name} must be 3-D (total rows T, H, D) like flash_attn_varlen_func, got shape "
+                             f"{_shape(t)}")
+        if not packed and t.dim() != 4:
             raise ValueError(f"{name} must be 4-D (B, H, L, D) like scaled_dot_product_attention, got shape {_shape(t)}")
         if t.dtype not in _FLOATS:
             raise TypeError(
@@ -76,16 +81,35 @@ def _check_qkv(q, k, v):
             raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; q, k and v must share one dtype")
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}; q, k and v must share one device")
-        if t.shape[0] != q.shape[0]:
+        if not packed and t.shape[0] != q.shape[0]:
             raise ValueError(f"{name} has batch size {t.shape[0]} (shape {_shape(t)}) but q has {q.shape[0]} (shape {_shape(q)})")
-        if t.shape[1] != q.shape[1]:
-            raise ValueError(f"{name} has {t.shape[1]} heads (shape {_shape(t)}) but q has {q.shape[1]} (shape {_shape(q)})")
-    if k.shape[3] != q.shape[3]:
-        raise ValueError(f"k has head dim {k.shape[3]} (shape {_shape(k)}) but q has {q.shape[3]} (shape {_shape(q)})")
-    if v.shape[2] != k.shape[2]:
-        raise ValueError(f"k has {k.shape[2]} keys (shape {_shape(k)}) but v has {v.shape[2]} (shape {_shape(v)}); their lengths must agree")
-    if q.shape[3] == 0:
+    _check_heads(q.shape[1], k, v, enable_gqa)
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"k has head dim {k.shape[-1]} (shape {_shape(k)}) but q has {q.shape[-1]} (shape {_shape(q)})")
+    lk, lv = (k.shape[0], v.shape[0]) if packed else (k.shape[2], v.shape[2])
+    if lv != lk:
+        raise ValueError(f"k has {lk} keys (shape {_shape(k)}) but v has {lv} (shape {_shape(v)}); their lengths must agree")
+    if q.shape[-1] == 0:
         raise ValueError(f"head dim must be >= 1, got q of shape {_shape(q)}")
+
+
+def _check_heads(H, k, v, enable_gqa):
+    """Head counts: k and v equal to q's H, or with ``enable_gqa`` one count H_kv dividing H
+    (grouped-query attention, as SDPA's ``enable_gqa``)."""
+    _check_bool("enable_gqa", enable_gqa)
+    if not enable_gqa:
+        for name, t in (("k", k), ("v", v)):
+            if t.shape[1] != H:
+                raise ValueError(f"{name} has {t.shape[1]} heads (shape {_shape(t)}) but q has {H}; for grouped-query "
+                                 "attention (k and v with fewer heads than q) pass enable_gqa=True")
+        return
+    if v.shape[1] != k.shape[1]:
+        raise ValueError(f"v has {v.shape[1]} heads (shape {_shape(v)}) but k has {k.shape[1]} (shape {_shape(k)}); "
+                         "k and v must have the same number of heads")
+    Hkv = k.shape[1]
+    if Hkv == 0 or H % Hkv != 0:
+        raise ValueError(f"enable_gqa=True needs the key/value head count to divide the query head count, got "
+                         f"{Hkv} key/value heads (shape {_shape(k)}) and {H} query heads")
 
 
 def _check_mask(name, mask, B, L, what, device):
@@ -156,10 +180,14 @@ def _check_generator(generator, device):
     return generator
 
 
-def _check_landmarks(name, lm, q, C):
+def _check_landmarks(name, lm, q, C, B=None):
+    """Landmarks (B, H, num_samples, D) like q; ``B`` given for a packed q (T, H, D)."""
     if lm is None:
         return None
-    B, H, _, D = q.shape
+    if B is None:
+        B, H, _, D = q.shape
+    else:
+        _, H, D = q.shape
     if not isinstance(lm, torch.Tensor):
         raise TypeError(f"{name} must be a tensor of shape (B, H, num_samples, D) or None, got {type(lm).__name__}")
     if _shape(lm) != (B, H, C, D):
@@ -197,7 +225,7 @@ class _ZeroOutput(torch.autograd.Function):
 
     @staticmethod
     def forward(q, k, v, q_landmarks, k_landmarks):
-        return q.new_zeros(q.shape[:3] + (v.shape[3],))
+        return q.new_zeros(q.shape[:-1] + (v.shape[-1],))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -210,12 +238,13 @@ class _ZeroOutput(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, *tangents):
         shape, dtype, device = ctx.like[0]
-        return torch.zeros(shape[:3] + (ctx.like[2][0][3],), dtype=dtype, device=device)
+        return torch.zeros(shape[:-1] + (ctx.like[2][0][-1],), dtype=dtype, device=device)
 
 
 def _degenerate(q, k, v):
-    """No query, no key, or no value feature: the output is all zeros (docs/math.md, Degenerate shapes)."""
-    return q.shape[0] * q.shape[1] * q.shape[2] == 0 or k.shape[2] == 0 or v.shape[3] == 0
+    """No query, no key, or no value feature: the output is all zeros (docs/math.md,
+    Degenerate shapes). Either layout: (B, H, L, D) or packed (T, H, D)."""
+    return math.prod(q.shape[:-1]) == 0 or math.prod(k.shape[:-1]) == 0 or v.shape[-1] == 0
 
 
 def _empty_result(q, k, v, q_landmarks=None, k_landmarks=None):
@@ -426,6 +455,7 @@ def lara_attention(
     attn_mask: Optional[torch.Tensor] = None,
     dropout_p: float = 0.0,
     check_finite: bool = False,
+    enable_gqa: bool = False,
 ) -> torch.Tensor:
     """Linear randomized attention (LARA), as defined in docs/math.md.
 
@@ -470,6 +500,12 @@ def lara_attention(
             :func:`range_bound` (``finfo.max / 64`` of the compute dtype: 5.3e36 for
             float32, float16 and bfloat16 inputs), the range within which every backend's
             result is guaranteed finite.
+        enable_gqa: grouped-query attention, as in SDPA: k and v may have H_kv heads,
+            H_kv dividing H; query head h uses key/value head ``h // (H // H_kv)``. k and
+            v are read as they are (no repeated copy); their gradients sum over each
+            group. The key landmarks are computed once per key/value head and shared by
+            its group; samples, weights and the key statistics of each query head are its
+            own (samples depend on the query landmarks).
 
     Returns:
         (B, H, N, Dv) in q's dtype.
@@ -478,7 +514,8 @@ def lara_attention(
                           scale=scale, training=training, generator=generator, key_padding_mask=key_padding_mask,
                           query_padding_mask=query_padding_mask, padding_mask=padding_mask,
                           q_landmarks=q_landmarks, k_landmarks=k_landmarks, backend=backend, is_causal=is_causal,
-                          attn_mask=attn_mask, dropout_p=dropout_p, check_finite=check_finite)
+                          attn_mask=attn_mask, dropout_p=dropout_p, check_finite=check_finite,
+                          enable_gqa=enable_gqa)
     q, k, v = a.q, a.k, a.v
     if _degenerate(q, k, v):
         return _empty_result(q, k, v, a.q_landmarks, a.k_landmarks)
@@ -515,12 +552,12 @@ class LaraArgs(NamedTuple):
 
 def checked_lara_args(q, k, v, *, num_samples, proposal, weighting, beta, scale, training, generator,
                       key_padding_mask, query_padding_mask, padding_mask, q_landmarks, k_landmarks, backend,
-                      is_causal, attn_mask, dropout_p, check_finite) -> LaraArgs:
+                      is_causal, attn_mask, dropout_p, check_finite, enable_gqa=False) -> LaraArgs:
     """Every check and default of :func:`lara_attention`, in its order (autocast cast
     first, ``check_finite`` last), for the entry points that take its arguments (the
     function itself and ``lara_kernels.distributed``): one place for the sequence."""
     q, k, v, q_landmarks, k_landmarks = _autocast_inputs(q, k, v, q_landmarks, k_landmarks)
-    _check_qkv(q, k, v)
+    _check_qkv(q, k, v, enable_gqa)
     _check_unsupported(is_causal, attn_mask, dropout_p)
     B, H, N, D = q.shape
     M = k.shape[2]
@@ -555,7 +592,7 @@ def run_lara(q, k, v, eps, backend, **options):
 
     Degenerate shapes (N, M or Dv = 0) give zeros without running a backend."""
     if _degenerate(q, k, v):
-        return q.new_zeros(q.shape[:3] + (v.shape[3],))
+        return q.new_zeros(q.shape[:-1] + (v.shape[-1],))
     impl = dispatch.select("lara", backend, q, k, v, **options)
     return impl.lara(q, k, v, eps, **options)
 
@@ -576,6 +613,7 @@ def rfa_attention(
     attn_mask: Optional[torch.Tensor] = None,
     dropout_p: float = 0.0,
     check_finite: bool = False,
+    enable_gqa: bool = False,
 ) -> torch.Tensor:
     """RFA / Performer attention with positive random features (docs/math.md, Relatives).
 
@@ -583,10 +621,11 @@ def rfa_attention(
     ``randn((B, H, S, D), generator=generator)``; for one fixed set, pass a generator in
     the same state. Same arguments and conventions as :func:`lara_attention` (autocast,
     masks, ``padding_mask``, degenerate shapes), including ``check_finite`` (on q, k and
-    v). RFA has no landmarks, so a key mask alone is enough in self-attention.
+    v) and ``enable_gqa``. RFA has no landmarks, so a key mask alone is enough in
+    self-attention.
     """
     q, k, v = _autocast_inputs(q, k, v)
-    _check_qkv(q, k, v)
+    _check_qkv(q, k, v, enable_gqa)
     _check_unsupported(is_causal, attn_mask, dropout_p)
     B, H, N, D = q.shape
     M = k.shape[2]
@@ -609,9 +648,215 @@ def rfa_attention(
 def run_rfa(q, k, v, w, backend, **options):
     """Select the backend for checked inputs and run RFA (shared with the custom op)."""
     if _degenerate(q, k, v):
-        return q.new_zeros(q.shape[:3] + (v.shape[3],))
+        return q.new_zeros(q.shape[:-1] + (v.shape[-1],))
     impl = dispatch.select("rfa", backend, q, k, v, num_samples=w.shape[2], **options)
     return impl.rfa(q, k, v, w, **options)
+
+
+# ----------------------------------------------------------------------------- packed (varlen) batches
+
+
+def _check_offsets(name, cu, rows, device):
+    """``cu_seqlens_*``: a (B + 1,) int32 (or int64) tensor on q's device -> int32 contiguous."""
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(f"{name} must be a (B + 1,) int32 tensor of offsets, got {type(cu).__name__}")
+    if cu.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be int32 (as in flash_attn_varlen_func) or int64, got {cu.dtype}")
+    if cu.dim() != 1 or cu.shape[0] < 1:
+        raise ValueError(f"{name} must be 1-D of size B + 1 >= 1 (offsets, first 0, last the row count {rows}), "
+                         f"got shape {_shape(cu)}")
+    if cu.device != device:
+        raise ValueError(f"{name} is on {cu.device} but q is on {device}")
+    if rows >= 2**31:
+        raise ValueError(f"{name}: packed tensors of {rows} rows exceed the int32 offsets (at most 2**31 - 1 rows)")
+    return cu.to(torch.int32).contiguous()
+
+
+def check_offset_values(cu_q, cu_k, rows_q, rows_k, max_q, max_k):
+    """The values of the offsets (one read of both to the host): first 0, non-decreasing,
+    last the row count, and ``max_seqlen_*`` at least the longest length. Returns the
+    (max_seqlen_q, max_seqlen_k) to use: the given ones, or the longest lengths."""
+    both = torch.cat([cu_q, cu_k]).to("cpu", torch.int64)
+    B1 = cu_q.shape[0]
+    out = []
+    for name, cu, rows, given, tensor in (("cu_seqlens_q", both[:B1], rows_q, max_q, "q"),
+                                          ("cu_seqlens_k", both[B1:], rows_k, max_k, "k and v")):
+        if int(cu[0]) != 0:
+            raise ValueError(f"{name}[0] must be 0, got {int(cu[0])}")
+        lengths = cu[1:] - cu[:-1]
+        if lengths.numel() and bool((lengths < 0).any()):
+            i = int((lengths < 0).nonzero()[0])
+            raise ValueError(f"{name} must be non-decreasing, got {name}[{i}] = {int(cu[i])} > "
+                             f"{name}[{i + 1}] = {int(cu[i + 1])}")
+        if int(cu[-1]) != rows:
+            raise ValueError(f"{name}[-1] = {int(cu[-1])} must equal the number of rows of {tensor}, {rows}")
+        longest = int(lengths.max()) if lengths.numel() else 0
+        what = "max_seqlen_q" if tensor == "q" else "max_seqlen_k"
+        if given is None:
+            given = longest
+        elif given < longest:
+            i = int(lengths.argmax())
+            raise ValueError(f"{what}={given} is less than the longest sequence of {name}, {longest} (sequence {i})")
+        out.append(given)
+    return tuple(out)
+
+
+@torch.library.custom_op("lara_kernels::check_offsets", mutates_args=())
+def _check_offsets_op(cu_q: torch.Tensor, cu_k: torch.Tensor, rows_q: int, rows_k: int, max_q: int,
+                      max_k: int) -> None:
+    check_offset_values(cu_q, cu_k, rows_q, rows_k, max_q, max_k)
+
+
+@_check_offsets_op.register_fake
+def _check_offsets_fake(cu_q, cu_k, rows_q, rows_k, max_q, max_k):
+    return None
+
+
+_OFFSETS_KEPT_WHEN_COMPILED = _keep_in_compiled_graphs(torch.ops.lara_kernels.check_offsets.default)
+
+
+def check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    """Checked (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) of a packed batch.
+
+    Eager: the offsets' values are read once (one host synchronization) and checked, and
+    a missing ``max_seqlen_*`` is the longest length. Under ``torch.compile`` both
+    ``max_seqlen_*`` must be given (they size the kernels' grids, as in flash-attention),
+    and the values are checked when the graph runs by the op ``lara_kernels::check_offsets``,
+    kept in the graph as a side effect."""
+    cu_q = _check_offsets("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
+    cu_k = _check_offsets("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
+    if cu_q.shape[0] != cu_k.shape[0]:
+        raise ValueError(f"cu_seqlens_q has {cu_q.shape[0] - 1} sequences (shape {_shape(cu_q)}) but cu_seqlens_k has "
+                         f"{cu_k.shape[0] - 1} (shape {_shape(cu_k)}); each sequence has its queries and its keys")
+    max_q = None if max_seqlen_q is None else _check_int("max_seqlen_q", max_seqlen_q, 0)
+    max_k = None if max_seqlen_k is None else _check_int("max_seqlen_k", max_seqlen_k, 0)
+    if not torch.compiler.is_compiling():
+        max_q, max_k = check_offset_values(cu_q, cu_k, q.shape[0], k.shape[0], max_q, max_k)
+    else:
+        if max_q is None or max_k is None:
+            raise ValueError("under torch.compile pass max_seqlen_q and max_seqlen_k (ints, as in flash-attention): "
+                             "reading them from the offsets would synchronize with the device and break the graph")
+        if _OFFSETS_KEPT_WHEN_COMPILED:
+            torch.ops.lara_kernels.check_offsets(cu_q, cu_k, q.shape[0], k.shape[0], max_q, max_k)
+    return cu_q, cu_k, max_q, max_k
+
+
+def lara_attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: Optional[int] = None,
+    max_seqlen_k: Optional[int] = None,
+    *,
+    num_samples: int = 64,
+    proposal: str = "segment",
+    weighting: str = "optimal",
+    beta: float = 1.0,
+    scale: Optional[float] = None,
+    training: bool = False,
+    generator: Optional[torch.Generator] = None,
+    q_landmarks: Optional[torch.Tensor] = None,
+    k_landmarks: Optional[torch.Tensor] = None,
+    enable_gqa: bool = False,
+    backend: str = "auto",
+    check_finite: bool = False,
+) -> torch.Tensor:
+    """LARA on a packed batch of variable-length sequences (flash-attention's varlen layout).
+
+    Args:
+        q: (total_q, H, D) rows of B sequences back to back; k: (total_k, H_kv, D);
+            v: (total_k, H_kv, Dv). H_kv = H, or with ``enable_gqa`` a divisor of H.
+        cu_seqlens_q, cu_seqlens_k: (B + 1,) int32 offsets: sequence b is rows
+            ``cu_seqlens_q[b]:cu_seqlens_q[b + 1]`` of q and ``cu_seqlens_k[b]:cu_seqlens_k[b + 1]``
+            of k and v. First entry 0, non-decreasing, last the row count. A sequence may be
+            empty; one with queries and no keys gives zeros, as a padded element with every
+            key padded.
+        max_seqlen_q, max_seqlen_k: ints at least the longest lengths (they size the GPU
+            grids). None: read from the offsets. Required under ``torch.compile``.
+        The other arguments as in :func:`lara_attention` (landmarks (B, H, num_samples, D),
+        eps drawn as float32 ``randn((B, H, num_samples, D), generator=generator)``).
+
+    Each sequence has its own landmarks, C_eff = min(num_samples, its query count, its key
+    count) and key statistics: the rows of sequence b equal ``lara_attention`` on that
+    sequence alone (with the b-th slice of eps and landmarks). The fused backends index the
+    sequences by their offsets: no padded copy, no work on rows that do not exist.
+
+    Eager calls read the offsets once to check them (one host synchronization); under
+    ``torch.compile`` (give ``max_seqlen_*``) the check runs inside the graph.
+
+    Returns:
+        (total_q, H, Dv) in q's dtype.
+    """
+    q, k, v, q_landmarks, k_landmarks = _autocast_inputs(q, k, v, q_landmarks, k_landmarks)
+    _check_qkv(q, k, v, enable_gqa, packed=True)
+    T, H, D = q.shape
+    C = _check_int("num_samples", num_samples, 1)
+    proposal = _check_choice("proposal", proposal, PROPOSALS)
+    weighting = _check_choice("weighting", weighting, WEIGHTINGS)
+    beta = _check_real("beta", beta)
+    scale = _check_scale(scale, D)
+    training = _check_bool("training", training)
+    generator = _check_generator(generator, q.device)
+    cu_q, cu_k, max_q, max_k = check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    B = cu_q.shape[0] - 1
+    q_landmarks = _check_landmarks("q_landmarks", q_landmarks, q, C, B)
+    k_landmarks = _check_landmarks("k_landmarks", k_landmarks, q, C, B)
+    _check_landmarks_used(proposal, k_landmarks)
+    backend = _check_backend(backend)
+    _check_finite(check_finite, q, k, v, q_landmarks=q_landmarks, k_landmarks=k_landmarks, scale=scale)
+    if _degenerate(q, k, v) or B == 0:
+        return _empty_result(q, k, v, q_landmarks, k_landmarks)
+    eps = None
+    if training:
+        eps = torch.randn((B, H, C, D), generator=generator, device=q.device, dtype=torch.float32)
+    with _no_autocast(q.device):
+        return run_lara(q, k, v, eps, backend, num_samples=C, proposal=proposal, weighting=weighting, beta=beta,
+                        scale=scale, q_landmarks=q_landmarks, k_landmarks=k_landmarks, cu_seqlens_q=cu_q,
+                        cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k)
+
+
+def rfa_attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: Optional[int] = None,
+    max_seqlen_k: Optional[int] = None,
+    *,
+    num_samples: int = 64,
+    scale: Optional[float] = None,
+    generator: Optional[torch.Generator] = None,
+    enable_gqa: bool = False,
+    backend: str = "auto",
+    check_finite: bool = False,
+) -> torch.Tensor:
+    """RFA / Performer attention on a packed batch (layout and offsets as in
+    :func:`lara_attention_varlen`). One draw of S = ``num_samples`` features per sequence
+    and head: ``randn((B, H, S, D), generator=generator)``; the rows of sequence b equal
+    ``rfa_attention`` on it alone with the b-th slice of the features.
+
+    Returns:
+        (total_q, H, Dv) in q's dtype.
+    """
+    q, k, v = _autocast_inputs(q, k, v)
+    _check_qkv(q, k, v, enable_gqa, packed=True)
+    T, H, D = q.shape
+    S = _check_int("num_samples", num_samples, 1)
+    scale = _check_scale(scale, D)
+    generator = _check_generator(generator, q.device)
+    cu_q, cu_k, max_q, max_k = check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    B = cu_q.shape[0] - 1
+    backend = _check_backend(backend)
+    _check_finite(check_finite, q, k, v, scale=scale)
+    if _degenerate(q, k, v) or B == 0:
+        return _empty_result(q, k, v)
+    w = torch.randn((B, H, S, D), generator=generator, device=q.device, dtype=torch.float32)
+    with _no_autocast(q.device):
+        return run_rfa(q, k, v, w, backend, scale=scale, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q,
+                       max_seqlen_k=max_k)
 
 
 def ra_attention(

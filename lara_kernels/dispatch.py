@@ -35,7 +35,7 @@ class Backend:
         """Reasons that hold whatever the inputs (not built, no library)."""
         return []
 
-    def not_supported_reasons(self, op: str, q, k, v, num_samples: int = 1, **_) -> List[str]:
+    def not_supported_reasons(self, op: str, q, k, v, num_samples: int = 1, **options) -> List[str]:
         reasons = list(self.availability_reasons())
         if op not in OPS:
             reasons.append(f"op {op!r} is not one of {OPS}")
@@ -43,9 +43,10 @@ class Backend:
             reasons.append(f"device {q.device.type!r} not in {self.devices}")
         if q.dtype not in self.dtypes:
             reasons.append(f"dtype {q.dtype} not in {[str(d) for d in self.dtypes]}")
-        return reasons + self.capacity_reasons(op, q, k, v, num_samples)
+        return reasons + self.capacity_reasons(op, q, k, v, num_samples, **_layout_options(options))
 
-    def capacity_reasons(self, op: str, q, k, v, num_samples: int = 1) -> List[str]:
+    def capacity_reasons(self, op: str, q, k, v, num_samples: int = 1, max_seqlen_q=None,
+                         max_seqlen_k=None) -> List[str]:
         """Reasons of size only (head dims, samples): what auto warns about when it passes over
         this backend for a slower one. LARA is judged on the samples that can be active,
         ``min(C, N, M)`` (C_eff never exceeds it; the pipeline runs only those rows)."""
@@ -53,7 +54,7 @@ class Backend:
         for what, dim in (("head dim", q.shape[-1]), ("value head dim", v.shape[-1])):
             if self.max_head_dim is not None and dim > self.max_head_dim:
                 reasons.append(f"{what} {dim} > {self.max_head_dim}")
-        samples = active_samples(op, num_samples, q, k)
+        samples = active_samples(op, num_samples, q, k, max_seqlen_q, max_seqlen_k)
         if self.max_samples is not None and samples > self.max_samples:
             what = "active samples min(num_samples, N, M)" if op == "lara" else "num_samples"
             reasons.append(f"{what} {samples} > {self.max_samples}")
@@ -94,9 +95,19 @@ class ReferenceBackend(Backend):
         return rfa_reference(q, k, v, w, **options)
 
 
-def active_samples(op: str, num_samples: int, q, k) -> int:
-    """Samples a call can have active: LARA's C_eff <= min(C, N, M); RFA uses all S features."""
-    return min(num_samples, q.shape[2], k.shape[2]) if op == "lara" else num_samples
+def active_samples(op: str, num_samples: int, q, k, max_seqlen_q=None, max_seqlen_k=None) -> int:
+    """Samples a call can have active: LARA's C_eff <= min(C, N, M) (packed batches: the
+    longest lengths); RFA uses all S features."""
+    if op != "lara":
+        return num_samples
+    N = q.shape[2] if max_seqlen_q is None else max_seqlen_q
+    M = k.shape[2] if max_seqlen_k is None else max_seqlen_k
+    return min(num_samples, N, M)
+
+
+def _layout_options(options) -> dict:
+    """The options that size a call's samples in the packed layout (the longest lengths)."""
+    return {key: options[key] for key in ("max_seqlen_q", "max_seqlen_k") if options.get(key) is not None}
 
 
 MAX_COMPILED_DIM = 256  # head dims and sample counts of the CUDA passes (csrc/lara_ops.h kMaxDim; _C._max_pass_dim("cuda"))
@@ -167,9 +178,9 @@ def select(op: str, name: str, q, k, v, **options) -> Backend:
         reasons = backend.not_supported_reasons(op, q, k, v, **options)
         if not reasons:
             if skipped:
-                _warn_capacity(op, backend, skipped, q, k, v, options.get("num_samples", 1))
+                _warn_capacity(op, backend, skipped, q, k, v, options.get("num_samples", 1), options)
             return backend
-        capacity = backend.capacity_reasons(op, q, k, v, options.get("num_samples", 1))
+        capacity = backend.capacity_reasons(op, q, k, v, options.get("num_samples", 1), **_layout_options(options))
         if capacity and len(capacity) == len(reasons):
             skipped.append((cand, capacity))
     lines = []
@@ -188,7 +199,7 @@ def select(op: str, name: str, q, k, v, **options) -> Backend:
 _WARNED = set()
 
 
-def _warn_capacity(op, chosen, skipped, q, k, v, num_samples):
+def _warn_capacity(op, chosen, skipped, q, k, v, num_samples, options):
     """One warning per (op, skipped backend, chosen backend, reasons) and process: auto fell
     back from a fused backend because of a size limit, to a slower one that may hold more."""
     key = (op, chosen.name, tuple((n, tuple(r)) for n, r in skipped))
@@ -198,9 +209,14 @@ def _warn_capacity(op, chosen, skipped, q, k, v, num_samples):
     why = "; ".join(f"{n}: {', '.join(r)}" for n, r in skipped)
     extra = ""
     if chosen.name == "reference":
-        B, H, N = q.shape[:3]
-        M = k.shape[2]
-        C = active_samples(op, num_samples, q, k)
+        layout = _layout_options(options)
+        if layout:   # packed: the padded copies of the eager passes hold B x max_seqlen rows
+            B, H = options["cu_seqlens_q"].shape[0] - 1, q.shape[1]
+            N, M = layout["max_seqlen_q"], layout["max_seqlen_k"]
+        else:
+            B, H, N = q.shape[:3]
+            M = k.shape[2]
+        C = active_samples(op, num_samples, q, k, **layout)
         size = 8 if q.dtype == torch.float64 else 4
         mib = lambda L: B * H * L * C * size / 2**20  # noqa: E731
         extra = (f"; it materializes (B, H, N, C) and (B, H, M, C) matrices, {mib(N):.1f} MiB and {mib(M):.1f} MiB "

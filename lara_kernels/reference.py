@@ -98,6 +98,37 @@ def _key_statistics(w, kh, v, k_valid):
     return Z, kap
 
 
+def _repeat_kv(q, k, v):
+    """Grouped-query attention in the oracle: key/value head j serves query heads
+    j * G .. j * G + G - 1 (G = H / H_kv), as in SDPA's ``enable_gqa``."""
+    G = q.shape[1] // k.shape[1]
+    if G == 1:
+        return k, v
+    return k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+
+
+def _per_sequence(fn, q, k, v, cu_q, cu_k, per_seq, options):
+    """A packed batch (q (T, H, D), offsets cu_q, cu_k) in the oracle: ``fn`` on each
+    sequence alone as a batch of one (the per-sequence tensors of ``per_seq``, (B, ...)
+    or None, sliced to it), rows concatenated. A sequence with queries and no keys gives
+    zeros (as a padded element with every key padded)."""
+    bq, bk = cu_q.tolist(), cu_k.tolist()
+    H, Dv = q.shape[1], v.shape[-1]
+    rows = []
+    for b in range(len(bq) - 1):
+        n, m = bq[b + 1] - bq[b], bk[b + 1] - bk[b]
+        if n == 0:
+            continue
+        if m == 0:
+            rows.append(q.new_zeros((n, H, Dv)))
+            continue
+        one = lambda x, lo, hi: x[lo:hi].transpose(0, 1)[None]  # noqa: E731  (rows -> (1, H, L, D))
+        small = {name: (None if t is None else t[b:b + 1]) for name, t in per_seq.items()}
+        y = fn(one(q, bq[b], bq[b + 1]), one(k, bk[b], bk[b + 1]), one(v, bk[b], bk[b + 1]), **small, **options)
+        rows.append(y[0].transpose(0, 1))
+    return torch.cat(rows) if rows else q.new_zeros((q.shape[0], H, Dv))
+
+
 def lara_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -113,8 +144,21 @@ def lara_reference(
     query_padding_mask: Optional[torch.Tensor] = None,
     q_landmarks: Optional[torch.Tensor] = None,
     k_landmarks: Optional[torch.Tensor] = None,
+    cu_seqlens_q: Optional[torch.Tensor] = None,
+    cu_seqlens_k: Optional[torch.Tensor] = None,
+    max_seqlen_q: Optional[int] = None,
+    max_seqlen_k: Optional[int] = None,
 ) -> torch.Tensor:
-    """LARA attention, docs/math.md sections 1-7. ``eps`` (B, H, C, D) or None (evaluation)."""
+    """LARA attention, docs/math.md sections 1-7. ``eps`` (B, H, C, D) or None (evaluation).
+
+    Packed batches (``cu_seqlens_*`` given, q (T, H, D)): the function of each sequence
+    alone, rows concatenated. Grouped-query attention (k, v with fewer heads than q): each
+    key/value head repeated to its group of query heads."""
+    options = dict(num_samples=num_samples, proposal=proposal, weighting=weighting, beta=beta, scale=scale)
+    if cu_seqlens_q is not None:
+        return _per_sequence(lara_reference, q, k, v, cu_seqlens_q, cu_seqlens_k,
+                             dict(eps=eps, q_landmarks=q_landmarks, k_landmarks=k_landmarks), options)
+    k, v = _repeat_kv(q, k, v)
     B, H, N, D = q.shape
     M = k.shape[2]
     C = num_samples
@@ -204,9 +248,17 @@ def rfa_reference(
     scale: Optional[float] = None,
     key_padding_mask: Optional[torch.Tensor] = None,
     query_padding_mask: Optional[torch.Tensor] = None,
+    cu_seqlens_q: Optional[torch.Tensor] = None,
+    cu_seqlens_k: Optional[torch.Tensor] = None,
+    max_seqlen_q: Optional[int] = None,
+    max_seqlen_k: Optional[int] = None,
 ) -> torch.Tensor:
     """RFA / Performer with positive random features, w (B, H, S, D) ~ N(0, I):
-    ``y_n = sum_s softmax_s(w_s . qh_n + Z_s) kap_s`` (la = 0, rho = 0)."""
+    ``y_n = sum_s softmax_s(w_s . qh_n + Z_s) kap_s`` (la = 0, rho = 0). Packed batches
+    and grouped-query attention as in :func:`lara_reference`."""
+    if cu_seqlens_q is not None:
+        return _per_sequence(rfa_reference, q, k, v, cu_seqlens_q, cu_seqlens_k, dict(w=w), dict(scale=scale))
+    k, v = _repeat_kv(q, k, v)
     B, H, N, D = q.shape
     M = k.shape[2]
     ct = compute_dtype(q.dtype)

@@ -1,0 +1,69 @@
+"""The packed layout of variable-length batches (flash-attention's varlen convention).
+
+A packed batch holds B sequences of different lengths back to back: q is (T, H, D) with
+``cu_seqlens`` (B + 1) int32 offsets, sequence b being rows ``cu_seqlens[b] ..
+cu_seqlens[b + 1] - 1`` (``cu_seqlens[0] = 0``, non-decreasing, ``cu_seqlens[B] = T``),
+and ``max_seqlen`` an int at least every length (it sizes the GPU grids, so the kernels
+never read the offsets on the host). The C-sized tensors of the passes (landmarks,
+samples, key statistics) stay (B, H, C, ...), one row block per sequence.
+
+In the passes, a :class:`Packed` value takes the place of the padding mask: the fused
+backends hand its two fields to their kernels, which index each sequence by its offsets
+(no padded copy, no work on rows that do not exist). The eager passes
+(``_passes_torch``: the double-backward and forward-AD paths) scatter the rows into a
+zero-padded (B, H, max_seqlen, D) tensor with a padding mask and back, with
+differentiable index ops (:func:`to_padded`, :func:`to_packed`).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class Packed(NamedTuple):
+    """The layout argument of a packed batch: offsets (B + 1) int32 and the longest length."""
+
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+
+    @property
+    def num_seqs(self) -> int:
+        return self.cu_seqlens.shape[0] - 1
+
+    def lengths(self) -> torch.Tensor:
+        """(B,) int64 lengths, on the offsets' device (no host synchronization)."""
+        return (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).long()
+
+
+def is_packed(padding) -> bool:
+    return isinstance(padding, Packed)
+
+
+def _rows(layout: Packed, total: int):
+    """(destination row in the padded (B * max_seqlen) view, padding mask (B, max_seqlen))
+    of each of the ``total`` packed rows, computed on the device without synchronizing."""
+    cu = layout.cu_seqlens.long()
+    B, L = layout.num_seqs, max(int(layout.max_seqlen), 1)
+    lengths = cu[1:] - cu[:-1]
+    seq = torch.repeat_interleave(torch.arange(B, device=cu.device), lengths, output_size=total)
+    pos = torch.arange(total, device=cu.device) - cu[:-1][seq]
+    dest = seq * L + pos
+    padding = torch.arange(L, device=cu.device)[None, :] >= lengths[:, None]
+    return dest, padding, B, L
+
+
+def to_padded(x: torch.Tensor, layout: Packed):
+    """(T, H, D) packed rows -> ((B, H, max_seqlen, D) zero-padded, padding mask (B, max_seqlen))."""
+    T, H, D = x.shape
+    dest, padding, B, L = _rows(layout, T)
+    out = x.new_zeros((B * L, H, D)).index_put((dest,), x)
+    return out.view(B, L, H, D).transpose(1, 2), padding
+
+
+def to_packed(y: torch.Tensor, layout: Packed, total: int):
+    """(B, H, max_seqlen, Dv) padded -> (T, H, Dv) packed rows (``total`` = T)."""
+    B, H, L, Dv = y.shape
+    dest, _, _, _ = _rows(layout, total)
+    return y.transpose(1, 2).reshape(B * L, H, Dv)[dest]
