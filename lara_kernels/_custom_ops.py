@@ -285,8 +285,17 @@ def _check_float(name, x, positive=False):
     return x
 
 
+def _packed_options(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    """The run options of a packed (varlen) batch; none for the padded layout."""
+    if cu_seqlens_q is None:
+        return {}
+    return dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+                max_seqlen_k=max_seqlen_k)
+
+
 def _run_lara(q, k, v, eps, key_padding_mask, query_padding_mask, q_landmarks, k_landmarks,
-              num_samples, proposal, weighting, beta, scale, backend):
+              num_samples, proposal, weighting, beta, scale, backend, cu_seqlens_q=None, cu_seqlens_k=None,
+              max_seqlen_q=0, max_seqlen_k=0):
     scale = _scale_value(scale)
     if api._degenerate(q, k, v):
         return api._empty_result(q, k, v, q_landmarks, k_landmarks)
@@ -294,23 +303,28 @@ def _run_lara(q, k, v, eps, key_padding_mask, query_padding_mask, q_landmarks, k
         return api.run_lara(q, k, v, eps, backend, num_samples=num_samples, proposal=proposal,
                             weighting=weighting, beta=beta, scale=scale, key_padding_mask=key_padding_mask,
                             query_padding_mask=query_padding_mask, q_landmarks=q_landmarks,
-                            k_landmarks=k_landmarks)
+                            k_landmarks=k_landmarks,
+                            **_packed_options(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
 
 
 @torch.library.custom_op("lara_kernels::lara_attention", mutates_args=())
 def _lara_op(q: Tensor, k: Tensor, v: Tensor, eps: Optional[Tensor],
              key_padding_mask: Optional[Tensor], query_padding_mask: Optional[Tensor],
              q_landmarks: Optional[Tensor], k_landmarks: Optional[Tensor], num_samples: int,
-             proposal: str, weighting: str, beta: float, scale: Tensor, backend: str) -> Tensor:
+             proposal: str, weighting: str, beta: float, scale: Tensor, backend: str,
+             cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None, max_seqlen_q: int = 0,
+             max_seqlen_k: int = 0) -> Tensor:
     y = _run_lara(q, k, v, eps, key_padding_mask, query_padding_mask, q_landmarks, k_landmarks,
-                  num_samples, proposal, weighting, beta, scale, backend)
+                  num_samples, proposal, weighting, beta, scale, backend, cu_seqlens_q, cu_seqlens_k,
+                  max_seqlen_q, max_seqlen_k)
     return y.detach().contiguous()
 
 
 @_lara_op.register_fake
 def _lara_op_fake(q, k, v, eps, key_padding_mask, query_padding_mask, q_landmarks, k_landmarks,
-                  num_samples, proposal, weighting, beta, scale, backend):
-    return q.new_empty(q.shape[:3] + (v.shape[3],))
+                  num_samples, proposal, weighting, beta, scale, backend, cu_seqlens_q=None, cu_seqlens_k=None,
+                  max_seqlen_q=0, max_seqlen_k=0):
+    return q.new_empty(q.shape[:-1] + (v.shape[-1],))      # (B, H, N, Dv), or packed (T, H, Dv)
 
 
 @torch.library.custom_op("lara_kernels::lara_attention_backward", mutates_args=())
@@ -318,10 +332,12 @@ def _lara_bwd_op(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, eps: Optional[Te
                  key_padding_mask: Optional[Tensor], query_padding_mask: Optional[Tensor],
                  q_landmarks: Optional[Tensor], k_landmarks: Optional[Tensor], num_samples: int,
                  proposal: str, weighting: str, beta: float, scale: Tensor,
-                 backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                 backend: str, cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None,
+                 max_seqlen_q: int = 0, max_seqlen_k: int = 0) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     def run(q_, k_, v_, ql_, kl_):
         return _run_lara(q_, k_, v_, eps, key_padding_mask, query_padding_mask, ql_, kl_,
-                         num_samples, proposal, weighting, beta, scale, backend)
+                         num_samples, proposal, weighting, beta, scale, backend, cu_seqlens_q, cu_seqlens_k,
+                         max_seqlen_q, max_seqlen_k)
 
     gq, gk, gv, gql, gkl = _vjp(run, grad, [q, k, v, q_landmarks, k_landmarks])
     return gq, gk, gv, gql, gkl
@@ -329,7 +345,8 @@ def _lara_bwd_op(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, eps: Optional[Te
 
 @_lara_bwd_op.register_fake
 def _lara_bwd_fake(grad, q, k, v, eps, key_padding_mask, query_padding_mask, q_landmarks, k_landmarks,
-                   num_samples, proposal, weighting, beta, scale, backend):
+                   num_samples, proposal, weighting, beta, scale, backend, cu_seqlens_q=None, cu_seqlens_k=None,
+                   max_seqlen_q=0, max_seqlen_k=0):
     # contiguous, as the implementation returns them
     gql = q_landmarks.new_empty(q_landmarks.shape) if q_landmarks is not None else q.new_empty(0)
     gkl = k_landmarks.new_empty(k_landmarks.shape) if k_landmarks is not None else q.new_empty(0)
@@ -339,19 +356,22 @@ def _lara_bwd_fake(grad, q, k, v, eps, key_padding_mask, query_padding_mask, q_l
 _bwd, _ctx = _double_backward_error("lara_kernels::lara_attention")
 _lara_bwd_op.register_autograd(_bwd, setup_context=_ctx)
 
-_LARA_STATIC = ("num_samples", "proposal", "weighting", "beta", "scale", "backend")
+_LARA_STATIC = ("num_samples", "proposal", "weighting", "beta", "scale", "backend", "cu_seqlens_q",
+                "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")
 
 
 def _lara_setup_context(ctx, inputs, output):
-    q, k, v, eps, kpm, qpm, ql, kl, num_samples, proposal, weighting, beta, scale, backend = inputs
-    ctx.save_for_backward(q, k, v, eps, kpm, qpm, ql, kl, scale)
+    (q, k, v, eps, kpm, qpm, ql, kl, num_samples, proposal, weighting, beta, scale, backend,
+     cu_q, cu_k, max_q, max_k) = tuple(inputs) + (None, None, 0, 0)[len(inputs) - 14:]
+    ctx.save_for_backward(q, k, v, eps, kpm, qpm, ql, kl, scale, cu_q, cu_k)
     ctx.options = (num_samples, proposal, weighting, beta)
     ctx.backend = backend
+    ctx.max_seqlens = (max_q, max_k)
 
 
 def _lara_backward(ctx, grad):
-    q, k, v, eps, kpm, qpm, ql, kl, scale = ctx.saved_tensors
-    static = ctx.options + (scale, ctx.backend)
+    q, k, v, eps, kpm, qpm, ql, kl, scale, cu_q, cu_k = ctx.saved_tensors
+    static = ctx.options + (scale, ctx.backend, cu_q, cu_k) + ctx.max_seqlens
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():
         # create_graph=True on an eager call of the op: a differentiable backward
         def run(q_, k_, v_, ql_, kl_):
@@ -412,13 +432,27 @@ def lara_attention_op(q: Tensor, k: Tensor, v: Tensor, *, num_samples: int = 64,
         C, proposal, weighting, beta, scale_t, backend)
 
 
+def lara_attention_varlen_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                             max_seqlen_q: int, max_seqlen_k: int, eps: Optional[Tensor], *, num_samples: int,
+                             proposal: str, weighting: str, beta: float, scale: float,
+                             q_landmarks: Optional[Tensor], k_landmarks: Optional[Tensor], backend: str) -> Tensor:
+    """The op ``lara_kernels::lara_attention`` on a checked packed batch: what
+    :func:`lara_kernels.lara_attention_varlen` runs under ``torch.compile`` (one opaque op,
+    no graph break; the offsets' values are checked by ``lara_kernels::check_offsets``)."""
+    return torch.ops.lara_kernels.lara_attention(
+        q, k, v, eps, None, None, q_landmarks, k_landmarks, num_samples, proposal, weighting, beta,
+        _scale_tensor(scale, q.shape[-1]), backend, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+
+
 # ---------------------------------------------------------------- RFA with given features
 
-def _run_rfa(q, k, v, w, key_padding_mask, query_padding_mask, scale, backend):
+def _run_rfa(q, k, v, w, key_padding_mask, query_padding_mask, scale, backend, cu_seqlens_q=None,
+             cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
     scale = _scale_value(scale)
     if api._degenerate(q, k, v):
         return api._empty_result(q, k, v)
-    options = dict(scale=scale, key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask)
+    options = dict(scale=scale, key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask,
+                   **_packed_options(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
     with _no_autocast(q.device):
         impl = dispatch.select("rfa", backend, q, k, v, num_samples=w.shape[2], **options)
         return impl.rfa(q, k, v, w, **options)
@@ -426,28 +460,35 @@ def _run_rfa(q, k, v, w, key_padding_mask, query_padding_mask, scale, backend):
 
 @torch.library.custom_op("lara_kernels::rfa_attention", mutates_args=())
 def _rfa_op(q: Tensor, k: Tensor, v: Tensor, w: Tensor, key_padding_mask: Optional[Tensor],
-            query_padding_mask: Optional[Tensor], scale: Tensor, backend: str) -> Tensor:
-    return _run_rfa(q, k, v, w, key_padding_mask, query_padding_mask, scale, backend).detach().contiguous()
+            query_padding_mask: Optional[Tensor], scale: Tensor, backend: str,
+            cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None, max_seqlen_q: int = 0,
+            max_seqlen_k: int = 0) -> Tensor:
+    return _run_rfa(q, k, v, w, key_padding_mask, query_padding_mask, scale, backend, cu_seqlens_q, cu_seqlens_k,
+                    max_seqlen_q, max_seqlen_k).detach().contiguous()
 
 
 @_rfa_op.register_fake
-def _rfa_op_fake(q, k, v, w, key_padding_mask, query_padding_mask, scale, backend):
-    return q.new_empty(q.shape[:3] + (v.shape[3],))
+def _rfa_op_fake(q, k, v, w, key_padding_mask, query_padding_mask, scale, backend, cu_seqlens_q=None,
+                 cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
+    return q.new_empty(q.shape[:-1] + (v.shape[-1],))      # (B, H, N, Dv), or packed (T, H, Dv)
 
 
 @torch.library.custom_op("lara_kernels::rfa_attention_backward", mutates_args=())
 def _rfa_bwd_op(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, w: Tensor, key_padding_mask: Optional[Tensor],
                 query_padding_mask: Optional[Tensor], scale: Tensor,
-                backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+                backend: str, cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None,
+                max_seqlen_q: int = 0, max_seqlen_k: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
     def run(q_, k_, v_):
-        return _run_rfa(q_, k_, v_, w, key_padding_mask, query_padding_mask, scale, backend)
+        return _run_rfa(q_, k_, v_, w, key_padding_mask, query_padding_mask, scale, backend, cu_seqlens_q,
+                        cu_seqlens_k, max_seqlen_q, max_seqlen_k)
 
     gq, gk, gv = _vjp(run, grad, [q, k, v])
     return gq, gk, gv
 
 
 @_rfa_bwd_op.register_fake
-def _rfa_bwd_fake(grad, q, k, v, w, key_padding_mask, query_padding_mask, scale, backend):
+def _rfa_bwd_fake(grad, q, k, v, w, key_padding_mask, query_padding_mask, scale, backend, cu_seqlens_q=None,
+                  cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -456,24 +497,35 @@ _rfa_bwd_op.register_autograd(_bwd, setup_context=_ctx)
 
 
 def _rfa_setup_context(ctx, inputs, output):
-    q, k, v, w, kpm, qpm, scale, backend = inputs
-    ctx.save_for_backward(q, k, v, w, kpm, qpm, scale)
+    q, k, v, w, kpm, qpm, scale, backend, cu_q, cu_k, max_q, max_k = tuple(inputs) + (None, None, 0, 0)[len(inputs) - 8:]
+    ctx.save_for_backward(q, k, v, w, kpm, qpm, scale, cu_q, cu_k)
     ctx.backend = backend
+    ctx.max_seqlens = (max_q, max_k)
 
 
 def _rfa_backward(ctx, grad):
-    q, k, v, w, kpm, qpm, scale = ctx.saved_tensors
+    q, k, v, w, kpm, qpm, scale, cu_q, cu_k = ctx.saved_tensors
+    packed = (cu_q, cu_k) + ctx.max_seqlens
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():
         def run(q_, k_, v_):
-            return _run_rfa(q_, k_, v_, w, kpm, qpm, scale, ctx.backend)
+            return _run_rfa(q_, k_, v_, w, kpm, qpm, scale, ctx.backend, *packed)
 
         gq, gk, gv = _differentiable_vjp(run, grad, [q, k, v])
     else:
-        gq, gk, gv = torch.ops.lara_kernels.rfa_attention_backward(grad, q, k, v, w, kpm, qpm, scale, ctx.backend)
-    return gq, gk, gv, None, None, None, None, None
+        gq, gk, gv = torch.ops.lara_kernels.rfa_attention_backward(grad, q, k, v, w, kpm, qpm, scale, ctx.backend,
+                                                                   *packed)
+    return (gq, gk, gv) + (None,) * 9
 
 
 _rfa_op.register_autograd(_rfa_backward, setup_context=_rfa_setup_context)
+
+
+def rfa_attention_varlen_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                            max_seqlen_q: int, max_seqlen_k: int, w: Tensor, *, scale: float, backend: str) -> Tensor:
+    """The op ``lara_kernels::rfa_attention`` on a checked packed batch with features ``w``
+    (B, H, S, D): what :func:`lara_kernels.rfa_attention_varlen` runs under ``torch.compile``."""
+    return torch.ops.lara_kernels.rfa_attention(q, k, v, w, None, None, _scale_tensor(scale, q.shape[-1]), backend,
+                                                cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
 
 
 def rfa_features(q: Tensor, k: Tensor, v: Tensor, w: Tensor, *, scale: Optional[float] = None,

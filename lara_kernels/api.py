@@ -808,6 +808,13 @@ def lara_attention_varlen(
     _check_finite(check_finite, q, k, v, q_landmarks=q_landmarks, k_landmarks=k_landmarks, scale=scale)
     if _degenerate(q, k, v) or B == 0:
         return _empty_result(q, k, v, q_landmarks, k_landmarks)
+    if torch.compiler.is_compiling():   # one opaque op per call (lara_kernels._custom_ops)
+        from . import _custom_ops
+
+        eps = _custom_ops.draw_normal((B, H, C, D), generator, q.device) if training else None
+        return _custom_ops.lara_attention_varlen_op(
+            q, k, v, cu_q, cu_k, max_q, max_k, eps, num_samples=C, proposal=proposal, weighting=weighting, beta=beta,
+            scale=scale, q_landmarks=q_landmarks, k_landmarks=k_landmarks, backend=backend)
     eps = None
     if training:
         eps = torch.randn((B, H, C, D), generator=generator, device=q.device, dtype=torch.float32)
@@ -853,6 +860,11 @@ def rfa_attention_varlen(
     _check_finite(check_finite, q, k, v, scale=scale)
     if _degenerate(q, k, v) or B == 0:
         return _empty_result(q, k, v)
+    if torch.compiler.is_compiling():   # one opaque op per call (lara_kernels._custom_ops)
+        from . import _custom_ops
+
+        w = _custom_ops.draw_normal((B, H, S, D), generator, q.device)
+        return _custom_ops.rfa_attention_varlen_op(q, k, v, cu_q, cu_k, max_q, max_k, w, scale=scale, backend=backend)
     w = torch.randn((B, H, S, D), generator=generator, device=q.device, dtype=torch.float32)
     with _no_autocast(q.device):
         return run_rfa(q, k, v, w, backend, scale=scale, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q,
