@@ -57,6 +57,28 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def layout(x, w, cu_seqlens, max_seqlen):
+    """(varlen, length of the long axis that the grid or the splits cover, CU argument)
+    of a pass on the long tensor ``x`` and the C-sized ``w`` (B, H, C, D). Padded layout
+    (cu_seqlens None): x (B, H, L, D), L; CU is a stand-in pointer the kernels never read.
+    Packed layout: x (T, H, D), cu_seqlens (B + 1) int32 on x's device (values trusted,
+    never read on the host), max_seqlen >= every length."""
+    if cu_seqlens is None:
+        return False, x.shape[2], x
+    assert cu_seqlens.dtype == torch.int32 and tuple(cu_seqlens.shape) == (w.shape[0] + 1,), \
+        (cu_seqlens.dtype, tuple(cu_seqlens.shape), tuple(w.shape))
+    assert x.dim() == 3 and x.device == cu_seqlens.device, (tuple(x.shape), cu_seqlens.device)
+    return True, int(max_seqlen), cu_seqlens
+
+
+def long_strides(x, varlen):
+    """(stride_b, stride_h, stride_row, stride_d) of a long tensor: (B, H, L, D) as is;
+    packed (T, H, D) with stride_b = 0 (the kernels offset by the sequence's first row)."""
+    if varlen:
+        return 0, x.stride(-2), x.stride(-3), x.stride(-1)
+    return tuple(x.stride()[-4:])
+
+
 # ----------------------------------------------------------------------------- device and launch
 
 
@@ -72,7 +94,7 @@ def launch(kernel, grid, device, *args, **kwargs):
     tracing, and the tests that capture launch parameters) launch nothing. Only grid
     axis 0 is used (limit 2**31 - 1); axes 1 and 2 are capped at 65535."""
     assert len(grid) == 1, grid
-    if device.type == "meta":
+    if device.type == "meta" or grid[0] == 0:   # an empty grid (B * H = 0) has nothing to do
         return
     with device_guard(device):
         kernel[grid](*args, **kwargs)
@@ -120,6 +142,8 @@ def num_splits(n_blocks: int, other_programs: int, device: torch.device, per_sm:
         splits = cdiv(per_sm * sm_count(device), max(other_programs, 1))
     splits = max(1, min(n_blocks, splits))
     per_split = cdiv(n_blocks, splits)
+    if per_split == 0:   # an empty long axis: one split of no block (neutral partials)
+        return 1, 0
     return cdiv(n_blocks, per_split), per_split
 
 

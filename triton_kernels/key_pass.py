@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import mma, rnd
+from ._common import long_strides, mma, rnd
 
 # Programs of each kernel resident per SM at the main configurations (registers and shared
 # memory from the AOT check): the split count fills the device once with them.
@@ -47,14 +47,34 @@ FWD_PER_SM = 2
 BWD_PER_SM = 1
 
 
+@triton.jit
+def _keys_of(K, V, CU, b, h, pid_s, c_ok, sk_b, sk_h, sk_m, sv_b, sv_h, sv_m, M, blocks_per_split,
+             VARLEN: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(k_base, v_base, seqlen, n_blk, c_ld) of program (b, h, split pid_s): the row-0
+    pointers of sequence b's keys and values, its length, the number of key blocks of the
+    split that hold keys of it, and the mask of the C-sized loads (all False where there
+    are none: such a program loads nothing). Padded layout: (B, H, M, D) rows 0 .. M - 1,
+    every split's blocks. Packed layout: rows CU[b] .. CU[b + 1] - 1 of (T, H, D), the
+    splits covering max_seqlen (the caller passes sk_b = sv_b = 0)."""
+    if VARLEN:
+        start = tl.load(CU + b).to(tl.int64)
+        seqlen = tl.load(CU + b + 1).to(tl.int64) - start
+        first = (pid_s * blocks_per_split).to(tl.int64) * BLOCK_M     # first key of the split
+        n_blk = tl.maximum(tl.minimum(tl.cdiv(seqlen - first, BLOCK_M), blocks_per_split), 0)
+        c_ld = tl.where(first < seqlen, c_ok, False)                  # (not c_ok & scalar: interpreter)
+        return (K + h * sk_h + start * sk_m, V + h * sv_h + start * sv_m, seqlen, n_blk, c_ld)
+    else:
+        return K + b * sk_b + h * sk_h, V + b * sv_b + h * sv_h, M, blocks_per_split, c_ok
+
+
 @triton.jit(do_not_specialize=["M", "blocks_per_split", "S"])
 def _key_fwd_kernel(
-    W, K, V, PAD, PART,
+    W, K, V, PAD, CU, PART,
     sk_b, sk_h, sk_m, sk_d,
     sv_b, sv_h, sv_m, sv_d,
     sp_b, sp_m,
     H, C, M, D, DV, ss, S, blocks_per_split,
-    HAS_V: tl.constexpr, HAS_PAD: tl.constexpr, SUB_NORM: tl.constexpr,
+    HAS_V: tl.constexpr, HAS_PAD: tl.constexpr, SUB_NORM: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     NCB: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr,
 ):
@@ -75,17 +95,17 @@ def _key_fwd_kernel(
     dv = tl.arange(0, BLOCK_DV).to(tl.int64)
     dv_ok = dv < DV
     rows = bh * C + c                                                  # rows of (B*H*C, ...)
-    w = tl.load(W + rows[:, None] * D + d[None, :], mask=c_ok[:, None] & d_ok[None, :], other=0.0)
+    k_base, v_base, seqlen, n_blk, c_ld = _keys_of(K, V, CU, b, h, pid_s, c_ok, sk_b, sk_h, sk_m, sv_b, sv_h,
+                                                   sv_m, M, blocks_per_split, VARLEN, BLOCK_M)
+    w = tl.load(W + rows[:, None] * D + d[None, :], mask=c_ld[:, None] & d_ok[None, :], other=0.0)
     w = rnd(w * ss, DT, EMU)                                           # [BLOCK_C, BLOCK_D]
 
-    k_base = K + b * sk_b + h * sk_h
-    v_base = V + b * sv_b + h * sv_h
     m_i = tl.full([BLOCK_C], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_C], tl.float32)
     acc = tl.zeros([BLOCK_C, BLOCK_DV], tl.float32)
-    for blk in range(0, blocks_per_split):
+    for blk in range(0, n_blk):   # a split past the sequence's end: no iteration, neutral partials
         m = (pid_s * blocks_per_split + blk).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_in = m < M
+        m_in = m < seqlen
         valid = m_in
         if HAS_PAD:
             padded = tl.load(PAD + b * sp_b + m * sp_m, mask=m_in, other=1)
@@ -145,14 +165,15 @@ def _key_combine_kernel(
             acc = acc * a_old[:, None] + acc_s * a_s[:, None]
         m_i = m_new
     m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
-    tl.store(Z + r, m_use + tl.log(l_i), mask=r_ok)
+    tl.store(Z + r, m_use + tl.log(l_i), mask=r_ok)                   # no key at all: log(0) = -inf
     if HAS_V:
-        tl.store(KAP + r[:, None] * DV + dv[None, :], acc / l_i[:, None], mask=r_ok[:, None] & dv_ok[None, :])
+        kap = tl.where(l_i[:, None] > 0.0, acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None], 0.0)   # no key: 0
+        tl.store(KAP + r[:, None] * DV + dv[None, :], kap, mask=r_ok[:, None] & dv_ok[None, :])
 
 
 @triton.jit(do_not_specialize=["M", "blocks_per_split", "S"])
 def _key_bwd_kernel(
-    W, K, V, PAD, Z, KAP, DZ, DKAP, DK, DVO, DW_PART,
+    W, K, V, PAD, CU, Z, KAP, DZ, DKAP, DK, DVO, DW_PART,
     sk_b, sk_h, sk_m, sk_d,
     sv_b, sv_h, sv_m, sv_d,
     sp_b, sp_m,
@@ -160,7 +181,7 @@ def _key_bwd_kernel(
     sdv_b, sdv_h, sdv_m, sdv_d,
     sdk_c, sdv_c,
     H, C, M, D, DV, ss, S, blocks_per_split,
-    HAS_V: tl.constexpr, HAS_PAD: tl.constexpr, SUB_NORM: tl.constexpr,
+    HAS_V: tl.constexpr, HAS_PAD: tl.constexpr, SUB_NORM: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     NCB: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr,
 ):
@@ -184,25 +205,29 @@ def _key_bwd_kernel(
     dv = tl.arange(0, BLOCK_DV).to(tl.int64)
     dv_ok = dv < DV
     rows = bh * C + c
-    w = tl.load(W + rows[:, None] * D + d[None, :], mask=c_ok[:, None] & d_ok[None, :], other=0.0)
+    k_base, v_base, seqlen, n_blk, c_ld = _keys_of(K, V, CU, b, h, pid_s, c_ok, sk_b, sk_h, sk_m, sv_b, sv_h,
+                                                   sv_m, M, blocks_per_split, VARLEN, BLOCK_M)
+    w = tl.load(W + rows[:, None] * D + d[None, :], mask=c_ld[:, None] & d_ok[None, :], other=0.0)
     w = rnd(w * ss, DT, EMU)                                           # [BLOCK_C, BLOCK_D]
-    z = tl.load(Z + rows, mask=c_ok, other=0.0)
-    e = tl.load(DZ + rows, mask=c_ok, other=0.0)
+    z = tl.load(Z + rows, mask=c_ld, other=0.0)
+    e = tl.load(DZ + rows, mask=c_ld, other=0.0)
     if HAS_V:
         cv = rows[:, None] * DV + dv[None, :]
-        dkap = tl.load(DKAP + cv, mask=c_ok[:, None] & dv_ok[None, :], other=0.0)  # [BLOCK_C, BLOCK_DV]
-        kap = tl.load(KAP + cv, mask=c_ok[:, None] & dv_ok[None, :], other=0.0)
+        dkap = tl.load(DKAP + cv, mask=c_ld[:, None] & dv_ok[None, :], other=0.0)  # [BLOCK_C, BLOCK_DV]
+        kap = tl.load(KAP + cv, mask=c_ld[:, None] & dv_ok[None, :], other=0.0)
         e -= tl.sum(dkap * kap, axis=1)
         dkap = rnd(dkap, DT, EMU)
 
-    k_base = K + b * sk_b + h * sk_h
-    v_base = V + b * sv_b + h * sv_h
     dk_base = DK + pid_c.to(tl.int64) * sdk_c + b * sdk_b + h * sdk_h   # sdk_c = 0 with one C block
     dv_base = DVO + pid_c.to(tl.int64) * sdv_c + b * sdv_b + h * sdv_h
+    if VARLEN:                                                         # sdk_b = sdv_b = 0 there
+        start = tl.load(CU + b).to(tl.int64)
+        dk_base += start * sdk_m
+        dv_base += start * sdv_m
     dw_acc = tl.zeros([BLOCK_C, BLOCK_D], tl.float32)
-    for blk in range(0, blocks_per_split):
+    for blk in range(0, n_blk):   # a split past the sequence's end: no iteration, dw partial 0
         m = (pid_s * blocks_per_split + blk).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_in = m < M
+        m_in = m < seqlen
         valid = m_in
         if HAS_PAD:
             padded = tl.load(PAD + b * sp_b + m * sp_m, mask=m_in, other=1)
@@ -277,16 +302,19 @@ def _f32(x):
     return x.to(torch.float32).contiguous()   # C-sized; no copy when already so
 
 
-def key_pass_fwd(w, k, v, padding, ss, subtract_norm, *, block_m=None, splits=None, block_c=None):
+def key_pass_fwd(w, k, v, padding, ss, subtract_norm, cu_seqlens=None, max_seqlen=0, *, block_m=None, splits=None,
+                 block_c=None):
     """Z (B, H, C) and kap (B, H, C, Dv) in float32 (kap is None when v is None).
 
-    w (B, H, C, D) float32; k (B, H, M, D) and v (B, H, M, Dv) in one float dtype and
-    any strides; padding (B, M) bool (True = padding) or None.
+    w (B, H, C, D) float32, any C; k (B, H, M, D) and v (B, H, M, Dv) in one float dtype
+    and any strides; padding (B, M) bool (True = padding) or None. Packed layout:
+    k (T, H, D), v (T, H, Dv), cu_seqlens (B + 1) int32, max_seqlen >= every length,
+    padding None. A sequence without keys gets Z = -inf, kap = 0.
     """
     B, H, C, D = w.shape
-    M = k.shape[2]
+    varlen, M, cu = _common.layout(k, w, cu_seqlens, max_seqlen)
     has_v = v is not None
-    DV = v.shape[3] if has_v else 1
+    DV = v.shape[-1] if has_v else 1
     dev = k.device
     w = _f32(w)
     BLOCK_C, BLOCK_M, BLOCK_D, BLOCK_DV, num_warps, num_stages = blocks(C, D, DV, block_m, block_c=block_c,
@@ -299,10 +327,10 @@ def key_pass_fwd(w, k, v, padding, ss, subtract_norm, *, block_m=None, splits=No
     pad, sp_b, sp_m = _pad_arg(padding, k)
     _common.launch(
         _key_fwd_kernel, (S * NCB * B * H,), dev,
-        w, k, vt, pad, part,
-        *k.stride(), *vt.stride(), sp_b, sp_m,
+        w, k, vt, pad, cu, part,
+        *long_strides(k, varlen), *long_strides(vt, varlen), sp_b, sp_m,
         H, C, M, D, DV, float(ss), S, per_split,
-        HAS_V=has_v, HAS_PAD=padding is not None, SUB_NORM=bool(subtract_norm),
+        HAS_V=has_v, HAS_PAD=padding is not None, SUB_NORM=bool(subtract_norm), VARLEN=varlen,
         BLOCK_C=BLOCK_C, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
         NCB=NCB, PREC=_common.dot_precision(k.dtype), EMU=_common.emulated(dev),
         num_warps=num_warps, num_stages=num_stages,
@@ -318,13 +346,14 @@ def key_pass_fwd(w, k, v, padding, ss, subtract_norm, *, block_m=None, splits=No
     return Z, kap
 
 
-def key_pass_bwd(w, k, v, padding, ss, subtract_norm, Z, kap, dZ, dkap, *, block_m=None, splits=None,
-                 block_c=None):
-    """Gradients (dw float32, dk in k's dtype, dv in v's dtype or None) of key_pass_fwd."""
+def key_pass_bwd(w, k, v, padding, ss, subtract_norm, Z, kap, dZ, dkap, cu_seqlens=None, max_seqlen=0, *,
+                 block_m=None, splits=None, block_c=None):
+    """Gradients (dw float32, dk in k's dtype, dv in v's dtype or None) of key_pass_fwd,
+    dk and dv of k's and v's shape (packed: (T, H, D), (T, H, Dv)), every row written."""
     B, H, C, D = w.shape
-    M = k.shape[2]
+    varlen, M, cu = _common.layout(k, w, cu_seqlens, max_seqlen)
     has_v = v is not None
-    DV = v.shape[3] if has_v else 1
+    DV = v.shape[-1] if has_v else 1
     dev = k.device
     w, Z = _f32(w), _f32(Z)
     dZ = torch.zeros_like(Z) if dZ is None else _f32(dZ)
@@ -344,17 +373,17 @@ def key_pass_bwd(w, k, v, padding, ss, subtract_norm, Z, kap, dZ, dkap, *, block
     else:            # C blocks on the grid (C x D past 128 x 128): float32 partials per block
         dk = _common.empty((NCB,) + tuple(k.shape), torch.float32, dev)
         dv = _common.empty((NCB,) + tuple(v.shape), torch.float32, dev) if has_v else dk
-    dks, dvs = dk.stride()[-4:], dv.stride()[-4:]
+    dks, dvs = long_strides(dk, varlen), long_strides(dv, varlen)
     sdk_c, sdv_c = (dk.stride(0), dv.stride(0)) if NCB > 1 else (0, 0)
     dw_part = _common.empty((S, B * H * C, D), torch.float32, dev)
     vt = v if has_v else k
     pad, sp_b, sp_m = _pad_arg(padding, k)
     _common.launch(
         _key_bwd_kernel, (S * NCB * B * H,), dev,
-        w, k, vt, pad, Z, kap, dZ, dkap, dk, dv, dw_part,
-        *k.stride(), *vt.stride(), sp_b, sp_m, *dks, *dvs, sdk_c, sdv_c,
+        w, k, vt, pad, cu, Z, kap, dZ, dkap, dk, dv, dw_part,
+        *long_strides(k, varlen), *long_strides(vt, varlen), sp_b, sp_m, *dks, *dvs, sdk_c, sdv_c,
         H, C, M, D, DV, float(ss), S, per_split,
-        HAS_V=has_v, HAS_PAD=padding is not None, SUB_NORM=bool(subtract_norm),
+        HAS_V=has_v, HAS_PAD=padding is not None, SUB_NORM=bool(subtract_norm), VARLEN=varlen,
         BLOCK_C=BLOCK_C, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
         NCB=NCB, PREC=_common.dot_precision(k.dtype), EMU=_common.emulated(dev),
         num_warps=num_warps, num_stages=num_stages,

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import mma, rnd
+from ._common import long_strides, mma, rnd
 
 ALPHA_FLOOR = tl.constexpr(1e-8)
 # Programs of the backward resident per SM at the main configurations (AOT check).
@@ -64,12 +64,12 @@ def _logits(q_base, sq_n, sq_d, n64, n_ok, W, QT, rows, c_ok, D, ss,
 
 @triton.jit(do_not_specialize=["N"])
 def _query_fwd_kernel(
-    Q, W, BIAS, KAP, CEFF, PAD, QT, LAM, BHW, Y,
+    Q, W, BIAS, KAP, CEFF, PAD, CU, QT, LAM, BHW, Y,
     sq_b, sq_h, sq_n, sq_d,
     sp_b, sp_n,
     sy_b, sy_h, sy_n, sy_d,
     H, N, C, D, DV, ss, beta,
-    HAS_PAD: tl.constexpr, MIS: tl.constexpr,
+    HAS_PAD: tl.constexpr, MIS: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_DC: tl.constexpr, N_DC: tl.constexpr, BLOCK_VC: tl.constexpr, N_VC: tl.constexpr,
     PREC: tl.constexpr, EMU: tl.constexpr,
@@ -83,8 +83,18 @@ def _query_fwd_kernel(
     h = (pid_bh % H).to(tl.int64)
     bh = pid_bh.to(tl.int64)
 
+    q_base = Q + b * sq_b + h * sq_h
+    y_base = Y + b * sy_b + h * sy_h
+    seqlen = N
+    if VARLEN:   # packed: rows CU[b] .. CU[b + 1] - 1 of (T, H, .), sq_b = sy_b = 0; N = max_seqlen
+        start = tl.load(CU + b).to(tl.int64)
+        seqlen = tl.load(CU + b + 1).to(tl.int64) - start
+        if pid_n.to(tl.int64) * BLOCK_N >= seqlen:                     # a block past the sequence's end
+            return
+        q_base += start * sq_n
+        y_base += start * sy_n
     n64 = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_in = n64 < N
+    n_in = n64 < seqlen
     row_ok = n_in
     if HAS_PAD:
         padded = tl.load(PAD + b * sp_b + n64 * sp_n, mask=n_in, other=1)
@@ -93,10 +103,10 @@ def _query_fwd_kernel(
     c_ok = c < C
     ce = tl.load(CEFF + b)
     act = c < ce
+    n_act = tl.maximum(ce, 1).to(tl.float32)                          # c_eff = 0: no NaN from the mean
     rows = bh * C + c
     bias = tl.load(BIAS + rows, mask=c_ok, other=0.0)
 
-    q_base = Q + b * sq_b + h * sq_h
     # padded queries are never read (loaded as 0): whatever they hold stays out
     s, t = _logits(q_base, sq_n, sq_d, n64, row_ok, W, QT, rows, c_ok, D, ss,
                    MIS, BLOCK_N, BLOCK_C, BLOCK_DC, N_DC, DT, PREC, EMU)
@@ -105,16 +115,15 @@ def _query_fwd_kernel(
         lam = tl.load(LAM + rows, mask=c_ok, other=0.0)
         bhw = tl.load(BHW + rows, mask=c_ok, other=0.0)
         r = tl.exp(t - lam[None, :])
-        r_mean = tl.sum(tl.where(act[None, :], r, 0.0), axis=1) / ce.to(tl.float32)
+        r_mean = tl.sum(tl.where(act[None, :], r, 0.0), axis=1) / n_act
         alpha = bhw[None, :] + beta * (r - r_mean[:, None])
         logit += tl.log(tl.maximum(alpha, ALPHA_FLOOR))
     logit = tl.where(act[None, :], logit, float("-inf"))
     mx = tl.max(logit, axis=1)
     p = tl.exp(logit - mx[:, None])
     p = p / tl.sum(p, axis=1)[:, None]
-    p = tl.where(row_ok[:, None], p, 0.0)                              # padded rows: y = 0
+    p = tl.where(row_ok[:, None] & act[None, :], p, 0.0)               # padded rows, c_eff = 0: y = 0
 
-    y_base = Y + b * sy_b + h * sy_h
     for j in tl.static_range(N_VC):
         dv = (j * BLOCK_VC + tl.arange(0, BLOCK_VC)).to(tl.int64)
         dv_ok = dv < DV
@@ -126,13 +135,13 @@ def _query_fwd_kernel(
 
 @triton.jit(do_not_specialize=["N", "blocks_per_split", "S"])
 def _query_bwd_kernel(
-    Q, W, BIAS, KAP, CEFF, PAD, QT, LAM, BHW, DY, DQ, PART,
+    Q, W, BIAS, KAP, CEFF, PAD, CU, QT, LAM, BHW, DY, DQ, PART,
     sq_b, sq_h, sq_n, sq_d,
     sp_b, sp_n,
     sdy_b, sdy_h, sdy_n, sdy_d,
     sdq_b, sdq_h, sdq_n, sdq_d,
     H, N, C, D, DV, ss, beta, S, blocks_per_split,
-    HAS_PAD: tl.constexpr, MIS: tl.constexpr,
+    HAS_PAD: tl.constexpr, MIS: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_DC: tl.constexpr, N_DC: tl.constexpr, BLOCK_VC: tl.constexpr, N_VC: tl.constexpr,
     NJ: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr,
@@ -157,36 +166,50 @@ def _query_bwd_kernel(
 
     c = tl.arange(0, BLOCK_C)
     c_ok = c < C
+    q_base = Q + b * sq_b + h * sq_h
+    dy_base = DY + b * sdy_b + h * sdy_h
+    dq_base = DQ + b * sdq_b + h * sdq_h
+    seqlen = N
+    n_blk = blocks_per_split
+    c_ld = c_ok
+    if VARLEN:   # packed: rows CU[b] .. CU[b + 1] - 1, sq_b = sdy_b = sdq_b = 0; N = max_seqlen
+        start = tl.load(CU + b).to(tl.int64)
+        seqlen = tl.load(CU + b + 1).to(tl.int64) - start
+        first = (pid_s * blocks_per_split).to(tl.int64) * BLOCK_N     # first query of the split
+        # the query blocks of split s that hold rows of b; none: no loads, zero partials
+        n_blk = tl.maximum(tl.minimum(tl.cdiv(seqlen - first, BLOCK_N), blocks_per_split), 0)
+        c_ld = tl.where(first < seqlen, c_ok, False)
+        q_base += start * sq_n
+        dy_base += start * sdy_n
+        dq_base += start * sdq_n
     ce = tl.load(CEFF + b)
     act = c < ce
+    n_act = tl.maximum(ce, 1).to(tl.float32)                          # c_eff = 0: no NaN from the mean
     rows = bh * C + c
-    bias = tl.load(BIAS + rows, mask=c_ok, other=0.0)
+    bias = tl.load(BIAS + rows, mask=c_ld, other=0.0)
     if MIS:
-        lam = tl.load(LAM + rows, mask=c_ok, other=0.0)
-        bhw = tl.load(BHW + rows, mask=c_ok, other=0.0)
+        lam = tl.load(LAM + rows, mask=c_ld, other=0.0)
+        bhw = tl.load(BHW + rows, mask=c_ld, other=0.0)
     # this program's chunk of the head dims
     dj = (pid_j * BLOCK_DC + tl.arange(0, BLOCK_DC)).to(tl.int64)
     dj_ok = dj < D
     vj = (pid_j * BLOCK_VC + tl.arange(0, BLOCK_VC)).to(tl.int64)
     vj_ok = vj < DV
-    wj = tl.load(W + rows[:, None] * D + dj[None, :], mask=c_ok[:, None] & dj_ok[None, :], other=0.0)
+    wj = tl.load(W + rows[:, None] * D + dj[None, :], mask=c_ld[:, None] & dj_ok[None, :], other=0.0)
     wj = rnd(wj * ss, DT, EMU)
     if MIS:
-        qtj = tl.load(QT + rows[:, None] * D + dj[None, :], mask=c_ok[:, None] & dj_ok[None, :], other=0.0)
+        qtj = tl.load(QT + rows[:, None] * D + dj[None, :], mask=c_ld[:, None] & dj_ok[None, :], other=0.0)
         qtj = rnd(qtj * ss, DT, EMU)
 
-    q_base = Q + b * sq_b + h * sq_h
-    dy_base = DY + b * sdy_b + h * sdy_h
-    dq_base = DQ + b * sdq_b + h * sdq_h
     acc_dw = tl.zeros([BLOCK_C, BLOCK_DC], tl.float32)
     acc_dqt = tl.zeros([BLOCK_C, BLOCK_DC], tl.float32)
     acc_dkap = tl.zeros([BLOCK_C, BLOCK_VC], tl.float32)
     acc_db = tl.zeros([BLOCK_C], tl.float32)
     acc_dbh = tl.zeros([BLOCK_C], tl.float32)
     acc_dlam = tl.zeros([BLOCK_C], tl.float32)
-    for blk in range(0, blocks_per_split):
+    for blk in range(0, n_blk):
         n64 = (pid_s * blocks_per_split + blk).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_in = n64 < N
+        n_in = n64 < seqlen
         row_ok = n_in
         if HAS_PAD:
             padded = tl.load(PAD + b * sp_b + n64 * sp_n, mask=n_in, other=1)
@@ -198,7 +221,7 @@ def _query_bwd_kernel(
         logit = s + bias[None, :]
         if MIS:
             r = tl.exp(t - lam[None, :])
-            r_mean = tl.sum(tl.where(act[None, :], r, 0.0), axis=1) / ce.to(tl.float32)
+            r_mean = tl.sum(tl.where(act[None, :], r, 0.0), axis=1) / n_act
             alpha = bhw[None, :] + beta * (r - r_mean[:, None])
             logit += tl.log(tl.maximum(alpha, ALPHA_FLOOR))
         logit = tl.where(act[None, :], logit, float("-inf"))
@@ -230,7 +253,7 @@ def _query_bwd_kernel(
             ok = keep & (alpha > ALPHA_FLOOR)                          # no gradient at or below the floor
             dal = tl.where(ok, dl / tl.where(ok, alpha, 1.0), 0.0)
             acc_dbh += tl.sum(dal, axis=0)
-            dal_mean = tl.sum(dal, axis=1) / ce.to(tl.float32)
+            dal_mean = tl.sum(dal, axis=1) / n_act
             dt = tl.where(keep, beta * (dal - dal_mean[:, None]) * r, 0.0)
             acc_dlam -= tl.sum(dt, axis=0)
             dq += mma(dt, qtj, DT, PREC, EMU)
@@ -299,22 +322,25 @@ def _prepare(w, bias, kap, c_eff, qt, lam, bh, dev):
     return w, bias, kap, c_eff.to(device=dev, dtype=torch.int64).contiguous(), qt, lam, bh
 
 
-def query_pass_fwd(q, w, bias, kap, c_eff, padding, ss, qt=None, lam=None, bh=None, beta=0.0, *,
-                   block_n=None, d_chunk=None):
-    """y (B, H, N, Dv) in q's dtype. The MIS term is used when ``qt`` is given."""
-    B, H, N, D = q.shape
-    C, DV, dev, mis = w.shape[2], kap.shape[3], q.device, qt is not None
+def query_pass_fwd(q, w, bias, kap, c_eff, padding, ss, qt=None, lam=None, bh=None, beta=0.0, cu_seqlens=None,
+                   max_seqlen=0, *, block_n=None, d_chunk=None):
+    """y (B, H, N, Dv) in q's dtype (packed: q (T, H, D) -> y (T, H, Dv), cu_seqlens
+    (B + 1) int32, max_seqlen >= every length). The MIS term is used when ``qt`` is given.
+    Rows of a sequence with c_eff = 0 get y = 0."""
+    B, H, C, D = w.shape
+    varlen, N, cu = _common.layout(q, w, cu_seqlens, max_seqlen)
+    DV, dev, mis = kap.shape[3], q.device, qt is not None
     w, bias, kap, c_eff, qt, lam, bh = _prepare(w, bias, kap, c_eff, qt, lam, bh, dev)
     BLOCK_N, BLOCK_C, BLOCK_DC, N_DC, BLOCK_VC, N_VC, num_warps = blocks(C, D, DV, block_n, d_chunk,
                                                                        arch=_common.arch(dev))
-    y = _common.empty((B, H, N, DV), q.dtype, dev)
+    y = _common.empty(tuple(q.shape[:-1]) + (DV,), q.dtype, dev)
     pad, sp_b, sp_n = _pad_arg(padding, q)
     _common.launch(
         _query_fwd_kernel, (_common.cdiv(N, BLOCK_N) * B * H,), dev,
-        q, w, bias, kap, c_eff, pad, qt, lam, bh, y,
-        *q.stride(), sp_b, sp_n, *y.stride(),
+        q, w, bias, kap, c_eff, pad, cu, qt, lam, bh, y,
+        *long_strides(q, varlen), sp_b, sp_n, *long_strides(y, varlen),
         H, N, C, D, DV, float(ss), float(beta),
-        HAS_PAD=padding is not None, MIS=mis,
+        HAS_PAD=padding is not None, MIS=mis, VARLEN=varlen,
         BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, BLOCK_DC=BLOCK_DC, N_DC=N_DC, BLOCK_VC=BLOCK_VC, N_VC=N_VC,
         PREC=_common.dot_precision(q.dtype), EMU=_common.emulated(dev),
         num_warps=num_warps,
@@ -322,12 +348,14 @@ def query_pass_fwd(q, w, bias, kap, c_eff, padding, ss, qt=None, lam=None, bh=No
     return y
 
 
-def query_pass_bwd(q, w, bias, kap, c_eff, padding, ss, qt, lam, bh, beta, dy, *,
+def query_pass_bwd(q, w, bias, kap, c_eff, padding, ss, qt, lam, bh, beta, dy, cu_seqlens=None, max_seqlen=0, *,
                    block_n=None, d_chunk=None, splits=None):
     """Returns (dq in q's dtype, dw, dbias, dkap, dqt, dlam, dbh) (float32; the last three
-    None without the MIS term)."""
-    B, H, N, D = q.shape
-    C, DV, dev, mis = w.shape[2], kap.shape[3], q.device, qt is not None
+    None without the MIS term); dq of q's shape, every row written (0 on rows of a
+    sequence with c_eff = 0, which add nothing to the C-sized gradients)."""
+    B, H, C, D = w.shape
+    varlen, N, cu = _common.layout(q, w, cu_seqlens, max_seqlen)
+    DV, dev, mis = kap.shape[3], q.device, qt is not None
     w, bias, kap, c_eff, qt, lam, bh = _prepare(w, bias, kap, c_eff, qt, lam, bh, dev)
     BLOCK_N, BLOCK_C, BLOCK_DC, N_DC, BLOCK_VC, N_VC, num_warps = blocks(C, D, DV, block_n, d_chunk, bwd=True,
                                                                        arch=_common.arch(dev))
@@ -340,10 +368,10 @@ def query_pass_bwd(q, w, bias, kap, c_eff, padding, ss, qt, lam, bh, beta, dy, *
     pad, sp_b, sp_n = _pad_arg(padding, q)
     _common.launch(
         _query_bwd_kernel, (S * NJ * B * H,), dev,
-        q, w, bias, kap, c_eff, pad, qt, lam, bh, dy, dq, part,
-        *q.stride(), sp_b, sp_n, *dy.stride(), *dq.stride(),
+        q, w, bias, kap, c_eff, pad, cu, qt, lam, bh, dy, dq, part,
+        *long_strides(q, varlen), sp_b, sp_n, *long_strides(dy, varlen), *long_strides(dq, varlen),
         H, N, C, D, DV, float(ss), float(beta), S, per_split,
-        HAS_PAD=padding is not None, MIS=mis,
+        HAS_PAD=padding is not None, MIS=mis, VARLEN=varlen,
         BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, BLOCK_DC=BLOCK_DC, N_DC=N_DC, BLOCK_VC=BLOCK_VC, N_VC=N_VC,
         NJ=NJ, PREC=_common.dot_precision(q.dtype), EMU=_common.emulated(dev),
         num_warps=num_warps, num_stages=bwd_stages(BLOCK_C, N_DC, N_VC),
