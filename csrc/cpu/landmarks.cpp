@@ -1,9 +1,14 @@
 // Masked segment means on the CPU (docs/math.md section 1), forward and backward.
 //
-// Valid position p of a sequence (padded positions skipped) belongs to segment
-// floor(p * c_eff / L_valid). The segment of each position is computed once per batch
-// element; the (batch, head) pairs then run in parallel (at::parallel_for, OpenMP),
+// Padded layout: valid position p of a sequence (padded positions skipped) belongs to
+// segment floor(p * c_eff / L_valid). The segment of each position is computed once per
+// batch element; the (batch, head) pairs then run in parallel (at::parallel_for, OpenMP),
 // each reading its rows of x once and accumulating in float32 (float64 for float64).
+// Packed layout (cu_seqlens, seqs.h): row p of sequence b (no padding) is in segment
+// floor(p * c_eff[b] / L_b), so segment c is the contiguous rows ceil(c L_b / c_eff[b]) ..
+// ceil((c + 1) L_b / c_eff[b]) - 1, read in place through the offsets; tasks are (sequence,
+// head, run of segments or of rows), and each segment sums its rows in order, the same
+// arithmetic as the padded layout on that sequence alone.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -11,6 +16,7 @@
 #include <vector>
 
 #include "../lara_ops.h"
+#include "seqs.h"
 
 namespace lara {
 namespace {
@@ -47,13 +53,138 @@ void segment_table(const c10::optional<at::Tensor>& padding, const at::Tensor& c
   }
 }
 
+
+// ---------------------------------------------------------------------------------
+// Packed layout
+
+constexpr int64_t kRowsPerTask = 512;  // rows per task, about (a shape-only choice)
+
+// First row of segment c of a sequence of L rows cut into ce segments: ceil(c L / ce).
+inline int64_t segment_start(int64_t c, int64_t L, int64_t ce) { return (c * L + ce - 1) / ce; }
+
+// c_eff (B,) int64 contiguous on the CPU, each in [0, min(C, L_b)]; returns its data.
+const int64_t* packed_c_eff(const char* op, const at::Tensor& c_eff, const cpu::Seqs& sq, int64_t C,
+                            at::Tensor& keep) {
+  keep = c_eff.to(at::kCPU).contiguous();
+  const int64_t* ce = keep.data_ptr<int64_t>();
+  for (int64_t b = 0; b < sq.B; ++b)
+    TORCH_CHECK(ce[b] >= 0 && ce[b] <= C && ce[b] <= sq.len(b), op, ": c_eff[", b, "] = ", ce[b],
+                " must lie in [0, min(num_segments=", C, ", length of sequence ", b, "=", sq.len(b), ")]");
+  return ce;
+}
+
+cpu::Seqs packed_seqs(const char* op, int64_t H, int64_t T, const c10::optional<at::Tensor>& cu_seqlens) {
+  cpu::Seqs sq;
+  sq.B = cu_seqlens->size(0) - 1;
+  sq.H = H;
+  sq.L = T;
+  sq.cu = cpu::packed_offsets(op, cu_seqlens, T);
+  return sq;
+}
+
+// Forward: tasks (b, h, run of sb_b consecutive segments, about kRowsPerTask rows); each
+// writes its own rows of the output, which starts at 0 (rows c >= c_eff[b] stay 0).
+at::Tensor landmarks_packed(const at::Tensor& x, const at::Tensor& c_eff, int64_t C,
+                            const c10::optional<at::Tensor>& cu_seqlens) {
+  const char* op = "lara_kernels::landmarks";
+  const int64_t T = x.size(0), H = x.size(1), D = x.size(2);
+  const cpu::Seqs sq = packed_seqs(op, H, T, cu_seqlens);
+  at::Tensor ce_keep;
+  const int64_t* ce = packed_c_eff(op, c_eff, sq, C, ce_keep);
+  const auto out_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out = at::zeros({sq.B, H, C, D}, x.options().dtype(out_type));
+  // segments per task of element b (ce[b] >= 1 where it has tasks)
+  auto per_task = [&](int64_t b) { return std::max<int64_t>(1, kRowsPerTask * ce[b] / std::max<int64_t>(1, sq.len(b))); };
+  const cpu::Chunks ch =
+      cpu::make_chunks(sq.B, [&](int64_t b) { return (ce[b] + per_task(b) - 1) / per_task(b); });
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lara_landmarks_packed_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    acc_t* op_ = out.data_ptr<acc_t>();
+    at::parallel_for(0, ch.total() * H, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t g = task / H, h = task % H, b = ch.owner[g], L = sq.len(b), n = ce[b], sb = per_task(b);
+        const int64_t c0 = (g - ch.first[b]) * sb, c1 = std::min(n, c0 + sb);
+        const auto xr = sq.in<scalar_t>(x, b, h);
+        for (int64_t c = c0; c < c1; ++c) {
+          acc_t* orow = op_ + ((b * H + h) * C + c) * D;
+          const int64_t p0 = segment_start(c, L, n), p1 = segment_start(c + 1, L, n);
+          for (int64_t p = p0; p < p1; ++p) {
+            const scalar_t* r = xr.p + p * xr.s_row;
+            if (xr.s_col == 1) {
+              for (int64_t d = 0; d < D; ++d) orow[d] += static_cast<acc_t>(r[d]);
+            } else {
+              for (int64_t d = 0; d < D; ++d) orow[d] += static_cast<acc_t>(r[d * xr.s_col]);
+            }
+          }
+          const acc_t inv = acc_t(1) / static_cast<acc_t>(p1 - p0);
+          for (int64_t d = 0; d < D; ++d) orow[d] *= inv;
+        }
+      }
+    });
+  });
+  return out;
+}
+
+// Backward: tasks (b, h, chunk of kRowsPerTask rows); row p of b gets grad[b, h, seg(p)] /
+// |seg(p)|, or 0 where c_eff[b] = 0. Every row of the (T, H, D) result is written.
+at::Tensor landmarks_backward_packed(const at::Tensor& grad, const at::Tensor& c_eff, int64_t length,
+                                     at::ScalarType dtype, const c10::optional<at::Tensor>& cu_seqlens) {
+  const char* op = "lara_kernels::landmarks_backward";
+  const int64_t H = grad.size(1), C = grad.size(2), D = grad.size(3), T = length;
+  const cpu::Seqs sq = packed_seqs(op, H, T, cu_seqlens);
+  at::Tensor ce_keep;
+  const int64_t* ce = packed_c_eff(op, c_eff, sq, C, ce_keep);
+  const at::Tensor g = grad.contiguous();
+  at::Tensor gx = new_output({T, H, D}, grad.options().dtype(dtype));
+  const cpu::Chunks ch =
+      cpu::make_chunks(sq.B, [&](int64_t b) { return (sq.len(b) + kRowsPerTask - 1) / kRowsPerTask; });
+
+  auto run = [&](auto out_tag, auto grad_tag) {
+    using out_t = decltype(out_tag);
+    using grad_t = decltype(grad_tag);
+    const grad_t* gp = g.data_ptr<grad_t>();
+    out_t* xp = gx.data_ptr<out_t>();
+    at::parallel_for(0, ch.total() * H, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t gi = task / H, h = task % H, b = ch.owner[gi], L = sq.len(b), n = ce[b];
+        const int64_t p0 = (gi - ch.first[b]) * kRowsPerTask, p1 = std::min(L, p0 + kRowsPerTask);
+        int64_t ld = 0;
+        out_t* xbh = sq.out(xp, D, b, h, ld);
+        const grad_t* gbh = gp + (b * H + h) * C * D;
+        for (int64_t p = p0; p < p1; ++p) {
+          out_t* xr = xbh + p * ld;
+          if (n == 0) {
+            for (int64_t d = 0; d < D; ++d) xr[d] = out_t(0);
+            continue;
+          }
+          const int64_t s = (p * n) / L;
+          const int64_t count = segment_start(s + 1, L, n) - segment_start(s, L, n);
+          const grad_t inv = grad_t(1) / static_cast<grad_t>(count);
+          const grad_t* gr = gbh + s * D;
+          for (int64_t d = 0; d < D; ++d) xr[d] = static_cast<out_t>(gr[d] * inv);
+        }
+      }
+    });
+  };
+  const bool g64 = g.scalar_type() == at::kDouble;
+  switch (dtype) {
+    case at::kDouble: g64 ? run(double{}, double{}) : run(double{}, float{}); break;
+    case at::kFloat: g64 ? run(float{}, double{}) : run(float{}, float{}); break;
+    case at::kHalf: g64 ? run(at::Half{}, double{}) : run(at::Half{}, float{}); break;
+    case at::kBFloat16: g64 ? run(at::BFloat16{}, double{}) : run(at::BFloat16{}, float{}); break;
+    default: TORCH_CHECK(false, "lara_kernels::landmarks_backward: unsupported dtype ", dtype);
+  }
+  return gx;
+}
+
 }  // namespace
 
 at::Tensor landmarks_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& padding, const at::Tensor& c_eff,
                          int64_t num_segments, const c10::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen) {
   check_landmarks_args(x, padding, c_eff, num_segments, cu_seqlens, max_seqlen);
-  TORCH_CHECK(!cu_seqlens.has_value(), "lara_kernels::landmarks (CPU): cu_seqlens (the packed layout) is not implemented yet");
   TORCH_CHECK(x.device().is_cpu(), "lara_kernels::landmarks (CPU): x must be a CPU tensor, got ", x.device());
+  if (cu_seqlens.has_value()) return landmarks_packed(x, c_eff, num_segments, cu_seqlens);
   const int64_t B = x.size(0), H = x.size(1), L = x.size(2), D = x.size(3), C = num_segments;
   const auto out_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor out = at::zeros({B, H, C, D}, x.options().dtype(out_type));
@@ -97,9 +228,9 @@ at::Tensor landmarks_backward_cpu(const at::Tensor& grad, const c10::optional<at
                                   const at::Tensor& c_eff, int64_t length, at::ScalarType dtype,
                                   const c10::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen) {
   check_landmarks_backward_args(grad, padding, c_eff, length, dtype, cu_seqlens, max_seqlen);
-  TORCH_CHECK(!cu_seqlens.has_value(), "lara_kernels::landmarks_backward (CPU): cu_seqlens (the packed layout) is not implemented yet");
   TORCH_CHECK(grad.device().is_cpu(), "lara_kernels::landmarks_backward (CPU): grad must be a CPU tensor, got ",
               grad.device());
+  if (cu_seqlens.has_value()) return landmarks_backward_packed(grad, c_eff, length, dtype, cu_seqlens);
   const int64_t B = grad.size(0), H = grad.size(1), C = grad.size(2), D = grad.size(3), L = length;
   std::vector<int64_t> seg, count;
   segment_table(padding, c_eff, B, L, C, seg, count);

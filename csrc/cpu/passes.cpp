@@ -1,15 +1,20 @@
 // Fused LARA passes on the CPU (formulas in docs/math.md; contract in lara_ops.h): the key pass
 // (also the query normalizer, without values) and the query pass, forward and backward.
 //
-// Work is cut into tasks of (batch * head, chunk of the long axis) that at::parallel_for
-// runs (OpenMP). The chunk length depends on the shapes only, never on the thread count,
-// and per-chunk partials are reduced in chunk order, so results are bitwise reproducible
-// for any number of threads. A task walks its chunk in tiles of tr rows (128, fewer when
-// C, D or Dv exceed 256; tile_rows): rows are converted to the compute type (scaled by ss,
-// padded rows zeroed), the tile's matrix products go to BLAS, and the elementwise work
-// between them (exp, online softmax, MIS weights) runs on C x tr buffers that stay in
-// cache, in loops compiled per ISA. No N x C or M x C tensor is allocated. Every buffer is
-// sized by the problem, so D, Dv and C have no limit here (the BLAS sizes are int).
+// Work is cut into tasks of (sequence b, head h, chunk of b's rows) that at::parallel_for
+// runs (OpenMP). In the padded layout every element has L rows (padded ones masked); in
+// the packed layout (cu_seqlens) sequence b is rows cu[b] .. cu[b + 1] - 1 of the (T, H, D)
+// tensors, read and written in place through the offsets (seqs.h): no padded copy, and
+// no task covers a row that does not exist. The chunk length depends on the sequence's
+// length only, never on the thread count, and per-chunk partials are reduced in chunk
+// order, so results are bitwise reproducible for any number of threads. A task walks its
+// chunk in tiles of tr rows (128, fewer when C, D or Dv exceed 256; tile_rows): rows are
+// converted to the compute type (scaled by ss, padded rows zeroed), the tile's matrix
+// products go to BLAS, and the elementwise work between them (exp, online softmax, MIS
+// weights) runs on C x tr buffers that stay in cache, in loops compiled per ISA. No
+// N x C or M x C tensor is allocated. Every buffer is sized by the problem, so D, Dv and
+// C have no limit here (the BLAS sizes are int); the key pass takes any number of rows C
+// in w (grouped-query attention passes G * C rows per key/value head).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
@@ -18,6 +23,7 @@
 
 #include "../lara_ops.h"
 #include "cpu_math.h"
+#include "seqs.h"
 
 namespace lara {
 namespace cpu {
@@ -254,15 +260,27 @@ void load_rows(const S* x, int64_t s_row, int64_t s_col, int64_t r0, int64_t nr,
   }
 }
 
-// dst rows r0 .. r0 + nr of a contiguous (L x D) output = scale * tile, 0 where padded.
 template <typename S, typename T>
-void store_rows(const T* tile, int64_t r0, int64_t nr, int64_t D, T scale, const bool* pad, S* dst) {
+void load_rows(const Seqs::In<S>& x, int64_t r0, int64_t nr, int64_t D, T scale, const bool* pad, T* out) {
+  load_rows(x.p, x.s_row, x.s_col, r0, nr, D, scale, pad, out);
+}
+
+// rows r0 .. r0 + nr of an output whose rows are ld apart (dst: row 0) = scale * tile
+// (nr x D), 0 where padded.
+template <typename S, typename T>
+void store_rows(const T* tile, int64_t r0, int64_t nr, int64_t D, T scale, const bool* pad, S* dst, int64_t ld) {
   for (int64_t i = 0; i < nr; ++i) {
-    S* o = dst + (r0 + i) * D;
+    S* o = dst + (r0 + i) * ld;
     const bool zero = pad != nullptr && pad[r0 + i];
     const T* t = tile + i * D;
     for (int64_t d = 0; d < D; ++d) o[d] = zero ? S(0) : static_cast<S>(scale * t[d]);
   }
+}
+
+// rows r0 .. r0 + nr of an output whose rows are ld apart = 0.
+template <typename S>
+void zero_rows(int64_t r0, int64_t nr, int64_t D, S* dst, int64_t ld) {
+  for (int64_t i = 0; i < nr; ++i) std::fill(dst + (r0 + i) * ld, dst + (r0 + i) * ld + D, S(0));
 }
 
 // Column offsets of a key tile: |kh|^2 / 2 (or 0) where valid, +inf where padded.
@@ -282,14 +300,26 @@ void column_offsets(const T* kh, int64_t nr, int64_t D, bool sub_norm, const boo
   }
 }
 
-// out[i] = sum over chunks s of part[s][i], in chunk order (deterministic).
+// out (B, H, size) = per (b, h), the sum of the partials (size each) of b's chunks for
+// head h, in chunk order (deterministic); 0 for an element without chunks. Partial t is
+// that of task t (Chunks).
 template <typename T>
-void reduce_chunks(const T* part, int64_t count, int64_t size, T* out) {
-  at::parallel_for(0, size, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) out[i] = part[i];
-    for (int64_t s = 1; s < count; ++s) {
-      const T* p = part + s * size;
-      for (int64_t i = begin; i < end; ++i) out[i] += p[i];
+void reduce_chunks(const T* part, const Chunks& ch, int64_t H, int64_t size, T* out) {
+  const int64_t B = int64_t(ch.first.size()) - 1;
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      T* o = out + bh * size;
+      if (ch.count(b) == 0) {
+        std::fill(o, o + size, T(0));
+        continue;
+      }
+      const T* p0 = part + (ch.first[b] * H + h) * size;
+      std::copy(p0, p0 + size, o);
+      for (int64_t g = ch.first[b] + 1; g < ch.first[b + 1]; ++g) {
+        const T* p = part + (g * H + h) * size;
+        for (int64_t i = 0; i < size; ++i) o[i] += p[i];
+      }
     }
   });
 }
@@ -313,39 +343,39 @@ Scratch<T> scratch(int64_t n) {
   return {t, t.data_ptr<T>()};
 }
 
-const bool* padding_rows(const at::Tensor& pad, int64_t b) {
-  return pad.defined() ? pad.data_ptr<bool>() + b * pad.size(1) : nullptr;
+// Chunks of the chunked passes (key pass, query backward): chunking(L_b) of each
+// sequence, at least one per element (even empty: its task sets the partials of a
+// sequence without rows, and reads none).
+Chunks row_chunks(const Seqs& sq) {
+  return make_chunks(sq.B, [&](int64_t b) { return chunking(sq.len(b)).count; });
 }
 
 // ---------------------------------------------------------------------------------
 // The tile computations that a forward does and its backward redoes (recomputation must
 // be the same arithmetic, so both call these).
 
-// Key tile m0 .. m0 + nr of one (b, h): kh = ss k rows (padded rows 0), nb = column
-// offsets, lg (C x nr, leading dim tr) = w kh^T.
+// Key tile m0 .. m0 + nr of one (b, h) (k: its row 0): kh = ss k rows (padded rows 0),
+// nb = column offsets, lg (C x nr, leading dim tr) = w kh^T.
 template <typename S, typename T>
-void key_tile_logits(const at::Tensor& k, const S* kbh, const bool* prow, int64_t m0, int64_t nr, int64_t tr,
-                     T ss, bool sub_norm, const T* wbh, int64_t C, T* kh, T* nb, T* lg) {
-  const int64_t D = k.size(3);
-  load_rows(kbh, k.stride(2), k.stride(3), m0, nr, D, ss, prow, kh);
+void key_tile_logits(const Seqs::In<S>& k, const bool* prow, int64_t m0, int64_t nr, int64_t tr, int64_t D, T ss,
+                     bool sub_norm, const T* wbh, int64_t C, T* kh, T* nb, T* lg) {
+  load_rows(k, m0, nr, D, ss, prow, kh);
   column_offsets(kh, nr, D, sub_norm, prow, m0, nb);
   gemm(false, true, C, nr, D, T(1), wbh, D, kh, D, T(0), lg, tr);
 }
 
 struct QueryArgs {
-  at::Tensor q, w, bias, kap, c_eff, pad, qt, lam, bh;
+  at::Tensor q, w, bias, kap, c_eff, qt, lam, bh;
   bool mis;
 };
 
-// Query tile n0 .. n0 + nr of (b, h) = (bh / H, bh % H): qh = ss q rows (padded rows 0)
-// and p (nr x C) = softmax_c(L); with the MIS term also r and alpha (see query_probs).
+// Query tile n0 .. n0 + nr of (b, h): qh = ss q rows (padded rows 0) and p (nr x C) =
+// softmax_c(L); with the MIS term also r and alpha (see query_probs). c_eff[b] >= 1.
 template <typename S, typename T>
-void query_tile_probs(const QueryArgs& a, int64_t bh, const bool* prow, int64_t n0, int64_t nr, T ss, T beta,
-                      T* qh, T* p, T* r, T* al) {
-  const at::Tensor& q = a.q;
-  const int64_t H = q.size(1), D = q.size(3), C = a.w.size(2), b = bh / H, h = bh % H;
-  const S* qbh = q.data_ptr<S>() + b * q.stride(0) + h * q.stride(1);
-  load_rows(qbh, q.stride(2), q.stride(3), n0, nr, D, ss, prow, qh);
+void query_tile_probs(const QueryArgs& a, const Seqs& sq, int64_t b, int64_t h, int64_t n0, int64_t nr, T ss,
+                      T beta, T* qh, T* p, T* r, T* al) {
+  const int64_t D = a.q.size(-1), C = a.w.size(2), bh = b * sq.H + h;
+  load_rows(sq.in<S>(a.q, b, h), n0, nr, D, ss, sq.pad_rows(b), qh);
   gemm(false, true, nr, C, D, T(1), qh, D, a.w.data_ptr<T>() + bh * C * D, D, T(0), p, C);
   if (a.mis) gemm(false, true, nr, C, D, T(1), qh, D, a.qt.data_ptr<T>() + bh * C * D, D, T(0), r, C);
   query_probs(p, a.mis ? r : nullptr, a.mis ? al : nullptr, nr, C, a.c_eff.data_ptr<int64_t>()[b],
@@ -354,51 +384,50 @@ void query_tile_probs(const QueryArgs& a, int64_t bh, const bool* prow, int64_t 
 }
 
 // ---------------------------------------------------------------------------------
-// Key pass
+// Key pass: tasks (sequence b, head h, chunk s of b's keys); each keeps the running
+// (max, sum, accumulator) of its chunk as a partial, combined per (b, h) in chunk order.
 
 template <typename S, typename T>
-void key_fwd_impl(const at::Tensor& w, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pad, T ss,
+void key_fwd_impl(const at::Tensor& w, const at::Tensor& k, const at::Tensor& v, const Seqs& sq, T ss,
                   bool sub_norm, at::Tensor& Z, at::Tensor& kap) {
-  const int64_t B = k.size(0), H = k.size(1), M = k.size(2), D = k.size(3), C = w.size(2);
+  const int64_t H = sq.H, D = k.size(-1), C = w.size(2);
   const bool has_v = v.defined();
-  const int64_t DV = has_v ? v.size(3) : 0;
-  const Chunking ch = chunking(M);
+  const int64_t DV = has_v ? v.size(-1) : 0;
+  const Chunks ch = row_chunks(sq);
   const int64_t tr = tile_rows(std::max({C, D, DV}));
-  const int64_t BH = B * H;
-  // partial (running max, sum, unnormalized acc) per (chunk, b*h)
-  auto m_part = scratch<T>(ch.count * BH * C);
-  auto l_part = scratch<T>(ch.count * BH * C);
-  auto acc_part = scratch<T>(ch.count * BH * C * DV);
-  const S* kp = k.data_ptr<S>();
-  const S* vp = has_v ? v.data_ptr<S>() : nullptr;
+  const int64_t ntask = ch.total() * H;
+  // partial (running max, sum, unnormalized acc) per task
+  auto m_part = scratch<T>(ntask * C);
+  auto l_part = scratch<T>(ntask * C);
+  auto acc_part = scratch<T>(ntask * C * DV);
   const T* wp = w.data_ptr<T>();
 
-  at::parallel_for(0, BH * ch.count, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, ntask, 1, [&](int64_t begin, int64_t end) {
     auto kh = scratch<T>(tr * D);
     auto vt = scratch<T>(tr * std::max<int64_t>(DV, 1));
     auto lg = scratch<T>(C * tr);
     auto nb = scratch<T>(tr);
     auto resc = scratch<T>(C);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / ch.count, s = task % ch.count, b = bh / H, h = bh % H;
-      const int64_t idx = s * BH + bh;
-      T* mrun = m_part.data() + idx * C;
-      T* lrun = l_part.data() + idx * C;
-      T* acc = acc_part.data() + idx * C * DV;
+      const int64_t g = task / H, h = task % H, b = ch.owner[g], s = g - ch.first[b];
+      T* mrun = m_part.data() + task * C;
+      T* lrun = l_part.data() + task * C;
+      T* acc = acc_part.data() + task * C * DV;
       std::fill(mrun, mrun + C, kNegInf<T>);
       std::fill(lrun, lrun + C, T(0));
       std::fill(acc, acc + C * DV, T(0));
-      const T* wbh = wp + bh * C * D;
-      const S* kbh = kp + b * k.stride(0) + h * k.stride(1);
-      const S* vbh = has_v ? vp + b * v.stride(0) + h * v.stride(1) : nullptr;
-      const bool* prow = padding_rows(pad, b);
-      const int64_t m_end = std::min(M, (s + 1) * ch.len);
-      for (int64_t m0 = s * ch.len; m0 < m_end; m0 += tr) {
+      const T* wbh = wp + (b * H + h) * C * D;
+      const auto kr = sq.in<S>(k, b, h);
+      const auto vr = has_v ? sq.in<S>(v, b, h) : Seqs::In<S>{nullptr, 0, 0};
+      const bool* prow = sq.pad_rows(b);
+      const int64_t len = sq.len(b), clen = chunking(len).len;
+      const int64_t m_end = std::min(len, (s + 1) * clen);
+      for (int64_t m0 = s * clen; m0 < m_end; m0 += tr) {
         const int64_t nr = std::min(tr, m_end - m0);
-        key_tile_logits(k, kbh, prow, m0, nr, tr, ss, sub_norm, wbh, C, kh.data(), nb.data(), lg.data());
+        key_tile_logits(kr, prow, m0, nr, tr, D, ss, sub_norm, wbh, C, kh.data(), nb.data(), lg.data());
         key_fwd_tile(lg.data(), tr, C, nr, nb.data(), mrun, lrun, resc.data());
         if (has_v) {
-          load_rows(vbh, v.stride(2), v.stride(3), m0, nr, DV, T(1), prow, vt.data());
+          load_rows(vr, m0, nr, DV, T(1), prow, vt.data());
           for (int64_t c = 0; c < C; ++c)
             for (int64_t d = 0; d < DV; ++d) acc[c * DV + d] *= resc[c];
           gemm(false, false, C, DV, nr, T(1), lg.data(), tr, vt.data(), DV, T(1), acc, DV);
@@ -410,22 +439,25 @@ void key_fwd_impl(const at::Tensor& w, const at::Tensor& k, const at::Tensor& v,
   // combine the chunks: Z = mx + log(sum_s e_s l_s), kap = sum_s e_s acc_s / sum_s e_s l_s
   T* Zp = Z.data_ptr<T>();
   T* kapp = has_v ? kap.data_ptr<T>() : nullptr;
-  at::parallel_for(0, BH * C, 64, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, sq.B * H * C, 64, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
+      const int64_t bh = i / C, c = i % C, b = bh / H, h = bh % H;
+      const int64_t g0 = ch.first[b], g1 = ch.first[b + 1];
       T mx = kNegInf<T>;
-      for (int64_t s = 0; s < ch.count; ++s) mx = std::max(mx, m_part[s * BH * C + i]);
-      if (mx == kNegInf<T>) {  // no valid key (the caller guarantees one; stay finite)
+      for (int64_t g = g0; g < g1; ++g) mx = std::max(mx, m_part[(g * H + h) * C + c]);
+      if (mx == kNegInf<T>) {  // no key (a sequence without keys, or all padded): Z = -inf, kap = 0
         Zp[i] = kNegInf<T>;
         if (has_v) std::fill(kapp + i * DV, kapp + (i + 1) * DV, T(0));
         continue;
       }
       T total = T(0);
       if (has_v) std::fill(kapp + i * DV, kapp + (i + 1) * DV, T(0));
-      for (int64_t s = 0; s < ch.count; ++s) {
-        const T e = std::exp(m_part[s * BH * C + i] - mx);
-        total += e * l_part[s * BH * C + i];
+      for (int64_t g = g0; g < g1; ++g) {
+        const int64_t pi = (g * H + h) * C + c;
+        const T e = std::exp(m_part[pi] - mx);
+        total += e * l_part[pi];
         if (has_v) {
-          const T* a = acc_part.data() + (s * BH * C + i) * DV;
+          const T* a = acc_part.data() + pi * DV;
           for (int64_t d = 0; d < DV; ++d) kapp[i * DV + d] += e * a[d];
         }
       }
@@ -437,16 +469,16 @@ void key_fwd_impl(const at::Tensor& w, const at::Tensor& k, const at::Tensor& v,
 }
 
 template <typename S, typename T>
-void key_bwd_impl(const at::Tensor& w, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pad, T ss,
+void key_bwd_impl(const at::Tensor& w, const at::Tensor& k, const at::Tensor& v, const Seqs& sq, T ss,
                   bool sub_norm, const at::Tensor& Z, const at::Tensor& kap, const at::Tensor& dZ,
                   const at::Tensor& dkap, at::Tensor& dw, at::Tensor& dk, at::Tensor& dv) {
-  const int64_t B = k.size(0), H = k.size(1), M = k.size(2), D = k.size(3), C = w.size(2);
+  const int64_t H = sq.H, D = k.size(-1), C = w.size(2);
   const bool has_v = v.defined();
-  const int64_t DV = has_v ? v.size(3) : 0;
-  const Chunking ch = chunking(M);
+  const int64_t DV = has_v ? v.size(-1) : 0;
+  const Chunks ch = row_chunks(sq);
   const int64_t tr = tile_rows(std::max({C, D, DV}));
-  const int64_t BH = B * H;
-  auto dw_part = scratch<T>(ch.count * BH * C * D);
+  const int64_t BH = sq.B * H, ntask = ch.total() * H;
+  auto dw_part = scratch<T>(ntask * C * D);
   // E_c = dZ_c - dkap_c . kap_c
   auto E = scratch<T>(BH * C);
   const T* dZp = dZ.data_ptr<T>();
@@ -457,14 +489,12 @@ void key_bwd_impl(const at::Tensor& w, const at::Tensor& k, const at::Tensor& v,
     for (int64_t d = 0; d < DV; ++d) e -= dkapp[i * DV + d] * kapp[i * DV + d];
     E[i] = e;
   }
-  const S* kp = k.data_ptr<S>();
-  const S* vp = has_v ? v.data_ptr<S>() : nullptr;
   const T* wp = w.data_ptr<T>();
   const T* Zp = Z.data_ptr<T>();
   S* dkp = dk.data_ptr<S>();
   S* dvp = has_v ? dv.data_ptr<S>() : nullptr;
 
-  at::parallel_for(0, BH * ch.count, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, ntask, 1, [&](int64_t begin, int64_t end) {
     const int64_t DVa = std::max<int64_t>(DV, 1);
     auto kh = scratch<T>(tr * D);
     auto vt = scratch<T>(tr * DVa);
@@ -476,20 +506,24 @@ void key_bwd_impl(const at::Tensor& w, const at::Tensor& k, const at::Tensor& v,
     auto dkh = scratch<T>(tr * D);
     auto dvt = scratch<T>(tr * DVa);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / ch.count, s = task % ch.count, b = bh / H, h = bh % H;
-      T* dwp = dw_part.data() + (s * BH + bh) * C * D;
+      const int64_t gi = task / H, h = task % H, b = ch.owner[gi], s = gi - ch.first[b], bh = b * H + h;
+      T* dwp = dw_part.data() + task * C * D;
       std::fill(dwp, dwp + C * D, T(0));
       const T* wbh = wp + bh * C * D;
       const T* dkbh = has_v ? dkapp + bh * C * DV : nullptr;
-      const S* kbh = kp + b * k.stride(0) + h * k.stride(1);
-      const S* vbh = has_v ? vp + b * v.stride(0) + h * v.stride(1) : nullptr;
-      const bool* prow = padding_rows(pad, b);
-      const int64_t m_end = std::min(M, (s + 1) * ch.len);
-      for (int64_t m0 = s * ch.len; m0 < m_end; m0 += tr) {
+      const auto kr = sq.in<S>(k, b, h);
+      const auto vr = has_v ? sq.in<S>(v, b, h) : Seqs::In<S>{nullptr, 0, 0};
+      int64_t ldk = 0, ldv = 0;
+      S* dk_out = sq.out(dkp, D, b, h, ldk);
+      S* dv_out = has_v ? sq.out(dvp, DV, b, h, ldv) : nullptr;
+      const bool* prow = sq.pad_rows(b);
+      const int64_t len = sq.len(b), clen = chunking(len).len;
+      const int64_t m_end = std::min(len, (s + 1) * clen);
+      for (int64_t m0 = s * clen; m0 < m_end; m0 += tr) {
         const int64_t nr = std::min(tr, m_end - m0);
-        key_tile_logits(k, kbh, prow, m0, nr, tr, ss, sub_norm, wbh, C, kh.data(), nb.data(), lg.data());
+        key_tile_logits(kr, prow, m0, nr, tr, D, ss, sub_norm, wbh, C, kh.data(), nb.data(), lg.data());
         if (has_v) {
-          load_rows(vbh, v.stride(2), v.stride(3), m0, nr, DV, T(1), prow, vt.data());
+          load_rows(vr, m0, nr, DV, T(1), prow, vt.data());
           gemm(false, true, C, nr, DV, T(1), dkbh, DV, vt.data(), DV, T(0), g.data(), tr);
         }
         key_bwd_tile(lg.data(), has_v ? g.data() : nullptr, has_v ? sm.data() : nullptr, tr, C, nr, nb.data(),
@@ -500,69 +534,76 @@ void key_bwd_impl(const at::Tensor& w, const at::Tensor& k, const at::Tensor& v,
           for (int64_t j = 0; j < nr; ++j)
             for (int64_t d = 0; d < D; ++d) dkh[j * D + d] -= colsum[j] * kh[j * D + d];
         gemm(false, false, C, D, nr, T(1), lg.data(), tr, kh.data(), D, T(1), dwp, D);
-        store_rows(dkh.data(), m0, nr, D, ss, prow, dkp + bh * M * D);
+        store_rows(dkh.data(), m0, nr, D, ss, prow, dk_out, ldk);
         if (has_v) {
           gemm(true, false, nr, DV, C, T(1), sm.data(), tr, dkbh, DV, T(0), dvt.data(), DV);
-          store_rows(dvt.data(), m0, nr, DV, T(1), prow, dvp + bh * M * DV);
+          store_rows(dvt.data(), m0, nr, DV, T(1), prow, dv_out, ldv);
         }
       }
     }
   });
-  reduce_chunks(dw_part.data(), ch.count, BH * C * D, dw.data_ptr<T>());
+  reduce_chunks(dw_part.data(), ch, H, C * D, dw.data_ptr<T>());
 }
 
 // ---------------------------------------------------------------------------------
-// Query pass
+// Query pass: the forward's tasks are (sequence b, head h, tile of b's queries); the
+// backward's are (b, h, chunk of b's queries), with per-task partials of the C-sized sums
+// reduced per (b, h) in chunk order. Rows of an element with c_eff[b] = 0 (no active
+// sample) get y = 0 and dq = 0 and add nothing.
 
 template <typename S, typename T>
-void query_fwd_impl(const QueryArgs& a, T ss, T beta, at::Tensor& y) {
-  const at::Tensor& q = a.q;
-  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3), C = a.w.size(2), DV = a.kap.size(3);
+void query_fwd_impl(const QueryArgs& a, const Seqs& sq, T ss, T beta, at::Tensor& y) {
+  const int64_t H = sq.H, D = a.q.size(-1), C = a.w.size(2), DV = a.kap.size(3);
   const int64_t tr = tile_rows(std::max({C, D, DV}));
-  const int64_t BH = B * H, ntiles = (N + tr - 1) / tr;
+  const Chunks tiles = make_chunks(sq.B, [&](int64_t b) { return (sq.len(b) + tr - 1) / tr; });
   const T* kapp = a.kap.data_ptr<T>();
+  const int64_t* cep = a.c_eff.data_ptr<int64_t>();
   S* yp = y.data_ptr<S>();
 
-  at::parallel_for(0, BH * ntiles, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, tiles.total() * H, 1, [&](int64_t begin, int64_t end) {
     auto qh = scratch<T>(tr * D);
     auto sc = scratch<T>(tr * C);
     auto t = scratch<T>(a.mis ? tr * C : 0);
     auto al = scratch<T>(a.mis ? tr * C : 0);
     auto yt = scratch<T>(tr * DV);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / ntiles, n0 = (task % ntiles) * tr;
-      const int64_t nr = std::min(tr, N - n0);
-      const bool* prow = padding_rows(a.pad, bh / H);
-      query_tile_probs<S, T>(a, bh, prow, n0, nr, ss, beta, qh.data(), sc.data(), t.data(), al.data());
+      const int64_t g = task / H, h = task % H, b = tiles.owner[g], bh = b * H + h;
+      const int64_t n0 = (g - tiles.first[b]) * tr, nr = std::min(tr, sq.len(b) - n0);
+      int64_t ld = 0;
+      S* y_out = sq.out(yp, DV, b, h, ld);
+      if (cep[b] == 0) {
+        zero_rows(n0, nr, DV, y_out, ld);
+        continue;
+      }
+      query_tile_probs<S, T>(a, sq, b, h, n0, nr, ss, beta, qh.data(), sc.data(), t.data(), al.data());
       gemm(false, false, nr, DV, C, T(1), sc.data(), C, kapp + bh * C * DV, DV, T(0), yt.data(), DV);
-      store_rows(yt.data(), n0, nr, DV, T(1), prow, yp + bh * N * DV);
+      store_rows(yt.data(), n0, nr, DV, T(1), sq.pad_rows(b), y_out, ld);
     }
   });
 }
 
 template <typename S, typename T>
-void query_bwd_impl(const QueryArgs& a, T ss, T beta, const at::Tensor& dy, at::Tensor& dq, at::Tensor& dw,
-                    at::Tensor& dbias, at::Tensor& dkap, at::Tensor& dqt, at::Tensor& dlam, at::Tensor& dbh) {
-  const at::Tensor& q = a.q;
-  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3), C = a.w.size(2), DV = a.kap.size(3);
-  const int64_t BH = B * H;
-  const Chunking ch = chunking(N);
+void query_bwd_impl(const QueryArgs& a, const Seqs& sq, T ss, T beta, const at::Tensor& dy, at::Tensor& dq,
+                    at::Tensor& dw, at::Tensor& dbias, at::Tensor& dkap, at::Tensor& dqt, at::Tensor& dlam,
+                    at::Tensor& dbh) {
+  const int64_t H = sq.H, D = a.q.size(-1), C = a.w.size(2), DV = a.kap.size(3);
+  const Chunks ch = row_chunks(sq);
   const int64_t tr = tile_rows(std::max({C, D, DV}));
+  const int64_t ntask = ch.total() * H;
   const bool mis = a.mis;
-  // per-chunk partials of the C-sized sums
-  auto dw_part = scratch<T>(ch.count * BH * C * D);
-  auto dkap_part = scratch<T>(ch.count * BH * C * DV);
-  auto db_part = scratch<T>(ch.count * BH * C);
-  auto dqt_part = scratch<T>(mis ? ch.count * BH * C * D : 0);
-  auto dbh_part = scratch<T>(mis ? ch.count * BH * C : 0);
-  auto dlam_part = scratch<T>(mis ? ch.count * BH * C : 0);
-  const S* dyp = dy.data_ptr<S>();
+  // per-task partials of the C-sized sums
+  auto dw_part = scratch<T>(ntask * C * D);
+  auto dkap_part = scratch<T>(ntask * C * DV);
+  auto db_part = scratch<T>(ntask * C);
+  auto dqt_part = scratch<T>(mis ? ntask * C * D : 0);
+  auto dbh_part = scratch<T>(mis ? ntask * C : 0);
+  auto dlam_part = scratch<T>(mis ? ntask * C : 0);
   const T *wp = a.w.data_ptr<T>(), *kapp = a.kap.data_ptr<T>();
   const T* qtp = mis ? a.qt.data_ptr<T>() : nullptr;
   const int64_t* cep = a.c_eff.data_ptr<int64_t>();
   S* dqp = dq.data_ptr<S>();
 
-  at::parallel_for(0, BH * ch.count, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, ntask, 1, [&](int64_t begin, int64_t end) {
     auto qh = scratch<T>(tr * D);
     auto dyt = scratch<T>(tr * DV);
     auto p = scratch<T>(tr * C);
@@ -571,14 +612,14 @@ void query_bwd_impl(const QueryArgs& a, T ss, T beta, const at::Tensor& dy, at::
     auto al = scratch<T>(mis ? tr * C : 0);
     auto dqh = scratch<T>(tr * D);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / ch.count, s = task % ch.count, b = bh / H, h = bh % H;
-      const int64_t idx = s * BH + bh, ce = cep[b];
-      T* dwp = dw_part.data() + idx * C * D;
-      T* dkp = dkap_part.data() + idx * C * DV;
-      T* dbp = db_part.data() + idx * C;
-      T* dqtp = mis ? dqt_part.data() + idx * C * D : nullptr;
-      T* dbhp = mis ? dbh_part.data() + idx * C : nullptr;
-      T* dlp = mis ? dlam_part.data() + idx * C : nullptr;
+      const int64_t gi = task / H, h = task % H, b = ch.owner[gi], s = gi - ch.first[b], bh = b * H + h;
+      const int64_t ce = cep[b];
+      T* dwp = dw_part.data() + task * C * D;
+      T* dkp = dkap_part.data() + task * C * DV;
+      T* dbp = db_part.data() + task * C;
+      T* dqtp = mis ? dqt_part.data() + task * C * D : nullptr;
+      T* dbhp = mis ? dbh_part.data() + task * C : nullptr;
+      T* dlp = mis ? dlam_part.data() + task * C : nullptr;
       std::fill(dwp, dwp + C * D, T(0));
       std::fill(dkp, dkp + C * DV, T(0));
       std::fill(dbp, dbp + C, T(0));
@@ -590,13 +631,20 @@ void query_bwd_impl(const QueryArgs& a, T ss, T beta, const at::Tensor& dy, at::
       const T* wbh = wp + bh * C * D;
       const T* kbh = kapp + bh * C * DV;
       const T* qtbh = mis ? qtp + bh * C * D : nullptr;
-      const bool* prow = padding_rows(a.pad, b);
-      const S* dybh = dyp + b * dy.stride(0) + h * dy.stride(1);
-      const int64_t n_end = std::min(N, (s + 1) * ch.len);
-      for (int64_t n0 = s * ch.len; n0 < n_end; n0 += tr) {
+      const bool* prow = sq.pad_rows(b);
+      const auto dyr = sq.in<S>(dy, b, h);
+      int64_t ld = 0;
+      S* dq_out = sq.out(dqp, D, b, h, ld);
+      const int64_t len = sq.len(b), clen = chunking(len).len;
+      const int64_t n_end = std::min(len, (s + 1) * clen);
+      for (int64_t n0 = s * clen; n0 < n_end; n0 += tr) {
         const int64_t nr = std::min(tr, n_end - n0);
-        query_tile_probs<S, T>(a, bh, prow, n0, nr, ss, beta, qh.data(), p.data(), r.data(), al.data());
-        load_rows(dybh, dy.stride(2), dy.stride(3), n0, nr, DV, T(1), prow, dyt.data());
+        if (ce == 0) {
+          zero_rows(n0, nr, D, dq_out, ld);
+          continue;
+        }
+        query_tile_probs<S, T>(a, sq, b, h, n0, nr, ss, beta, qh.data(), p.data(), r.data(), al.data());
+        load_rows(dyr, n0, nr, DV, T(1), prow, dyt.data());
         gemm(false, true, nr, C, DV, T(1), dyt.data(), DV, kbh, DV, T(0), g.data(), C);
         query_bwd_rows(p.data(), g.data(), mis ? r.data() : nullptr, mis ? al.data() : nullptr, nr, C, ce, beta,
                        dbp, dbhp, dlp);
@@ -608,17 +656,17 @@ void query_bwd_impl(const QueryArgs& a, T ss, T beta, const at::Tensor& dy, at::
           gemm(false, false, nr, D, C, T(1), r.data(), C, qtbh, D, T(1), dqh.data(), D);
           gemm(true, false, C, D, nr, T(1), r.data(), C, qh.data(), D, T(1), dqtp, D);
         }
-        store_rows(dqh.data(), n0, nr, D, ss, prow, dqp + bh * N * D);
+        store_rows(dqh.data(), n0, nr, D, ss, prow, dq_out, ld);
       }
     }
   });
-  reduce_chunks(dw_part.data(), ch.count, BH * C * D, dw.data_ptr<T>());
-  reduce_chunks(dkap_part.data(), ch.count, BH * C * DV, dkap.data_ptr<T>());
-  reduce_chunks(db_part.data(), ch.count, BH * C, dbias.data_ptr<T>());
+  reduce_chunks(dw_part.data(), ch, H, C * D, dw.data_ptr<T>());
+  reduce_chunks(dkap_part.data(), ch, H, C * DV, dkap.data_ptr<T>());
+  reduce_chunks(db_part.data(), ch, H, C, dbias.data_ptr<T>());
   if (mis) {
-    reduce_chunks(dqt_part.data(), ch.count, BH * C * D, dqt.data_ptr<T>());
-    reduce_chunks(dbh_part.data(), ch.count, BH * C, dbh.data_ptr<T>());
-    reduce_chunks(dlam_part.data(), ch.count, BH * C, dlam.data_ptr<T>());
+    reduce_chunks(dqt_part.data(), ch, H, C * D, dqt.data_ptr<T>());
+    reduce_chunks(dbh_part.data(), ch, H, C, dbh.data_ptr<T>());
+    reduce_chunks(dlam_part.data(), ch, H, C, dlam.data_ptr<T>());
   }
 }
 
@@ -626,15 +674,32 @@ at::Tensor padding_or_undefined(const OptTensor& padding) {
   return padding.has_value() ? padding->contiguous() : at::Tensor();
 }
 
+// The sequences of an op whose long tensor is x: (B, H, L, D) with the padding mask pad
+// (contiguous, or undefined; it must outlive the result), or packed (T, H, D) with
+// cu_seqlens (after the shared checks).
+Seqs seqs_of(const char* op, const at::Tensor& x, const at::Tensor& pad, const OptTensor& cu_seqlens) {
+  Seqs sq;
+  sq.H = x.size(1);
+  if (cu_seqlens.has_value()) {
+    sq.B = cu_seqlens->size(0) - 1;
+    sq.L = x.size(0);
+    sq.cu = packed_offsets(op, cu_seqlens, sq.L);
+  } else {
+    sq.B = x.size(0);
+    sq.L = x.size(2);
+    sq.pad = pad.defined() ? pad.data_ptr<bool>() : nullptr;
+  }
+  return sq;
+}
+
 QueryArgs query_args(const Tensor& q, const Tensor& w, const Tensor& bias, const Tensor& kap, const Tensor& c_eff,
-                     const OptTensor& padding, const OptTensor& qt, const OptTensor& lam, const OptTensor& bh) {
+                     const OptTensor& qt, const OptTensor& lam, const OptTensor& bh) {
   const bool mis = qt.has_value();
   const auto ce = c_eff.contiguous();
   const int64_t C = w.size(2);
   TORCH_CHECK(ce.numel() == 0 || (ce.min().item<int64_t>() >= 0 && ce.max().item<int64_t>() <= C),
               "lara_kernels::query_pass: c_eff must lie in [0, ", C, "], got ", c_eff);
-  return {q, w, bias, kap, ce, padding_or_undefined(padding), mis ? *qt : at::Tensor(),
-          mis ? *lam : at::Tensor(), mis ? *bh : at::Tensor(), mis};
+  return {q, w, bias, kap, ce, mis ? *qt : at::Tensor(), mis ? *lam : at::Tensor(), mis ? *bh : at::Tensor(), mis};
 }
 
 }  // namespace
@@ -646,17 +711,17 @@ QueryArgs query_args(const Tensor& q, const Tensor& w, const Tensor& bias, const
 std::tuple<Tensor, Tensor> key_pass_fwd_cpu(const Tensor& w, const Tensor& k, const OptTensor& v,
                                             const OptTensor& padding, double ss, bool subtract_norm,
                                             const OptTensor& cu_seqlens, int64_t max_seqlen) {
-  check_key_pass_args("lara_kernels::key_pass_fwd", w, k, v, padding, cu_seqlens, max_seqlen);
-  TORCH_CHECK(!cu_seqlens.has_value(), "lara_kernels::key_pass_fwd (CPU): cu_seqlens (the packed layout) is not implemented yet");
-  const int64_t B = k.size(0), H = k.size(1), C = w.size(2);
-  const int64_t DV = v.has_value() ? v->size(3) : 0;
-  const auto opts = w.options();
-  Tensor Z = new_output({B, H, C}, opts), kap = new_output({B, H, C, DV}, opts);
-  const Tensor vt = v.has_value() ? *v : Tensor();
+  const char* op = "lara_kernels::key_pass_fwd";
+  check_key_pass_args(op, w, k, v, padding, cu_seqlens, max_seqlen);
   const Tensor pad = cpu::padding_or_undefined(padding);
+  const cpu::Seqs sq = cpu::seqs_of(op, k, pad, cu_seqlens);
+  const int64_t C = w.size(2), DV = v.has_value() ? v->size(-1) : 0;
+  const auto opts = w.options();
+  Tensor Z = new_output({sq.B, sq.H, C}, opts), kap = new_output({sq.B, sq.H, C, DV}, opts);
+  const Tensor vt = v.has_value() ? *v : Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "key_pass_fwd_cpu", [&] {
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    cpu::key_fwd_impl<scalar_t, T>(w, k, vt, pad, T(ss), subtract_norm, Z, kap);
+    cpu::key_fwd_impl<scalar_t, T>(w, k, vt, sq, T(ss), subtract_norm, Z, kap);
   });
   return {Z, kap};
 }
@@ -668,8 +733,9 @@ std::tuple<Tensor, Tensor, Tensor> key_pass_bwd_cpu(const Tensor& w, const Tenso
                                                     int64_t max_seqlen) {
   const char* op = "lara_kernels::key_pass_bwd";
   check_key_pass_args(op, w, k, v, padding, cu_seqlens, max_seqlen);
-  TORCH_CHECK(!cu_seqlens.has_value(), op, " (CPU): cu_seqlens (the packed layout) is not implemented yet");
-  const int64_t B = k.size(0), H = k.size(1), M = k.size(2), D = k.size(3), C = w.size(2);
+  const Tensor pad = cpu::padding_or_undefined(padding);
+  const cpu::Seqs sq = cpu::seqs_of(op, k, pad, cu_seqlens);
+  const int64_t B = sq.B, H = sq.H, D = k.size(-1), C = w.size(2);
   const auto ct = w.scalar_type();
   TORCH_CHECK(Z.sizes() == at::IntArrayRef({B, H, C}) && Z.scalar_type() == ct && Z.is_contiguous(), op,
               ": Z must be contiguous ", ct, " of shape (", B, ", ", H, ", ", C, "), got ", Z.scalar_type(), " ",
@@ -679,7 +745,7 @@ std::tuple<Tensor, Tensor, Tensor> key_pass_bwd_cpu(const Tensor& w, const Tenso
   Tensor vt, kapt, dkapt;
   if (v.has_value()) {
     vt = *v;
-    const int64_t DV = v->size(3);
+    const int64_t DV = v->size(-1);
     TORCH_CHECK(kap.has_value() && dkap.has_value(), op, ": kap and dkap are required with v");
     for (const auto* t : {&*kap, &*dkap})
       TORCH_CHECK(t->sizes() == at::IntArrayRef({B, H, C, DV}) && t->scalar_type() == ct && t->is_contiguous(),
@@ -688,14 +754,16 @@ std::tuple<Tensor, Tensor, Tensor> key_pass_bwd_cpu(const Tensor& w, const Tenso
     kapt = *kap;
     dkapt = *dkap;
   }
+  // dk, dv: k's and v's shapes, contiguous: (B, H, M, .) or packed (T, H, .)
+  auto grad_shape = [&](int64_t W) {
+    return sq.packed() ? std::vector<int64_t>{sq.L, H, W} : std::vector<int64_t>{B, H, sq.L, W};
+  };
   Tensor dw = new_output({B, H, C, D}, w.options());
-  Tensor dk = new_output({B, H, M, D}, k.options());
-  Tensor dv = v.has_value() ? new_output({B, H, M, v->size(3)}, v->options())
-                            : new_output({0}, k.options());
-  const Tensor pad = cpu::padding_or_undefined(padding);
+  Tensor dk = new_output(grad_shape(D), k.options());
+  Tensor dv = v.has_value() ? new_output(grad_shape(v->size(-1)), v->options()) : new_output({0}, k.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "key_pass_bwd_cpu", [&] {
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    cpu::key_bwd_impl<scalar_t, T>(w, k, vt, pad, T(ss), subtract_norm, Z, kapt, dZ, dkapt, dw, dk, dv);
+    cpu::key_bwd_impl<scalar_t, T>(w, k, vt, sq, T(ss), subtract_norm, Z, kapt, dZ, dkapt, dw, dk, dv);
   });
   return {dw, dk, dv};
 }
@@ -704,15 +772,16 @@ Tensor query_pass_fwd_cpu(const Tensor& q, const Tensor& w, const Tensor& bias, 
                           const Tensor& c_eff, const OptTensor& padding, double ss, const OptTensor& qt,
                           const OptTensor& lam, const OptTensor& bh, double beta, const OptTensor& cu_seqlens,
                           int64_t max_seqlen) {
-  check_query_pass_args("lara_kernels::query_pass_fwd", q, w, bias, kap, c_eff, padding, qt, lam, bh, cu_seqlens,
-                        max_seqlen);
-  TORCH_CHECK(!cu_seqlens.has_value(), "lara_kernels::query_pass_fwd (CPU): cu_seqlens (the packed layout) is not implemented yet");
-  const auto a = cpu::query_args(q, w, bias, kap, c_eff, padding, qt, lam, bh);
-  Tensor y = new_output({q.size(0), q.size(1), q.size(2), kap.size(3)},
-                       q.options());
+  const char* op = "lara_kernels::query_pass_fwd";
+  check_query_pass_args(op, q, w, bias, kap, c_eff, padding, qt, lam, bh, cu_seqlens, max_seqlen);
+  const Tensor pad = cpu::padding_or_undefined(padding);
+  const cpu::Seqs sq = cpu::seqs_of(op, q, pad, cu_seqlens);
+  const auto a = cpu::query_args(q, w, bias, kap, c_eff, qt, lam, bh);
+  const int64_t DV = kap.size(3);
+  Tensor y = sq.packed() ? new_output({sq.L, sq.H, DV}, q.options()) : new_output({sq.B, sq.H, sq.L, DV}, q.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "query_pass_fwd_cpu", [&] {
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    cpu::query_fwd_impl<scalar_t, T>(a, T(ss), T(beta), y);
+    cpu::query_fwd_impl<scalar_t, T>(a, sq, T(ss), T(beta), y);
   });
   return y;
 }
@@ -723,15 +792,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> query_pass_bw
     double beta, const Tensor& dy, const OptTensor& cu_seqlens, int64_t max_seqlen) {
   const char* op = "lara_kernels::query_pass_bwd";
   check_query_pass_args(op, q, w, bias, kap, c_eff, padding, qt, lam, bh, cu_seqlens, max_seqlen);
-  TORCH_CHECK(!cu_seqlens.has_value(), op, " (CPU): cu_seqlens (the packed layout) is not implemented yet");
-  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3), C = w.size(2), DV = kap.size(3);
-  TORCH_CHECK(dy.sizes() == at::IntArrayRef({B, H, N, DV}) && dy.scalar_type() == q.scalar_type(), op,
-              ": dy must be ", q.scalar_type(), " of shape (", B, ", ", H, ", ", N, ", ", DV, "), got ",
-              dy.scalar_type(), " ", dy.sizes());
+  const Tensor pad = cpu::padding_or_undefined(padding);
+  const cpu::Seqs sq = cpu::seqs_of(op, q, pad, cu_seqlens);
+  const int64_t B = sq.B, H = sq.H, D = q.size(-1), C = w.size(2), DV = kap.size(3);
+  // (braces: TORCH_CHECK is an if of its own)
+  if (sq.packed()) {
+    TORCH_CHECK(dy.sizes() == at::IntArrayRef({sq.L, H, DV}) && dy.scalar_type() == q.scalar_type(), op,
+                ": dy must be ", q.scalar_type(), " of shape (", sq.L, ", ", H, ", ", DV, "), got ", dy.scalar_type(),
+                " ", dy.sizes());
+  } else {
+    TORCH_CHECK(dy.sizes() == at::IntArrayRef({B, H, sq.L, DV}) && dy.scalar_type() == q.scalar_type(), op,
+                ": dy must be ", q.scalar_type(), " of shape (", B, ", ", H, ", ", sq.L, ", ", DV, "), got ",
+                dy.scalar_type(), " ", dy.sizes());
+  }
   TORCH_CHECK(dy.device() == q.device(), op, ": dy is on ", dy.device(), " but q is on ", q.device());
-  const auto a = cpu::query_args(q, w, bias, kap, c_eff, padding, qt, lam, bh);
+  const auto a = cpu::query_args(q, w, bias, kap, c_eff, qt, lam, bh);
   const auto opts = w.options();
-  Tensor dq = new_output({B, H, N, D}, q.options());
+  Tensor dq = sq.packed() ? new_output({sq.L, H, D}, q.options()) : new_output({B, H, sq.L, D}, q.options());
   Tensor dw = new_output({B, H, C, D}, opts), dbias = new_output({B, H, C}, opts),
          dkap = new_output({B, H, C, DV}, opts);
   Tensor dqt = a.mis ? new_output({B, H, C, D}, opts) : new_output({0}, opts);
@@ -739,7 +816,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> query_pass_bw
   Tensor dbh = a.mis ? new_output({B, H, C}, opts) : new_output({0}, opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "query_pass_bwd_cpu", [&] {
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    cpu::query_bwd_impl<scalar_t, T>(a, T(ss), T(beta), dy, dq, dw, dbias, dkap, dqt, dlam, dbh);
+    cpu::query_bwd_impl<scalar_t, T>(a, sq, T(ss), T(beta), dy, dq, dw, dbias, dkap, dqt, dlam, dbh);
   });
   return {dq, dw, dbias, dkap, dqt, dlam, dbh};
 }
