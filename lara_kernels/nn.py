@@ -10,6 +10,18 @@ loads into MHA, and the same call ``attn(query, key, value, key_padding_mask=...
 (output, None)`` on batched or unbatched inputs. ``LaraEncoderLayer`` does the same for
 ``nn.TransformerEncoderLayer`` and stacks in ``nn.TransformerEncoder``.
 
+Grouped-query attention (keyword-only ``num_kv_heads``, default None = ``num_heads``:
+MHA's layout, parameters and state dict): with ``num_kv_heads`` = H_kv < ``num_heads``
+(H_kv must divide it), the key and value projections output H_kv * head_dim features and
+query head h attends with key/value head ``h // (num_heads // H_kv)`` (the attention
+runs with ``enable_gqa=True``: k and v are never repeated). The projection weights are
+then always the separate ``q_proj_weight`` (E, E), ``k_proj_weight`` (H_kv * head_dim,
+kdim) and ``v_proj_weight`` (H_kv * head_dim, vdim), and ``in_proj_bias`` holds the q, k
+and v biases back to back (E + 2 * H_kv * head_dim), as MHA's own separate-weight layout.
+Such a layer has no ``nn.MultiheadAttention`` counterpart: an MHA state dict does not load
+into it (``load_state_dict`` raises RuntimeError naming both head counts), nor its state
+dict into MHA.
+
 Differences from ``nn.MultiheadAttention``, on purpose:
 
 - ``need_weights`` defaults to False and True raises ValueError: LARA never forms the
@@ -74,6 +86,39 @@ def _check_probability(name, p):
 
 def _check_optional_dim(name, value):
     return None if value is None else _check_int(name, value, 1)
+
+
+def _check_num_kv_heads(num_kv_heads, num_heads):
+    """None -> num_heads; else an int dividing num_heads (grouped-query attention)."""
+    if num_kv_heads is None:
+        return num_heads
+    num_kv_heads = _check_int("num_kv_heads", num_kv_heads, 1)
+    if num_heads % num_kv_heads != 0:
+        raise ValueError(f"num_kv_heads must divide num_heads (each key/value head serves num_heads // num_kv_heads "
+                         f"query heads), got num_kv_heads={num_kv_heads} and num_heads={num_heads}")
+    return num_kv_heads
+
+
+def _check_kv_heads_of_state_dict(module, state_dict, prefix, local_metadata, strict, missing_keys,
+                                  unexpected_keys, error_msgs):
+    """A state dict whose key/value projections have another number of heads than the layer
+    (an ``nn.MultiheadAttention`` one into a grouped-query layer, or the other way) is an
+    error that says so, besides load_state_dict's own missing-key or shape errors."""
+    packed, k_w = state_dict.get(prefix + "in_proj_weight"), state_dict.get(prefix + "k_proj_weight")
+    D = module.head_dim
+    if isinstance(packed, torch.Tensor):
+        theirs = module.num_heads          # one packed (3E, E) weight: MHA's layout, as many k/v heads as q heads
+    elif isinstance(k_w, torch.Tensor) and k_w.dim() == 2 and k_w.shape[0] % D == 0:
+        theirs = k_w.shape[0] // D
+    else:
+        return
+    if theirs != module.num_kv_heads:
+        what = "packed in_proj_weight" if isinstance(packed, torch.Tensor) else f"k_proj_weight of shape {_shape(k_w)}"
+        error_msgs.append(
+            f"{type(module).__name__} with num_heads={module.num_heads}, num_kv_heads={module.num_kv_heads} (head_dim "
+            f"{D}) cannot load a state dict with {theirs} key/value heads ({what}): the key/value projections "
+            f"differ in shape; an nn.MultiheadAttention state dict loads only into a layer with num_kv_heads=None "
+            f"(= num_heads)")
 
 
 def _shape(t):
@@ -156,13 +201,14 @@ class _ProjectedAttention(nn.Module):
 
     def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False,
                  add_zero_attn=False, kdim=None, vdim=None, batch_first=False, device=None,
-                 dtype=None):
+                 dtype=None, *, num_kv_heads=None):
         super().__init__()
         embed_dim = _check_int("embed_dim", embed_dim, 1)
         num_heads = _check_int("num_heads", num_heads, 1)
         if embed_dim % num_heads != 0:
             raise ValueError(f"embed_dim must be divisible by num_heads, got embed_dim={embed_dim} and "
                              f"num_heads={num_heads}")
+        num_kv_heads = _check_num_kv_heads(num_kv_heads, num_heads)
         dropout = _check_probability("dropout", dropout)
         bias = _check_bool("bias", bias)
         if _check_bool("add_bias_kv", add_bias_kv) or _check_bool("add_zero_attn", add_zero_attn):
@@ -177,10 +223,14 @@ class _ProjectedAttention(nn.Module):
         self.kdim = kdim if kdim is not None else embed_dim
         self.vdim = vdim if vdim is not None else embed_dim
         self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
         self.head_dim = embed_dim // num_heads
         self.dropout = dropout
         self.batch_first = batch_first
-        same = self.kdim == embed_dim and self.vdim == embed_dim
+        kv_dim = self.kv_dim
+        # grouped-query attention: the k/v projections are narrower than q's, so never one
+        # packed in_proj_weight (MHA's separate-weight names, as for kdim/vdim != embed_dim)
+        same = self.kdim == embed_dim and self.vdim == embed_dim and num_kv_heads == num_heads
         self._same_dims = same
         if same:
             self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim, **fk))
@@ -189,15 +239,28 @@ class _ProjectedAttention(nn.Module):
             self.register_parameter("v_proj_weight", None)
         else:
             self.q_proj_weight = nn.Parameter(torch.empty(embed_dim, embed_dim, **fk))
-            self.k_proj_weight = nn.Parameter(torch.empty(embed_dim, self.kdim, **fk))
-            self.v_proj_weight = nn.Parameter(torch.empty(embed_dim, self.vdim, **fk))
+            self.k_proj_weight = nn.Parameter(torch.empty(kv_dim, self.kdim, **fk))
+            self.v_proj_weight = nn.Parameter(torch.empty(kv_dim, self.vdim, **fk))
             self.register_parameter("in_proj_weight", None)
-        if bias:
-            self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **fk))
+        if bias:   # q | k | v biases back to back, as MHA's in_proj_bias
+            self.in_proj_bias = nn.Parameter(torch.empty(embed_dim + 2 * kv_dim, **fk))
         else:
             self.register_parameter("in_proj_bias", None)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **fk)
         self._reset_projections()
+        self.register_load_state_dict_pre_hook(_check_kv_heads_of_state_dict)
+
+    @property
+    def kv_dim(self) -> int:
+        """Output features of the key and value projections: ``num_kv_heads * head_dim``."""
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def _gqa(self) -> bool:
+        return self.num_kv_heads != self.num_heads
+
+    def _kv_repr(self) -> str:
+        return f", num_kv_heads={self.num_kv_heads}" if self._gqa else ""
 
     @property
     def _qkv_same_embed_dim(self) -> bool:
@@ -217,8 +280,10 @@ class _ProjectedAttention(nn.Module):
             nn.init.zeros_(self.out_proj.bias)
 
     def project(self, query, key, value):
-        """(B, N, E), (B, M, kdim), (B, M, vdim) -> q, k, v as (B, H, L, head_dim)."""
-        return tuple(self._heads(t) for t in self._linear_qkv(query, key, value))
+        """(B, N, E), (B, M, kdim), (B, M, vdim) -> q as (B, H, N, head_dim), k and v as
+        (B, num_kv_heads, M, head_dim)."""
+        q, k, v = self._linear_qkv(query, key, value)
+        return self._heads(q), self._heads(k), self._heads(v)
 
     def _linear_qkv(self, query, key, value):
         E = self.embed_dim
@@ -228,11 +293,12 @@ class _ProjectedAttention(nn.Module):
             wq, wk, wv = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
         bq = bk = bv = None
         if self.in_proj_bias is not None:
-            bq, bk, bv = self.in_proj_bias.split(E)
+            bq, bk, bv = self.in_proj_bias.split([E, self.kv_dim, self.kv_dim])
         return F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
 
     def _heads(self, x):
-        return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+        """(B, L, heads * head_dim) -> (B, heads, L, head_dim); heads = H or num_kv_heads."""
+        return x.unflatten(-1, (x.shape[-1] // self.head_dim, self.head_dim)).transpose(1, 2)
 
     def _check_inputs(self, query, key, value):
         """Shapes in the caller's terms; returns the layout and (B or None, N, M)."""
@@ -354,7 +420,11 @@ class LaraAttention(_ProjectedAttention):
             sequence is sharded (rank order = sequence order; each rank passes its shard
             and its shard of the masks); attention runs as
             :func:`lara_kernels.distributed.context_parallel_lara_attention`, eagerly.
-            Needs ``landmarks="mean"``. None (default): single-process.
+            Needs ``landmarks="mean"``. None (default): single-process. With grouped-query
+            attention k and v are repeated to ``num_heads`` heads for it (the same result).
+        num_kv_heads: key/value heads for grouped-query attention (module doc); None =
+            ``num_heads``. Learned or pooled key landmarks are computed once per key/value
+            head and shared by its group, as ``lara_attention``'s own with ``enable_gqa``.
 
     Attribute ``generator``: eps is redrawn from it at every training forward, never in
     eval(). Under ``torch.autocast`` float32 inputs run and return in the autocast dtype,
@@ -365,10 +435,11 @@ class LaraAttention(_ProjectedAttention):
                  add_zero_attn=False, kdim=None, vdim=None, batch_first=False, device=None,
                  dtype=None, *, num_samples=64, proposal="segment", weighting="optimal", beta=1.0,
                  landmarks="mean", landmark_proj=None, grid=None, backend="auto",
-                 generator: Optional[torch.Generator] = None, check_finite=False, context_parallel_group=None):
+                 generator: Optional[torch.Generator] = None, check_finite=False, context_parallel_group=None,
+                 num_kv_heads=None):
         super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias, add_bias_kv=add_bias_kv,
                          add_zero_attn=add_zero_attn, kdim=kdim, vdim=vdim, batch_first=batch_first,
-                         device=device, dtype=dtype)
+                         device=device, dtype=dtype, num_kv_heads=num_kv_heads)
         self.num_samples = _check_int("num_samples", num_samples, 1)
         self.proposal = _choice("proposal", proposal, PROPOSALS)
         self.weighting = _choice("weighting", weighting, WEIGHTINGS)
@@ -417,9 +488,9 @@ class LaraAttention(_ProjectedAttention):
         return (int(grid[0]), int(grid[1]))
 
     def extra_repr(self):
-        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_samples={self.num_samples}, "
-                f"proposal={self.proposal!r}, weighting={self.weighting!r}, beta={self.beta}, "
-                f"landmarks={self.landmarks!r}, batch_first={self.batch_first}")
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}{self._kv_repr()}, "
+                f"num_samples={self.num_samples}, proposal={self.proposal!r}, weighting={self.weighting!r}, "
+                f"beta={self.beta}, landmarks={self.landmarks!r}, batch_first={self.batch_first}")
 
     def compute_landmarks(self, q, k, q_pad, k_pad, grid=None):
         """The (q_landmarks, k_landmarks) this layer passes to lara_attention, or (None, None).
@@ -427,6 +498,12 @@ class LaraAttention(_ProjectedAttention):
         k_landmarks is None when the proposal does not use them (``"attend"``)."""
         if self.landmarks == "mean":
             return None, None
+        ql, kl = self._landmarks(q, k, q_pad, k_pad, grid)
+        if kl is not None and kl.shape[1] != q.shape[1]:   # grouped-query: one per key/value head, shared by its group
+            kl = kl.repeat_interleave(q.shape[1] // kl.shape[1], dim=1)
+        return ql, kl
+
+    def _landmarks(self, q, k, q_pad, k_pad, grid):
         B, H, N, D = q.shape
         M = k.shape[2]
         C = self.num_samples
@@ -450,8 +527,9 @@ class LaraAttention(_ProjectedAttention):
             side = self.pool_side
 
             def pool(x):
-                img = x.transpose(-1, -2).reshape(B * H, D, h, w)
-                return F.adaptive_avg_pool2d(img, side).reshape(B, H, D, C).transpose(-1, -2)
+                heads = x.shape[1]
+                img = x.transpose(-1, -2).reshape(B * heads, D, h, w)
+                return F.adaptive_avg_pool2d(img, side).reshape(B, heads, D, C).transpose(-1, -2)
 
             ql, kl = pool(q), (pool(k) if with_k else None)
         if self.q_landmark_proj is not None:
@@ -469,20 +547,24 @@ class LaraAttention(_ProjectedAttention):
         # their backends without autocast. Eager: the function with its backends' own autograd. Under torch.compile / export:
         # the same computation as one custom op (lara_kernels._custom_ops), so the graph
         # does not break and the eps draw is the op lara_kernels::randn.
+        gqa = {}
         if self.context_parallel_group is not None:
             from .distributed import layer_attention
 
             fn = layer_attention(self.context_parallel_group)
-        elif torch.compiler.is_compiling():
-            fn = _ops.lara_attention_op
+            if self._gqa:   # context-parallel attention has no enable_gqa: repeated k, v (the same result)
+                G = self.num_heads // self.num_kv_heads
+                k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
         else:
-            fn = lara_attention
+            fn = _ops.lara_attention_op if torch.compiler.is_compiling() else lara_attention
+            if self._gqa:
+                gqa = {"enable_gqa": True}
         return fn(
             q, k, v, num_samples=self.num_samples, proposal=self.proposal,
             weighting=self.weighting, beta=self.beta, training=self.training,
             generator=self.generator if self.training else None,
             key_padding_mask=k_pad, query_padding_mask=q_pad,
-            q_landmarks=ql, k_landmarks=kl, backend=self.backend,
+            q_landmarks=ql, k_landmarks=kl, backend=self.backend, **gqa,
         )
 
 
@@ -505,7 +587,9 @@ class PerformerAttention(_ProjectedAttention):
     """Multi-head RFA / Performer attention (positive random features).
 
     Same interface and conventions as :class:`LaraAttention` (MHA's arguments and
-    defaults, then keyword-only ``num_samples, backend, generator, seed, check_finite``).
+    defaults, then keyword-only ``num_samples, backend, generator, seed, check_finite,
+    num_kv_heads``; grouped-query attention as in the module doc, each query head with its
+    own features).
 
     Training: every forward draws fresh features ``w`` as float32
     ``randn((B, H, S, D), generator=self.generator)`` (None = global RNG), exactly as
@@ -523,10 +607,11 @@ class PerformerAttention(_ProjectedAttention):
 
     def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False,
                  add_zero_attn=False, kdim=None, vdim=None, batch_first=False, device=None,
-                 dtype=None, *, num_samples=64, backend="auto", generator=None, seed=None, check_finite=False):
+                 dtype=None, *, num_samples=64, backend="auto", generator=None, seed=None, check_finite=False,
+                 num_kv_heads=None):
         super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias, add_bias_kv=add_bias_kv,
                          add_zero_attn=add_zero_attn, kdim=kdim, vdim=vdim, batch_first=batch_first,
-                         device=device, dtype=dtype)
+                         device=device, dtype=dtype, num_kv_heads=num_kv_heads)
         self.num_samples = _check_int("num_samples", num_samples, 1)
         self.backend = _check_backend(backend)
         self.generator = _check_generator_type(generator)
@@ -541,8 +626,8 @@ class PerformerAttention(_ProjectedAttention):
         self.register_load_state_dict_post_hook(_redraw_features)
 
     def extra_repr(self):
-        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_samples={self.num_samples}, "
-                f"batch_first={self.batch_first}")
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}{self._kv_repr()}, "
+                f"num_samples={self.num_samples}, batch_first={self.batch_first}")
 
     def eval_features(self) -> torch.Tensor:
         """The fixed evaluation features, float32 (1, H, S, D)."""
@@ -557,7 +642,7 @@ class PerformerAttention(_ProjectedAttention):
         else:
             w = self.eval_features().expand(B, H, self.num_samples, D)
         return _ops.rfa_features(q, k, v, w, key_padding_mask=k_pad, query_padding_mask=q_pad,
-                                 backend=self.backend)
+                                 backend=self.backend, enable_gqa=self._gqa)
 
 
 def _keep_seed_if_absent(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -601,16 +686,18 @@ class LaraEncoderLayer(nn.Module):
     names, so a torch layer's state dict loads into it (``strict=True``) and it stacks in
     ``nn.TransformerEncoder``. Keyword-only: ``attention`` picks ``"lara"``
     (:class:`LaraAttention`), ``"performer"`` (:class:`PerformerAttention`) or
-    ``"softmax"`` (``nn.MultiheadAttention``, i.e. SDPA); ``**attn_kwargs`` go to the
-    attention's constructor (e.g. ``num_samples=16, landmarks="learned"``,
-    ``check_finite=True``). ``src_mask`` and ``is_causal=True`` raise NotImplementedError
-    (padding masks only: ``src_key_padding_mask``, bool or float 0 / -inf).
+    ``"softmax"`` (``nn.MultiheadAttention``, i.e. SDPA); ``num_kv_heads`` (None =
+    ``nhead``) makes the self-attention grouped-query (see :class:`LaraAttention`; not for
+    ``"softmax"``); ``**attn_kwargs`` go to the attention's constructor (e.g.
+    ``num_samples=16, landmarks="learned"``, ``check_finite=True``). ``src_mask`` and
+    ``is_causal=True`` raise NotImplementedError (padding masks only:
+    ``src_key_padding_mask``, bool or float 0 / -inf).
     """
 
     def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1,
                  activation: Union[str, Callable[[torch.Tensor], torch.Tensor]] = F.relu,
                  layer_norm_eps=1e-5, batch_first=False, norm_first=False, bias=True, device=None,
-                 dtype=None, *, attention="lara", **attn_kwargs):
+                 dtype=None, *, attention="lara", num_kv_heads=None, **attn_kwargs):
         super().__init__()
         fk = {"device": device, "dtype": dtype}
         self.attention = _choice("attention", attention, ATTENTIONS)
@@ -626,12 +713,15 @@ class LaraEncoderLayer(nn.Module):
         if attention == "softmax":
             if attn_kwargs:
                 raise ValueError(f"attention='softmax' takes no extra arguments, got {sorted(attn_kwargs)}")
+            if num_kv_heads is not None and _check_num_kv_heads(num_kv_heads, nhead) != nhead:
+                raise ValueError(f"attention='softmax' (nn.MultiheadAttention) has no grouped-query attention: "
+                                 f"num_kv_heads must be None or nhead={nhead}, got num_kv_heads={num_kv_heads}")
             self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, bias=bias,
                                                    batch_first=batch_first, **fk)
         else:
             cls = LaraAttention if attention == "lara" else PerformerAttention
             self.self_attn = cls(d_model, nhead, dropout=dropout, bias=bias, batch_first=batch_first, **fk,
-                                 **attn_kwargs)
+                                 num_kv_heads=num_kv_heads, **attn_kwargs)
         self.linear1 = nn.Linear(d_model, dim_feedforward, bias=bias, **fk)
         self.linear2 = nn.Linear(dim_feedforward, d_model, bias=bias, **fk)
         self.norm1 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **fk)
@@ -706,6 +796,9 @@ def convert(module: nn.Module, **options) -> nn.Module:
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    if options.get("num_kv_heads") is not None:
+        raise ValueError(f"convert keeps each nn.MultiheadAttention's heads (num_heads key/value heads, its weights); "
+                         f"num_kv_heads is not an option of convert, got num_kv_heads={options['num_kv_heads']}")
     LaraAttention(8, 1, **options)          # check the options once, before touching the model
     if isinstance(module, nn.MultiheadAttention):
         return _lara_from_mha(module, options)
