@@ -495,3 +495,295 @@ def test_cuda_ops_capture_in_cuda_graph():
     eager = all_ops(fresh)
     assert all(torch.equal(a, b) for a, b in zip(outs, eager))
     assert not torch.equal(outs[0], all_ops(all_ops_inputs(2, 3, 70, 16, 9, torch.float32, 13, "cuda"))[0])
+
+
+# ----------------------------------------------------------------------------- packed (varlen) layout
+#
+# The packed layout (csrc/lara_ops.h): q, k, v, dy and their gradients are (T, H, W) rows of
+# B sequences with cu_seqlens (B + 1) int32 and max_seqlen; the C-sized tensors stay
+# (B, H, C, ...). For each sequence b the packed call must give what the same op gives in the
+# padded layout on that sequence alone, x[cu[b]:cu[b+1]].transpose(0, 1)[None] (1, H, L_b, W)
+# (compared with the tolerances above, the two runs differ in their splits of the long axis;
+# the landmarks bitwise, they sum in the same order), and what the float64 eager passes give on
+# it (the tolerances above). Sequences with nothing to attend follow the contract: no key ->
+# Z = -inf, kap = 0, dw = 0; c_eff = 0 -> y = 0, dq = 0, nothing added to the C-sized gradients.
+# Empty sequences sit first, in the middle and last; max_seqlen is above every length in some
+# cases (blocks past every sequence's end); the outputs are NaN-poisoned as above.
+
+def packed_input(g, lens, H, W, dtype, strided, kind):
+    """(sum(lens), H, W) packed rows in dtype; strided: three different non-contiguous layouts."""
+    T = sum(lens)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
+    if not strided:
+        return r(T, H, W)
+    if kind == 0:   # (H, T, W) transposed: head-major strides
+        return r(H, T, W).transpose(0, 1)
+    if kind == 1:   # W strided, H contiguous
+        return r(T, W, H).transpose(1, 2)
+    return r(T, H, 2 * W)[..., 1::2]
+
+
+def offsets(lens):
+    cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lens, dtype=torch.int64).cumsum(0).to(torch.int32)
+    return cu
+
+
+def seq_of(x, cu, b):
+    """Sequence b of packed x (T, H, W) in the padded layout of a batch of one: (1, H, L_b, W)."""
+    return None if x is None else x[int(cu[b]):int(cu[b + 1])].transpose(0, 1)[None]
+
+
+def packed_rows(parts, H, W, dtype):
+    """Per-sequence (1, H, L_b, W) results -> packed (T, H, W)."""
+    rows = [p[0].transpose(0, 1) for p in parts]
+    return torch.cat(rows, 0) if rows else torch.zeros(0, H, W, dtype=dtype)
+
+
+def assert_packed(name, out, ref64, ref32, dtype, dead=None, dead_value=0.0):
+    """assert_close on the finite part; `dead` (B,) bool: those leading-dim rows of a
+    C-sized result must be exactly dead_value (and are left out of the RMS)."""
+    out = out.cpu()
+    if dead is not None and bool(dead.any()):
+        assert bool((out[dead] == dead_value).all()), f"{name}: not {dead_value} for the sequences with nothing to attend"
+        live = ~dead
+        out, ref64, ref32 = out[live], ref64[live], ref32[live]
+    if out.numel():
+        assert_close(name, out, ref64, ref32, dtype)
+
+
+VARLEN_KEY = [
+    # lengths, H, D, Dv (None: no values), C, subtract_norm, max_seqlen beyond the longest
+    ((0, 5, 1, 37, 0, 70, 0), 2, 16, 24, 5, True, 0),   # empty first / middle / last, a length 1
+    ((33, 0, 64, 3), 2, 40, None, 17, False, 9),        # the normalizer; C above two of the lengths
+    ((40, 0, 75), 1, 32, 16, 256, True, 0),              # grouped-query attention: G = 4 x 64 rows
+    ((19, 50), 1, 16, 8, 512, True, 3),                  # G = 8 x 64 rows
+]
+
+
+def varlen_key_case(case, dtype, strided, seed):
+    lens, H, D, Dv, C, sub, extra = case
+    g = torch.Generator().manual_seed(seed)
+    B, ct = len(lens), ct_of(dtype)
+    w = torch.randn(B, H, C, D, generator=g, dtype=torch.float64).to(ct)
+    k = packed_input(g, lens, H, D, dtype, strided, seed % 3)
+    v = packed_input(g, lens, H, Dv, dtype, strided, (seed + 1) % 3) if Dv else None
+    dZ = torch.randn(B, H, C, generator=g, dtype=torch.float64)
+    dkap = torch.randn(B, H, C, Dv, generator=g, dtype=torch.float64) if Dv else None
+    return w, k, v, D ** -0.25, sub, dZ, dkap, offsets(lens), max(lens) + extra
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", VARLEN_KEY, ids=lambda c: f"B{len(c[0])}-D{c[2]}-Dv{c[3]}-C{c[4]}")
+def test_key_pass_cuda_packed(case, dtype):
+    i = VARLEN_KEY.index(case)
+    w, k, v, ss, sub, dZ, dkap, cu, max_seqlen = varlen_key_case(case, dtype, i % 2 == 1, seed=40 + i)
+    lens, H, D, Dv, C = case[0], case[1], case[2], case[3], case[4]
+    B, ct = len(lens), ct_of(dtype)
+    dev = [to_dev(t, "cuda") for t in (w, k, v, cu)]
+    dZd, dkapd = to_dev(dZ.to(ct), "cuda"), None if dkap is None else to_dev(dkap.to(ct), "cuda")
+    poison_cache()
+    Z, kap = OPS.key_pass_fwd(dev[0], dev[1], dev[2], None, ss, sub, dev[3], max_seqlen)
+    poison_cache()
+    dw, dk, dv = OPS.key_pass_bwd(dev[0], dev[1], dev[2], None, ss, sub, Z, kap if v is not None else None, dZd,
+                                  dkapd, dev[3], max_seqlen)
+    assert tuple(Z.shape) == (B, H, C) and tuple(dk.shape) == tuple(k.shape) and dk.dtype == dtype
+
+    # per sequence: the eager passes (float64, float32) and the padded-layout op, on it alone
+    empty = torch.tensor([n == 0 for n in lens])
+    refs = {dt: {"Z": [], "kap": [], "dw": [], "dk": [], "dv": []} for dt in ("64", "32", "op")}
+    for b in range(B):
+        kb, vb = seq_of(k, cu, b), seq_of(v, cu, b)
+        args = (w[b:b + 1], kb, vb, None, ss, sub, dZ[b:b + 1], None if dkap is None else dkap[b:b + 1])
+        if lens[b] == 0:
+            outs = {"Z": torch.full((1, H, C), float("-inf"), dtype=torch.float64),
+                    "kap": torch.zeros(1, H, C, Dv or 0, dtype=torch.float64),
+                    "dw": torch.zeros(1, H, C, D, dtype=torch.float64)}
+            for name in ("64", "32", "op"):
+                for key, val in outs.items():
+                    refs[name][key].append(val)
+            continue
+        for name, dt in (("64", torch.float64), ("32", torch.float32 if dtype != torch.float64 else torch.float64)):
+            Zr, kapr, gr = key_reference(*args, dt)
+            refs[name]["Z"].append(Zr.double())
+            refs[name]["kap"].append(kapr.double() if kapr is not None else torch.zeros(1, H, C, 0))
+            refs[name]["dw"].append(gr[0].double())
+            refs[name]["dk"].append(gr[1].double())
+            refs[name]["dv"].append(gr[2].double() if v is not None else None)
+        Zo, kapo, go = run_key("cuda", *args)
+        refs["op"]["Z"].append(Zo.cpu().double())
+        refs["op"]["kap"].append(kapo.cpu().double())
+        refs["op"]["dw"].append(go[0].cpu().double())
+        refs["op"]["dk"].append(go[1].cpu().double())
+        refs["op"]["dv"].append(go[2].cpu().double() if v is not None else None)
+    R = {name: {"Z": torch.cat(r["Z"]), "kap": torch.cat(r["kap"]), "dw": torch.cat(r["dw"]),
+                "dk": packed_rows(r["dk"], H, D, torch.float64),
+                "dv": packed_rows(r["dv"], H, Dv, torch.float64) if v is not None else None}
+         for name, r in refs.items()}
+
+    for ref in ("64", "op"):   # against float64, and against the padded-layout op on each sequence
+        assert_packed("Z", Z, R[ref]["Z"], R["32"]["Z"], ct, dead=empty, dead_value=float("-inf"))
+        assert_packed("dw", dw, R[ref]["dw"], R["32"]["dw"], ct, dead=empty)
+        assert_packed("dk", dk, R[ref]["dk"], R["32"]["dk"], dtype)
+        if v is not None:
+            assert_packed("kap", kap, R[ref]["kap"], R["32"]["kap"], ct, dead=empty)
+            assert_packed("dv", dv, R[ref]["dv"], R["32"]["dv"], dtype)
+    if v is None:
+        assert tuple(kap.shape) == (B, H, C, 0) and dv.numel() == 0
+
+
+VARLEN_QUERY = [
+    # lengths, H, D, Dv, C, max_seqlen beyond the longest; c_eff is drawn in [1, min(C, L_b)],
+    # 0 for the empty sequences and for the one marked `dead` (queries but no key)
+    ((0, 5, 1, 37, 0, 70, 0), 2, 16, 24, 5, 0, 3),
+    ((33, 0, 64, 3), 2, 40, 64, 24, 9, 0),
+    ((130, 9), 1, 64, 40, 100, 0, None),
+]
+
+
+def varlen_query_case(case, dtype, strided, mis, seed):
+    lens, H, D, Dv, C, extra, dead = case
+    g = torch.Generator().manual_seed(seed)
+    B, ct = len(lens), ct_of(dtype)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    cu = offsets(lens)
+    q = packed_input(g, lens, H, D, dtype, strided, seed % 3)
+    dy = packed_input(g, lens, H, Dv, dtype, strided, (seed + 2) % 3)
+    ss = D ** -0.25
+    w, bias, kap = r(B, H, C, D), r(B, H, C), r(B, H, C, Dv)
+    c_eff = torch.tensor([int(torch.randint(1, min(C, n) + 1, (1,), generator=g)) if n else 0 for n in lens])
+    i_max = max(range(B), key=lambda b: lens[b])
+    c_eff[i_max] = min(C, lens[i_max])               # one sequence with as many samples as it can
+    if dead is not None:
+        c_eff[dead] = 0
+    nokey = c_eff == 0                                # as the pipeline hands them: Z = -inf, kap = 0
+    bias[nokey], kap[nokey] = float("-inf"), 0.0
+    mis_args = None
+    if mis:
+        qt = 0.5 * r(B, H, C, D)
+        lam = torch.stack([_passes_torch.query_normalizer(qt[b:b + 1], seq_of(q, cu, b).double(), None, ss)[0]
+                           if lens[b] else torch.full((H, C), float("-inf"), dtype=torch.float64)
+                           for b in range(B)])
+        bh = torch.softmax(r(B, H, C), -1)
+        mis_args = (qt.to(ct), lam.to(ct), bh.to(ct), 1.3)
+    return q, w.to(ct), bias.to(ct), kap.to(ct), c_eff, ss, mis_args, dy, cu, max(lens) + extra
+
+
+@pytest.mark.parametrize("mis", [True, False], ids=["mis", "plain"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", VARLEN_QUERY, ids=lambda c: f"B{len(c[0])}-D{c[2]}-Dv{c[3]}-C{c[4]}")
+def test_query_pass_cuda_packed(case, dtype, mis):
+    i = VARLEN_QUERY.index(case)
+    q, w, bias, kap, c_eff, ss, mis_args, dy, cu, max_seqlen = varlen_query_case(case, dtype, i % 2 == 0, mis,
+                                                                                seed=50 + i)
+    lens, H, D, Dv, C = case[:5]
+    B, ct = len(lens), ct_of(dtype)
+    qt, lam, bh, beta = mis_args if mis_args is not None else (None, None, None, 0.0)
+    args = [to_dev(t, "cuda") for t in (q, w, bias, kap, c_eff)] + [None, ss]
+    args += [to_dev(t, "cuda") for t in (qt, lam, bh)] + [beta]
+    cud = to_dev(cu, "cuda")
+    poison_cache()
+    y = OPS.query_pass_fwd(*args, cud, max_seqlen)
+    poison_cache()
+    grads = OPS.query_pass_bwd(*args, to_dev(dy, "cuda"), cud, max_seqlen)
+    assert tuple(y.shape) == (sum(lens), H, Dv) and y.dtype == dtype
+
+    dead = c_eff == 0
+    names = ["dq", "dw", "dbias", "dkap", "dqt", "dlam", "dbh"]
+    n_out = 7 if mis else 4
+    small = [(C, D), (C,), (C, Dv), (C, D), (C,), (C,)]
+    refs = {name: {"y": [], "g": [[] for _ in range(n_out)]} for name in ("64", "32", "op")}
+    for b in range(B):
+        qb, dyb = seq_of(q, cu, b), seq_of(dy, cu, b)
+        mis_b = None if mis_args is None else (qt[b:b + 1], lam[b:b + 1], bh[b:b + 1], beta)
+        sl = lambda t: t[b:b + 1]  # noqa: E731
+        if dead[b]:   # nothing to attend: y = 0, dq = 0, zero C-sized gradients
+            for name in ("64", "32", "op"):
+                refs[name]["y"].append(torch.zeros(1, H, lens[b], Dv, dtype=torch.float64))
+                refs[name]["g"][0].append(torch.zeros(1, H, lens[b], D, dtype=torch.float64))
+                for j in range(1, n_out):
+                    refs[name]["g"][j].append(torch.zeros(1, H, *small[j - 1], dtype=torch.float64))
+            continue
+        for name, dt in (("64", torch.float64), ("32", torch.float32 if dtype != torch.float64 else torch.float64)):
+            yr, gr = query_reference(qb, sl(w), sl(bias), sl(kap), sl(c_eff), None, ss, mis_b, dyb, dt)
+            refs[name]["y"].append(yr.double())
+            for j in range(n_out):
+                refs[name]["g"][j].append(gr[j].double())
+        yo, go = run_query("cuda", qb, sl(w), sl(bias), sl(kap), sl(c_eff), None, ss, mis_b, dyb)
+        refs["op"]["y"].append(yo.cpu().double())
+        for j in range(n_out):
+            refs["op"]["g"][j].append(go[j].cpu().double())
+    R = {name: {"y": packed_rows(r["y"], H, Dv, torch.float64),
+                "g": [packed_rows(r["g"][0], H, D, torch.float64)] + [torch.cat(x) for x in r["g"][1:]]}
+         for name, r in refs.items()}
+
+    for ref in ("64", "op"):   # against float64, and against the padded-layout op on each sequence
+        assert_packed("y", y, R[ref]["y"], R["32"]["y"], dtype)
+        for j in range(n_out):
+            assert_packed(names[j], grads[j], R[ref]["g"][j], R["32"]["g"][j], dtype if j == 0 else ct,
+                          dead=None if j == 0 else dead)
+    rows_dead = torch.repeat_interleave(dead, torch.tensor(lens))
+    assert bool((y.cpu()[rows_dead] == 0).all()) and bool((grads[0].cpu()[rows_dead] == 0).all())
+    if not mis:
+        assert all(t.numel() == 0 for t in grads[4:])
+
+
+VARLEN_LANDMARKS = [
+    # lengths, H, D, C, max_seqlen beyond the longest; c_eff = min(C, L_b) but 0 for `dead`
+    # (a sequence whose rows give no landmark) and fewer for `fewer`
+    ((0, 7, 1, 40, 0, 23, 0), 2, 16, 6, 0, 5, 3),
+    ((33, 0, 64, 3), 3, 40, 24, 9, None, 2),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", VARLEN_LANDMARKS, ids=lambda c: f"B{len(c[0])}-D{c[2]}-C{c[3]}")
+def test_landmarks_cuda_packed(case, dtype):
+    i = VARLEN_LANDMARKS.index(case)
+    lens, H, D, C, extra, dead, fewer = case
+    B, ct = len(lens), ct_of(dtype)
+    g = torch.Generator().manual_seed(60 + i)
+    x = packed_input(g, lens, H, D, dtype, i % 2 == 1, i % 3)
+    cu, max_seqlen = offsets(lens), max(lens) + extra
+    c_eff = torch.tensor([min(C, n) for n in lens])
+    if dead is not None:
+        c_eff[dead] = 0
+    c_eff[fewer] = max(1, int(c_eff[fewer]) // 2)
+    grad = torch.randn(B, H, C, D, generator=g, dtype=torch.float64)
+    dev = [to_dev(t, "cuda") for t in (x, c_eff, cu)]
+    poison_cache()
+    out = OPS.landmarks(dev[0], None, dev[1], C, dev[2], max_seqlen).cpu()
+    poison_cache()
+    gx = OPS.landmarks_backward(to_dev(grad.to(ct), "cuda"), None, dev[1], sum(lens), dtype, dev[2], max_seqlen).cpu()
+    assert tuple(out.shape) == (B, H, C, D) and tuple(gx.shape) == tuple(x.shape) and gx.dtype == dtype
+
+    out64, gx64, out32, gx32, out_op, gx_op = [], [], [], [], [], []
+    for b in range(B):
+        xb = seq_of(x, cu, b)
+        if c_eff[b] == 0:   # no segment: landmarks 0, gradient 0 on the sequence's rows
+            for o in (out64, out32):
+                o.append(torch.zeros(1, H, C, D, dtype=torch.float64))
+            for o in (gx64, gx32):
+                o.append(torch.zeros(1, H, lens[b], D, dtype=torch.float64))
+            out_op.append(out64[-1].to(ct))
+            gx_op.append(gx64[-1].to(dtype))
+            continue
+        o, gr = landmark_reference(xb, None, c_eff[b:b + 1], grad[b:b + 1], C)
+        out64.append(o)
+        gx64.append(gr)
+        # the eager pass in the compute type: the float32 arithmetic the bound scales by
+        xc = xb.to(ct).requires_grad_()
+        o32 = _passes_torch.landmarks(xc, None, c_eff[b:b + 1], C)
+        (g32,) = torch.autograd.grad(o32, xc, grad[b:b + 1].to(ct))
+        out32.append(o32.detach().double())
+        gx32.append(g32.double())
+        xbd, ceb = to_dev(xb, "cuda"), to_dev(c_eff[b:b + 1], "cuda")
+        out_op.append(OPS.landmarks(xbd, None, ceb, C).cpu())
+        gx_op.append(OPS.landmarks_backward(to_dev(grad[b:b + 1].to(ct), "cuda"), None, ceb, lens[b], dtype).cpu())
+    out64, out32, out_op = torch.cat(out64), torch.cat(out32), torch.cat(out_op)
+    gx64, gx32 = packed_rows(gx64, H, D, torch.float64), packed_rows(gx32, H, D, torch.float64)
+    gx_op = packed_rows(gx_op, H, D, dtype)
+    # the same sums in the same order as the padded-layout op on each sequence: the same bits
+    assert torch.equal(out, out_op) and torch.equal(gx, gx_op)
+    assert_close("landmarks", out, out64, out32, ct)
+    assert_close("grad_x", gx, gx64, gx32, dtype)

@@ -10,7 +10,8 @@ Usage (from .ci/cuda_emulation.sh): run_tests.py [--all | --list | FILTER]
 The tests' "cuda" device is mapped to CPU tensors with the same strides; the CUDA ops
 (torch.ops.lara_kernels.* called on that device) go to the emulated kernels, the CPU ops
 stay the real ones. poison_cache() is a no-op: the emulation fills shared memory with NaN
-instead, and unwritten outputs of the ops come from torch.empty (not NaN-filled).
+instead, and runs the emulated ops in test mode (lara_ops.h, new_output), so every output
+and scratch buffer they allocate starts as NaN and an element no kernel writes shows up.
 The tests that need a real device (determinism, large logits, device mixing, CUDA graphs)
 are not run. Two cases of the emulation itself check the launch geometry against the
 device's limits (emu_runtime.cpp, check_grid: x <= the reported cudaDevAttrMaxGridDimX,
@@ -121,6 +122,22 @@ def cases(T):
         for dt in T.DTYPES:
             yield f"test_landmarks_cuda {shape} {dt}", i == 1 and dt == torch.float32, T.test_landmarks_cuda, (shape, dt)
     yield "test_landmarks_cuda_clamps_c_eff", True, T.test_landmarks_cuda_clamps_c_eff, ()
+    # the packed (varlen) layout: every case of the three tests; the smoke subset takes the key
+    # pass with empty sequences (float32) and with 8 x 64 rows (float64), the query pass with
+    # empty sequences and one without keys (float32, MIS), and the landmarks (float64)
+    for i, case in enumerate(T.VARLEN_KEY):
+        for dt in T.DTYPES:
+            yield (f"test_key_pass_cuda_packed {case[0]} C={case[4]} {dt}",
+                   (i, dt) in ((0, torch.float32), (3, torch.float64)), T.test_key_pass_cuda_packed, (case, dt))
+    for i, case in enumerate(T.VARLEN_QUERY):
+        for dt in T.DTYPES:
+            for mis in (True, False):
+                yield (f"test_query_pass_cuda_packed {case[0]} C={case[4]} {dt} {'mis' if mis else 'plain'}",
+                       (i, dt, mis) == (0, torch.float32, True), T.test_query_pass_cuda_packed, (case, dt, mis))
+    for i, case in enumerate(T.VARLEN_LANDMARKS):
+        for dt in T.DTYPES:
+            yield (f"test_landmarks_cuda_packed {case[0]} C={case[3]} {dt}", (i, dt) == (0, torch.float64),
+                   T.test_landmarks_cuda_packed, (case, dt))
     yield "launch limits: B*H = 65536 (dry run)", True, launch_limits_many_heads, (T,)
     yield "launch limits: grid x <= 3", True, launch_limits_grid_x, (T,)
     for dt in (torch.float64, torch.float32):
@@ -154,6 +171,7 @@ def main():
     E = build(REPO, REPO / os.environ.get("CUDA_EMU_BUILD_DIR", "build/cuda_emulation"))
     print(f"built the emulated ops in {time.time() - t0:.0f}s", flush=True)
     E.set_device(4, 166912)  # 4 SMs (more splits of the long axes per SM), 163 KiB opt-in shared memory
+    E.set_poison_outputs(True)
 
     state = {"cuda": False}
 

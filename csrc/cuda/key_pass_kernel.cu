@@ -68,7 +68,7 @@ __global__ void __launch_bounds__(kThreads)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int D = static_cast<int>(p.D), Dv = static_cast<int>(p.Dv);
   const int KS = pad32_odd(D), VS = pad32(Dv), NV = VS / 32;
-  const int64_t C = p.C, M = p.M, H = p.H, BH = p.B * p.H;
+  const int64_t C = p.C, H = p.H, BH = p.B * p.H;
   const bool has_v = p.v != nullptr;
   const bool in_smem = groups > 1;     // state of the rows kept in shared memory between tiles
   const int SW = 2 + (has_v ? VS : 0); // state row: max, sum, accumulator
@@ -78,6 +78,22 @@ __global__ void __launch_bounds__(kThreads)
   blk /= n_cb;
   const int64_t s = blk % plan.splits, bh = blk / plan.splits;
   const int64_t b = bh / H, h = bh % H;
+  const SeqRows seq = seq_rows(p.cu, b, p.M);  // the keys of b
+  const int64_t M = seq.len;
+  const int64_t n_tiles = cdiv(M, kKeyTile);
+  const int64_t t0 = s * plan.tiles_per_split;
+  const int64_t t1 = t0 + plan.tiles_per_split < n_tiles ? t0 + plan.tiles_per_split : n_tiles;
+  if (t0 >= t1) {  // no key of b in this split (packed layout; M = 0): the neutral partial, nothing read
+    const int rows = C - c0 < CB ? static_cast<int>(C - c0) : CB;
+    const int64_t row0 = (s * BH + bh) * C + c0;
+    for (int r = threadIdx.x; r < rows; r += kThreads) {
+      m_part[row0 + r] = neg_inf<A>();
+      l_part[row0 + r] = A(0);
+    }
+    if (has_v)
+      for (int64_t i = threadIdx.x; i < static_cast<int64_t>(rows) * Dv; i += kThreads) acc_part[row0 * Dv + i] = A(0);
+    return;  // the whole block, before any barrier
+  }
 
   A* ws = smem_base<A>();                   // [CB][D]  rows c0 ..; read as broadcasts
   A* ks = ws + static_cast<int64_t>(CB) * D; // [32][KS] kh of the tile; one row per lane
@@ -87,8 +103,8 @@ __global__ void __launch_bounds__(kThreads)
   if (in_smem)
     for (int i = threadIdx.x; i < CB * SW; i += kThreads) st[i] = i % SW == 0 ? neg_inf<A>() : A(0);
 
-  const T* kg = static_cast<const T*>(p.k) + b * p.sk[0] + h * p.sk[1];
-  const T* vg = has_v ? static_cast<const T*>(p.v) + b * p.sv[0] + h * p.sv[1] : nullptr;
+  const T* kg = static_cast<const T*>(p.k) + b * p.sk[0] + h * p.sk[1] + seq.first * p.sk[2];
+  const T* vg = has_v ? static_cast<const T*>(p.v) + b * p.sv[0] + h * p.sv[1] + seq.first * p.sv[2] : nullptr;
   const A ss = static_cast<A>(p.ss);
 
   // the state of the current group (of the only group when !in_smem)
@@ -101,9 +117,6 @@ __global__ void __launch_bounds__(kThreads)
     for (int i = 0; i < 8; ++i) acc[j][i] = A(0);
   }
 
-  const int64_t n_tiles = cdiv(M, kKeyTile);
-  const int64_t t0 = s * plan.tiles_per_split;
-  const int64_t t1 = t0 + plan.tiles_per_split < n_tiles ? t0 + plan.tiles_per_split : n_tiles;
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t m0 = t * kKeyTile;
     __syncthreads();  // the previous tile is consumed (for the first: ws and st are staged)
@@ -227,7 +240,7 @@ __global__ void __launch_bounds__(kThreads)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int D = static_cast<int>(p.D), Dv = static_cast<int>(p.Dv);
   const int KS = pad32_odd(D), VS = pad32_odd(Dv), DS = pad32(D), ND = DS / 32;
-  const int64_t C = p.C, M = p.M, H = p.H, BH = p.B * p.H;
+  const int64_t C = p.C, H = p.H, BH = p.B * p.H;
   const bool has_v = p.v != nullptr;
   const bool in_smem = groups > 1;  // dw accumulators of the rows kept in shared memory between tiles
 
@@ -236,6 +249,17 @@ __global__ void __launch_bounds__(kThreads)
   blk /= n_cb;
   const int64_t s = blk % plan.splits, bh = blk / plan.splits;
   const int64_t b = bh / H, h = bh % H;
+  const SeqRows seq = seq_rows(p.cu, b, p.M);  // the keys of b
+  const int64_t M = seq.len;
+  const int64_t n_tiles = cdiv(M, kKeyTile);
+  const int64_t t0 = s * plan.tiles_per_split;
+  const int64_t t1 = t0 + plan.tiles_per_split < n_tiles ? t0 + plan.tiles_per_split : n_tiles;
+  if (t0 >= t1) {  // no key of b in this split (packed layout; M = 0): a zero partial, nothing read
+    const int rows = C - c0 < CB ? static_cast<int>(C - c0) : CB;
+    A* out = dw_part + ((s * BH + bh) * C + c0) * D;
+    for (int64_t i = threadIdx.x; i < static_cast<int64_t>(rows) * D; i += kThreads) out[i] = A(0);
+    return;  // the whole block, before any barrier
+  }
 
   A* ws = smem_base<A>();                            // [CB][D]  rows c0 ..; broadcasts
   A* gs = ws + static_cast<int64_t>(CB) * D;          // [CB][Dv] dkap rows c0 ..; broadcasts (has_v)
@@ -261,12 +285,9 @@ __global__ void __launch_bounds__(kThreads)
     for (int i = 0; i < 8; ++i) acc[j][i] = A(0);
   }
 
-  const T* kg = static_cast<const T*>(p.k) + b * p.sk[0] + h * p.sk[1];
-  const T* vg = has_v ? static_cast<const T*>(p.v) + b * p.sv[0] + h * p.sv[1] : nullptr;
+  const T* kg = static_cast<const T*>(p.k) + b * p.sk[0] + h * p.sk[1] + seq.first * p.sk[2];
+  const T* vg = has_v ? static_cast<const T*>(p.v) + b * p.sv[0] + h * p.sv[1] + seq.first * p.sv[2] : nullptr;
   const A ss = static_cast<A>(p.ss);
-  const int64_t n_tiles = cdiv(M, kKeyTile);
-  const int64_t t0 = s * plan.tiles_per_split;
-  const int64_t t1 = t0 + plan.tiles_per_split < n_tiles ? t0 + plan.tiles_per_split : n_tiles;
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t m0 = t * kKeyTile;
     __syncthreads();  // the previous tile is consumed (for the first: ws, gs, zs, es, st are staged)
@@ -377,14 +398,17 @@ __global__ void __launch_bounds__(kThreads)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int D = static_cast<int>(p.D), Dv = static_cast<int>(p.Dv);
   const int KS = pad32_odd(D), VS = pad32_odd(Dv), ND = pad32(D) / 32, NV = pad32(Dv) / 32;
-  const int64_t C = p.C, M = p.M, H = p.H;
+  const int64_t C = p.C, H = p.H;
   const bool has_v = p.v != nullptr;
 
-  const int64_t n_tiles = cdiv(M, BM);
+  const int64_t n_tiles = cdiv(p.M, BM);  // of the grid: max_seqlen in the packed layout
   const int64_t blk = block0 + blockIdx.x;
   const int64_t tile = blk % n_tiles, bh = blk / n_tiles;
   const int64_t b = bh / H, h = bh % H;
   const int64_t m0 = tile * BM;
+  const SeqRows seq = seq_rows(p.cu, b, p.M);  // the keys of b
+  const int64_t M = seq.len;
+  if (m0 >= M) return;  // past the sequence's end (packed layout): the whole block, before any barrier
 
   A* ks = smem_base<A>();              // [BM][KS] kh of the tile
   A* vs = ks + BM * KS;                // [BM][VS] v of the tile (when has_v)
@@ -398,11 +422,11 @@ __global__ void __launch_bounds__(kThreads)
   A* kval = knorm + BM;                // [BM] 1 for a valid key, else 0
 
   const A ss = static_cast<A>(p.ss);
-  stage_long(static_cast<const T*>(p.k) + b * p.sk[0] + h * p.sk[1], p.sk[2], p.sk[3], m0, M, BM, D, KS, ss,
-             p.pad, p.sp[0], p.sp[1], b, ks);
+  stage_long(static_cast<const T*>(p.k) + b * p.sk[0] + h * p.sk[1] + seq.first * p.sk[2], p.sk[2], p.sk[3], m0,
+             M, BM, D, KS, ss, p.pad, p.sp[0], p.sp[1], b, ks);
   if (has_v)
-    stage_long(static_cast<const T*>(p.v) + b * p.sv[0] + h * p.sv[1], p.sv[2], p.sv[3], m0, M, BM, Dv, VS, A(1),
-               p.pad, p.sp[0], p.sp[1], b, vs);
+    stage_long(static_cast<const T*>(p.v) + b * p.sv[0] + h * p.sv[1] + seq.first * p.sv[2], p.sv[2], p.sv[3], m0,
+               M, BM, Dv, VS, A(1), p.pad, p.sp[0], p.sp[1], b, vs);
   __syncthreads();
   for (int r = warp; r < BM; r += kWarps) {
     A part = A(0);
@@ -502,7 +526,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t m = m0 + mm;
     if (m >= M) continue;
     const bool ok = kval[mm] != A(0);
-    T* dkrow = dk + b * sdk.s[0] + h * sdk.s[1] + m * sdk.s[2];
+    T* dkrow = dk + b * sdk.s[0] + h * sdk.s[1] + (seq.first + m) * sdk.s[2];
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
       const int d = lane + 32 * i;
@@ -512,7 +536,7 @@ __global__ void __launch_bounds__(kThreads)
       dkrow[d * sdk.s[3]] = from_acc<T>(ok ? ss * g : A(0));
     }
     if (has_v) {
-      T* dvrow = dvo + b * sdv.s[0] + h * sdv.s[1] + m * sdv.s[2];
+      T* dvrow = dvo + b * sdv.s[0] + h * sdv.s[1] + (seq.first + m) * sdv.s[2];
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
         const int d = lane + 32 * i;

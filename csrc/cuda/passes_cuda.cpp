@@ -5,13 +5,20 @@
 // Every entry point guards the inputs' device (CUDAGuard) and launches on that device's
 // current stream; nothing synchronizes with the host (no .item(), no shapes that depend
 // on values, only device-attribute queries), so a call can be captured in a CUDA graph.
-// c_eff is read by the query kernels and clamped there to [1, C] per element (the CPU
-// passes do the same), never checked on the host, which would need a sync.
+// c_eff is read by the query kernels and clamped there to [0, C] per element, never
+// checked on the host, which would need a sync.
+//
+// Packed layout (cu_seqlens given): q, k, v, dy are (T, H, W) with any strides; the
+// problems get the strides {0, stride(1), stride(0), stride(2)} and the offsets, and
+// max_seqlen in place of the long axis's length: it sizes the grids and the per-split
+// partials, so nothing here reads the offsets (no sync). dq, dk, dv, y are (T, H, W)
+// contiguous. Outputs and scratch come from new_output (NaN-filled in test mode).
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include <cmath>
 #include <limits>
+#include <vector>
 
 #include "../lara_ops.h"
 #include "passes_kernel.h"
@@ -41,8 +48,44 @@ void check_launch(const char* op, cudaError_t err) {
   TORCH_CHECK(err == cudaSuccess, op, " (CUDA) launch failed: ", cudaGetErrorString(err));
 }
 
+// The 4 strides of a long tensor as the kernels take them: (B, H, L, W) as they are, a
+// packed (T, H, W) one as {0, H, T, W} (the kernels add cu_seqlens[b] to the row index).
 void strides_of(const at::Tensor& t, int64_t out[4]) {
+  if (t.dim() == 3) {
+    out[0] = 0;
+    out[1] = t.stride(1);
+    out[2] = t.stride(0);
+    out[3] = t.stride(2);
+    return;
+  }
   for (int i = 0; i < 4; ++i) out[i] = t.stride(i);
+}
+
+// The layout of a call: B, and the long axis's extent for the grids (L of the padded
+// layout, max_seqlen of the packed one); cu is null in the padded layout.
+struct Layout {
+  int64_t B = 0, L = 0;
+  const int32_t* cu = nullptr;
+};
+Layout layout_of(const at::Tensor& x, const OptTensor& cu_seqlens, int64_t max_seqlen) {
+  Layout l;
+  if (cu_seqlens.has_value()) {
+    l.B = cu_seqlens->size(0) - 1;
+    l.L = max_seqlen;
+    l.cu = cu_seqlens->data_ptr<int32_t>();
+  } else {
+    l.B = x.size(0);
+    l.L = x.size(2);
+  }
+  return l;
+}
+
+// The key pass takes any number of rows C in w (grouped-query attention sends G x C rows),
+// D in [1, kMaxDim] and Dv in [0, kMaxDim] (0: no values), whatever the inputs' device
+// (the emulation runs it on CPU tensors, which the shared checks do not limit).
+void check_cuda_key_dims(const char* op, int64_t D, int64_t DV, int64_t C) {
+  check_cuda_pass_dims(op, D, DV, 1);
+  TORCH_CHECK(C >= 1, op, ": number of rows C of w must be >= 1, got ", C);
 }
 
 // A C-sized input as a contiguous tensor of the compute type, shape-checked.
@@ -65,7 +108,7 @@ void set_padding(const OptTensor& padding, Problem& p) {
 }
 
 cuda::KeyPassProblem key_problem(const Tensor& w, const Tensor& k, const OptTensor& v, const OptTensor& padding,
-                                 double ss, bool subtract_norm) {
+                                 double ss, bool subtract_norm, const Layout& lay) {
   cuda::KeyPassProblem p;
   p.dtype = kernel_dtype(k.scalar_type());
   p.w = w.data_ptr();
@@ -76,12 +119,13 @@ cuda::KeyPassProblem key_problem(const Tensor& w, const Tensor& k, const OptTens
     strides_of(*v, p.sv);
   }
   set_padding(padding, p);
-  p.B = k.size(0);
+  p.cu = lay.cu;
+  p.B = lay.B;
   p.H = k.size(1);
-  p.M = k.size(2);
-  p.D = k.size(3);
+  p.M = lay.L;
+  p.D = k.size(-1);
   p.C = w.size(2);
-  p.Dv = v.has_value() ? v->size(3) : 0;
+  p.Dv = v.has_value() ? v->size(-1) : 0;
   p.ss = ss;
   p.subtract_norm = subtract_norm;
   return p;
@@ -89,7 +133,7 @@ cuda::KeyPassProblem key_problem(const Tensor& w, const Tensor& k, const OptTens
 
 cuda::QueryPassProblem query_problem(const Tensor& q, const Tensor& w, const Tensor& bias, const Tensor& kap,
                                      const Tensor& c_eff, const OptTensor& padding, double ss, const OptTensor& qt,
-                                     const OptTensor& lam, const OptTensor& bh, double beta) {
+                                     const OptTensor& lam, const OptTensor& bh, double beta, const Layout& lay) {
   cuda::QueryPassProblem p;
   p.dtype = kernel_dtype(q.scalar_type());
   p.q = q.data_ptr();
@@ -104,10 +148,11 @@ cuda::QueryPassProblem query_problem(const Tensor& q, const Tensor& w, const Ten
     p.bh = bh->data_ptr();
   }
   set_padding(padding, p);
-  p.B = q.size(0);
+  p.cu = lay.cu;
+  p.B = lay.B;
   p.H = q.size(1);
-  p.N = q.size(2);
-  p.D = q.size(3);
+  p.N = lay.L;
+  p.D = q.size(-1);
   p.C = w.size(2);
   p.Dv = kap.size(3);
   p.ss = ss;
@@ -118,27 +163,30 @@ cuda::QueryPassProblem query_problem(const Tensor& q, const Tensor& w, const Ten
 }  // namespace
 
 std::tuple<Tensor, Tensor> key_pass_fwd_cuda(const Tensor& w, const Tensor& k, const OptTensor& v,
-                                             const OptTensor& padding, double ss, bool subtract_norm) {
+                                             const OptTensor& padding, double ss, bool subtract_norm,
+                                             const OptTensor& cu_seqlens, int64_t max_seqlen) {
   constexpr const char* op = "lara_kernels::key_pass_fwd";
-  check_key_pass_args(op, w, k, v, padding);
-  check_cuda_pass_dims(op, k.size(3), v.has_value() ? v->size(3) : 0, w.size(2));
+  check_key_pass_args(op, w, k, v, padding, cu_seqlens, max_seqlen);
+  check_cuda_key_dims(op, k.size(-1), v.has_value() ? v->size(-1) : 0, w.size(2));
   check_cuda(op, "k", k);
   const c10::cuda::CUDAGuard guard(k.device());
-  const int64_t B = k.size(0), H = k.size(1), C = w.size(2);
-  const int64_t Dv = v.has_value() ? v->size(3) : 0;
+  const Layout lay = layout_of(k, cu_seqlens, max_seqlen);
+  const int64_t B = lay.B, H = k.size(1), C = w.size(2);
+  const int64_t Dv = v.has_value() ? v->size(-1) : 0;
   const auto opts = k.options().dtype(compute_type(k.scalar_type()));
 
-  const cuda::KeyPassProblem p = key_problem(w, k, v, padding, ss, subtract_norm);
+  const cuda::KeyPassProblem p = key_problem(w, k, v, padding, ss, subtract_norm, lay);
   const cuda::SplitPlan plan = cuda::key_pass_split_plan(p, /*backward=*/false);
   const int64_t S = plan.splits;
-  at::Tensor m_part = at::empty({S, B, H, C}, opts);
-  at::Tensor l_part = at::empty({S, B, H, C}, opts);
-  at::Tensor acc_part = at::empty({v.has_value() ? S : 0, B, H, C, Dv}, opts);
+  at::Tensor m_part = new_output({S, B, H, C}, opts);
+  at::Tensor l_part = new_output({S, B, H, C}, opts);
+  at::Tensor acc_part = new_output({v.has_value() ? S : 0, B, H, C, Dv}, opts);
   check_launch(op, cuda::key_pass_forward(p, plan, m_part.data_ptr(), l_part.data_ptr(), acc_part.data_ptr(),
                                           stream_of(k)));
 
   // Z = mx + log(sum_s exp(m_s - mx) l_s), kap = sum_s exp(m_s - mx) acc_s / that sum.
-  // A row without any valid key (excluded by the contract) gets Z = -inf and kap = 0.
+  // A row without any valid key (a sequence without keys in the packed layout; every
+  // split's partial is then (-inf, 0, 0)) gets Z = -inf and kap = 0.
   at::Tensor mx = m_part.amax(0);
   mx = at::where(at::isinf(mx), at::zeros_like(mx), mx);
   const at::Tensor scale = at::exp(m_part - mx);
@@ -154,14 +202,16 @@ std::tuple<Tensor, Tensor> key_pass_fwd_cuda(const Tensor& w, const Tensor& k, c
 std::tuple<Tensor, Tensor, Tensor> key_pass_bwd_cuda(const Tensor& w, const Tensor& k, const OptTensor& v,
                                                      const OptTensor& padding, double ss, bool subtract_norm,
                                                      const Tensor& Z, const OptTensor& kap, const Tensor& dZ,
-                                                     const OptTensor& dkap) {
+                                                     const OptTensor& dkap, const OptTensor& cu_seqlens,
+                                                     int64_t max_seqlen) {
   constexpr const char* op = "lara_kernels::key_pass_bwd";
-  check_key_pass_args(op, w, k, v, padding);
-  check_cuda_pass_dims(op, k.size(3), v.has_value() ? v->size(3) : 0, w.size(2));
+  check_key_pass_args(op, w, k, v, padding, cu_seqlens, max_seqlen);
+  check_cuda_key_dims(op, k.size(-1), v.has_value() ? v->size(-1) : 0, w.size(2));
   check_cuda(op, "k", k);
   const c10::cuda::CUDAGuard guard(k.device());
-  const int64_t B = k.size(0), H = k.size(1), C = w.size(2), D = k.size(3);
-  const int64_t Dv = v.has_value() ? v->size(3) : 0;
+  const Layout lay = layout_of(k, cu_seqlens, max_seqlen);
+  const int64_t B = lay.B, H = k.size(1), C = w.size(2), D = k.size(-1);
+  const int64_t Dv = v.has_value() ? v->size(-1) : 0;
   const auto ct = compute_type(k.scalar_type());
   const auto opts = k.options().dtype(ct);
 
@@ -179,12 +229,11 @@ std::tuple<Tensor, Tensor, Tensor> key_pass_bwd_cuda(const Tensor& w, const Tens
     }
   }
 
-  const cuda::KeyPassProblem p = key_problem(w, k, v, padding, ss, subtract_norm);
+  const cuda::KeyPassProblem p = key_problem(w, k, v, padding, ss, subtract_norm, lay);
   const cuda::SplitPlan plan = cuda::key_pass_split_plan(p, /*backward=*/true);
-  at::Tensor dk = at::empty(k.sizes(), k.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor dv = v.has_value() ? at::empty(v->sizes(), v->options().memory_format(at::MemoryFormat::Contiguous))
-                                : at::empty({0}, k.options());
-  at::Tensor dw_part = at::empty({plan.splits, B, H, C, D}, opts);
+  at::Tensor dk = new_output(k.sizes(), k.options());
+  at::Tensor dv = v.has_value() ? new_output(v->sizes(), v->options()) : at::empty({0}, k.options());
+  at::Tensor dw_part = new_output({plan.splits, B, H, C, D}, opts);
   int64_t sdk[4], sdv[4] = {0, 0, 0, 0};
   strides_of(dk, sdk);
   if (v.has_value()) strides_of(dv, sdv);
@@ -196,17 +245,20 @@ std::tuple<Tensor, Tensor, Tensor> key_pass_bwd_cuda(const Tensor& w, const Tens
 
 Tensor query_pass_fwd_cuda(const Tensor& q, const Tensor& w, const Tensor& bias, const Tensor& kap,
                            const Tensor& c_eff, const OptTensor& padding, double ss, const OptTensor& qt,
-                           const OptTensor& lam, const OptTensor& bh, double beta) {
+                           const OptTensor& lam, const OptTensor& bh, double beta,
+                           const OptTensor& cu_seqlens, int64_t max_seqlen) {
   constexpr const char* op = "lara_kernels::query_pass_fwd";
-  check_query_pass_args(op, q, w, bias, kap, c_eff, padding, qt, lam, bh);
-  check_cuda_pass_dims(op, q.size(3), kap.size(3), w.size(2));
+  check_query_pass_args(op, q, w, bias, kap, c_eff, padding, qt, lam, bh, cu_seqlens, max_seqlen);
+  check_cuda_pass_dims(op, q.size(-1), kap.size(3), w.size(2));
   check_cuda(op, "q", q);
   const c10::cuda::CUDAGuard guard(q.device());
-  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), Dv = kap.size(3);
-  at::Tensor y = at::empty({B, H, N, Dv}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  const Layout lay = layout_of(q, cu_seqlens, max_seqlen);
+  const int64_t Dv = kap.size(3);
+  at::Tensor y = cu_seqlens.has_value() ? new_output({q.size(0), q.size(1), Dv}, q.options())
+                                        : new_output({q.size(0), q.size(1), q.size(2), Dv}, q.options());
   int64_t sy[4];
   strides_of(y, sy);
-  const cuda::QueryPassProblem p = query_problem(q, w, bias, kap, c_eff, padding, ss, qt, lam, bh, beta);
+  const cuda::QueryPassProblem p = query_problem(q, w, bias, kap, c_eff, padding, ss, qt, lam, bh, beta, lay);
   check_launch(op, cuda::query_pass_forward(p, y.data_ptr(), sy, stream_of(q)));
   return y;
 }
@@ -214,15 +266,18 @@ Tensor query_pass_fwd_cuda(const Tensor& q, const Tensor& w, const Tensor& bias,
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> query_pass_bwd_cuda(
     const Tensor& q, const Tensor& w, const Tensor& bias, const Tensor& kap, const Tensor& c_eff,
     const OptTensor& padding, double ss, const OptTensor& qt, const OptTensor& lam, const OptTensor& bh,
-    double beta, const Tensor& dy) {
+    double beta, const Tensor& dy, const OptTensor& cu_seqlens, int64_t max_seqlen) {
   constexpr const char* op = "lara_kernels::query_pass_bwd";
-  check_query_pass_args(op, q, w, bias, kap, c_eff, padding, qt, lam, bh);
-  check_cuda_pass_dims(op, q.size(3), kap.size(3), w.size(2));
+  check_query_pass_args(op, q, w, bias, kap, c_eff, padding, qt, lam, bh, cu_seqlens, max_seqlen);
+  check_cuda_pass_dims(op, q.size(-1), kap.size(3), w.size(2));
   check_cuda(op, "q", q);
   const c10::cuda::CUDAGuard guard(q.device());
-  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3), C = w.size(2), Dv = kap.size(3);
-  TORCH_CHECK(dy.dim() == 4 && dy.size(0) == B && dy.size(1) == H && dy.size(2) == N && dy.size(3) == Dv, op,
-              ": dy must have shape (", B, ", ", H, ", ", N, ", ", Dv, "), got ", dy.sizes());
+  const Layout lay = layout_of(q, cu_seqlens, max_seqlen);
+  const int64_t B = lay.B, H = q.size(1), D = q.size(-1), C = w.size(2), Dv = kap.size(3);
+  std::vector<int64_t> dy_shape(q.sizes().begin(), q.sizes().end());
+  dy_shape.back() = Dv;  // q's shape with Dv: (B, H, N, Dv) or packed (T, H, Dv)
+  TORCH_CHECK(dy.sizes() == at::IntArrayRef(dy_shape), op, ": dy must have shape ", at::IntArrayRef(dy_shape),
+              ", got ", dy.sizes());
   TORCH_CHECK(dy.device() == q.device(), op, ": dy is on ", dy.device(), " but q is on ", q.device());
   const auto st = dy.scalar_type();
   TORCH_CHECK(st == at::kDouble || st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op,
@@ -236,18 +291,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> query_pass_bw
   strides_of(g, sdy);
 
   const bool mis = qt.has_value();
-  const cuda::QueryPassProblem p = query_problem(q, w, bias, kap, c_eff, padding, ss, qt, lam, bh, beta);
+  const cuda::QueryPassProblem p = query_problem(q, w, bias, kap, c_eff, padding, ss, qt, lam, bh, beta, lay);
   const cuda::SplitPlan plan = cuda::query_pass_split_plan(p);
   const int64_t S = plan.splits;
-  at::Tensor dq = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor dq = new_output(q.sizes(), q.options());
   int64_t sdq[4];
   strides_of(dq, sdq);
-  at::Tensor dw_part = at::empty({S, B, H, C, D}, opts);
-  at::Tensor db_part = at::empty({S, B, H, C}, opts);
-  at::Tensor dkap_part = at::empty({S, B, H, C, Dv}, opts);
-  at::Tensor dqt_part = at::empty({mis ? S : 0, B, H, C, D}, opts);
-  at::Tensor dlam_part = at::empty({mis ? S : 0, B, H, C}, opts);
-  at::Tensor dbh_part = at::empty({mis ? S : 0, B, H, C}, opts);
+  at::Tensor dw_part = new_output({S, B, H, C, D}, opts);
+  at::Tensor db_part = new_output({S, B, H, C}, opts);
+  at::Tensor dkap_part = new_output({S, B, H, C, Dv}, opts);
+  at::Tensor dqt_part = new_output({mis ? S : 0, B, H, C, D}, opts);
+  at::Tensor dlam_part = new_output({mis ? S : 0, B, H, C}, opts);
+  at::Tensor dbh_part = new_output({mis ? S : 0, B, H, C}, opts);
   check_launch(op, cuda::query_pass_backward(p, plan, kernel_dtype(g.scalar_type()), g.data_ptr(), sdy, dq.data_ptr(),
                                              sdq, dw_part.data_ptr(), db_part.data_ptr(), dkap_part.data_ptr(),
                                              dqt_part.data_ptr(), dlam_part.data_ptr(), dbh_part.data_ptr(),

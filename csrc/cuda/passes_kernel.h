@@ -3,6 +3,14 @@
 // kernels compile with nvcc alone. The torch binding is passes_cuda.cpp.
 //
 // "acc" below is the accumulation type: double for DType::kFloat64, float otherwise.
+//
+// Two layouts of the long tensors (csrc/lara_ops.h). Padded: (B, H, L, W) with strides
+// s[0..3] and an optional (B, L) mask. Packed (cu != null): (T, H, W) rows of B sequences,
+// sequence b being rows cu[b] .. cu[b + 1] - 1; the problem's strides are then
+// {0, stride of H, stride of T, stride of W} (seq_rows adds cu[b] to the row index), and
+// its L (M or N) is max_seqlen, which only sizes the grid: blocks over rows past their
+// sequence's length end early (or write their neutral partial), and the offsets are read
+// by the kernels alone, never on the host.
 // The C-sized arrays (w, bias, kap, qt, lam, bh, Z, E, dkap) are contiguous acc, indexed
 // by ((b * H + h) * C + c) * width. Results over the long axis are written as per-split
 // partials (leading dimension `splits`, then (B * H, C[, width])) that the caller sums:
@@ -29,10 +37,11 @@ struct SplitPlan {
 // no values, no norm term).
 struct KeyPassProblem {
   DType dtype = DType::kFloat32;  // of k and v
-  const void* w = nullptr;        // (B, H, C, D) acc
-  const void* k = nullptr;        // (B, H, M, D), strides sk
-  const void* v = nullptr;        // (B, H, M, Dv), strides sv; null: no values (Dv = 0)
+  const void* w = nullptr;        // (B, H, C, D) acc; any C (grouped-query attention: G x C rows)
+  const void* k = nullptr;        // (B, H, M, D) or packed (T, H, D), strides sk
+  const void* v = nullptr;        // (B, H, M, Dv) or packed (T, H, Dv), strides sv; null: no values (Dv = 0)
   const bool* pad = nullptr;      // (B, M), strides sp, true = padding; null: none
+  const int32_t* cu = nullptr;    // packed layout: (B + 1) offsets; M is then max_seqlen. null: padded
   int64_t sk[4] = {0, 0, 0, 0};
   int64_t sv[4] = {0, 0, 0, 0};
   int64_t sp[2] = {0, 0};
@@ -50,15 +59,20 @@ SplitPlan key_pass_split_plan(const KeyPassProblem& p, bool backward);
 cudaError_t key_pass_forward(const KeyPassProblem& p, SplitPlan plan, void* m_part, void* l_part,
                              void* acc_part, cudaStream_t stream);
 
+// A sequence without keys (packed layout) leaves the neutral partials (-inf, 0, 0) in
+// every split, which the caller combines into Z = -inf and kap = 0.
+//
 // Z (B, H, C), E = dZ - dkap . kap (B, H, C), dkap (B, H, C, Dv) acc (dkap unused without
 // values). Writes dk (k's dtype, strides sdk), dv (v's dtype, strides sdv; unused without
-// values) and dw_part (splits, B*H, C, D) acc.
+// values) and dw_part (splits, B*H, C, D) acc: every row of dk and dv (those of padded keys
+// as zeros), dw_part rows of splits with no key as zeros.
 cudaError_t key_pass_backward(const KeyPassProblem& p, SplitPlan plan, const void* Z, const void* E,
                               const void* dkap, void* dk, const int64_t sdk[4], void* dv, const int64_t sdv[4],
                               void* dw_part, cudaStream_t stream);
 
 // The passes hold a row of D, Dv or C values as 8 registers per lane of a warp: the
 // launchers refuse larger sizes (cudaErrorInvalidValue); the binding checks them first.
+// The key pass's C is not limited (its kernels walk the rows of w in groups and chunks).
 constexpr int64_t kMaxWidth = 256;
 
 // What the current device offers (the binding's device guard makes the inputs' device
@@ -99,22 +113,24 @@ inline cudaError_t launch_1d(int64_t blocks, const DeviceInfo& info, Launch&& la
 // N query rows attending over C samples.
 struct QueryPassProblem {
   DType dtype = DType::kFloat32;  // of q
-  const void* q = nullptr;        // (B, H, N, D), strides sq
+  const void* q = nullptr;        // (B, H, N, D) or packed (T, H, D), strides sq
   const void* w = nullptr;        // (B, H, C, D) acc
   const void* bias = nullptr;     // (B, H, C) acc
   const void* kap = nullptr;      // (B, H, C, Dv) acc
-  const int64_t* c_eff = nullptr; // (B,), clamped to [1, C] by the kernels
+  const int64_t* c_eff = nullptr; // (B,), clamped to [0, C] by the kernels; 0: the rows of b give
+                                  // y = 0, dq = 0 and add nothing to the sums (no key to attend)
   const void* qt = nullptr;       // (B, H, C, D) acc; null: no MIS term (lam, bh unused)
   const void* lam = nullptr;      // (B, H, C) acc
   const void* bh = nullptr;       // (B, H, C) acc
   const bool* pad = nullptr;      // (B, N), strides sp, true = padding; null: none
+  const int32_t* cu = nullptr;    // packed layout: (B + 1) offsets; N is then max_seqlen. null: padded
   int64_t sq[4] = {0, 0, 0, 0};
   int64_t sp[2] = {0, 0};
   int64_t B = 0, H = 0, N = 0, C = 0, D = 0, Dv = 0;
   double ss = 1.0, beta = 0.0;
 };
 
-// y (B, H, N, Dv) in q's dtype, strides sy.
+// y (B, H, N, Dv) or packed (T, H, Dv) in q's dtype, strides sy (4 entries, as sq).
 cudaError_t query_pass_forward(const QueryPassProblem& p, void* y, const int64_t sy[4], cudaStream_t stream);
 
 SplitPlan query_pass_split_plan(const QueryPassProblem& p);
@@ -195,6 +211,19 @@ __host__ __device__ __forceinline__ int pad32_odd(int64_t n) { return pad32(n) +
 
 __device__ __forceinline__ bool padded(const bool* pad, int64_t sb, int64_t sl, int64_t b, int64_t l) {
   return pad != nullptr && pad[b * sb + l * sl];
+}
+
+// The rows of batch element b on a long axis: padded layout, rows 0 .. L - 1 of element b
+// (first 0, len L); packed layout (cu given), rows cu[b] .. cu[b + 1] - 1 of the packed
+// tensor (first cu[b]; L, the grid's extent, is not read). A row m < len of b is at
+// b * s[0] + h * s[1] + (first + m) * s[2], all int64.
+struct SeqRows {
+  int64_t first, len;
+};
+__device__ __forceinline__ SeqRows seq_rows(const int32_t* cu, int64_t b, int64_t L) {
+  if (cu == nullptr) return {0, L};
+  const int64_t first = cu[b];
+  return {first, static_cast<int64_t>(cu[b + 1]) - first};
 }
 
 // The block's dynamic shared memory (one declaration for every kernel of a file).

@@ -222,12 +222,27 @@ __global__ void __launch_bounds__(kThreads)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int D = static_cast<int>(p.D), Dv = static_cast<int>(p.Dv);
   const int QS = pad32(D), VS = pad32(Dv), NV = VS / 32;
-  const int64_t N = p.N, H = p.H;
+  const int64_t H = p.H;
 
   const int64_t blk = block0 + blockIdx.x;
   const int64_t tile = blk % n_tiles, bh = blk / n_tiles;
   const int64_t b = bh / H, h = bh % H;
   const int64_t n0 = tile * BN;
+  const SeqRows seq = seq_rows(p.cu, b, p.N);  // the queries of b
+  const int64_t N = seq.len;
+  if (n0 >= N) return;  // past the sequence's end (packed layout): the whole block, before any barrier
+  T* yg = y + b * sy.s[0] + h * sy.s[1] + seq.first * sy.s[2];
+  int64_t ce64 = p.c_eff[b];
+  ce64 = ce64 < 0 ? 0 : (ce64 > p.C ? p.C : ce64);
+  if (ce64 == 0) {  // no active sample (b has no key): y = 0 on the tile's rows, nothing else read
+    for (int r = warp; r < BN; r += kWarps) {
+      const int64_t n = n0 + r;
+      if (n >= N) break;
+      for (int dv = lane; dv < Dv; dv += 32) yg[n * sy.s[2] + dv * sy.s[3]] = from_acc<T>(A(0));
+    }
+    return;
+  }
+  const int ce = static_cast<int>(ce64);
 
   A* qs = smem_base<A>();      // [BN][QS] qh of the tile, zero rows where not valid
   A* rowok = qs + BN * QS;     // [BN] 1 for a valid query row
@@ -237,12 +252,9 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t n = n0 + threadIdx.x;
     rowok[threadIdx.x] = (n < N && !padded(p.pad, p.sp[0], p.sp[1], b, n)) ? A(1) : A(0);
   }
-  stage_long(static_cast<const T*>(p.q) + b * p.sq[0] + h * p.sq[1], p.sq[2], p.sq[3], n0, N, BN, D, QS,
-             static_cast<A>(p.ss), p.pad, p.sp[0], p.sp[1], b, qs);
+  stage_long(static_cast<const T*>(p.q) + b * p.sq[0] + h * p.sq[1] + seq.first * p.sq[2], p.sq[2], p.sq[3], n0, N,
+             BN, D, QS, static_cast<A>(p.ss), p.pad, p.sp[0], p.sp[1], b, qs);
 
-  int64_t ce64 = p.c_eff[b];
-  ce64 = ce64 < 1 ? 1 : (ce64 > p.C ? p.C : ce64);
-  const int ce = static_cast<int>(ce64);
   SampleConsts<A, NC> k;
   k.load(p, bh);
 
@@ -286,7 +298,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int j = 0; j < RPW; ++j) {
     const int64_t n = n0 + warp + kWarps * j;
     if (n >= N) continue;
-    T* yr = y + b * sy.s[0] + h * sy.s[1] + n * sy.s[2];
+    T* yr = yg + n * sy.s[2];
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
       const int dv = lane + 32 * i;
@@ -355,7 +367,7 @@ __global__ void __launch_bounds__(kThreads)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int D = static_cast<int>(p.D), Dv = static_cast<int>(p.Dv);
   const int QS = pad32(D), YS = pad32(Dv), ND = QS / 32;
-  const int64_t N = p.N, H = p.H, C = p.C, BH = p.B * p.H;
+  const int64_t H = p.H, C = p.C, BH = p.B * p.H;
   const bool mis = p.qt != nullptr;
   const A beta = static_cast<A>(p.beta);
   const A ss = static_cast<A>(p.ss);
@@ -367,6 +379,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t s = blk % plan.splits, bh = blk / plan.splits;
   const int64_t b = bh / H, h = bh % H;
   const int g0 = cg * group, g1 = static_cast<int>(C - g0 < group ? C : g0 + group);  // samples g0 .. g1
+  const SeqRows seq = seq_rows(p.cu, b, p.N);  // the queries of b
+  const int64_t N = seq.len;
 
   A* qs = smem_base<A>();      // [BN][QS] qh of the tile
   A* ys = qs + BN * QS;        // [BN][YS] dy of the tile
@@ -381,22 +395,31 @@ __global__ void __launch_bounds__(kThreads)
   for (int i = threadIdx.x; i < group * (D * (mis ? 2 : 1) + Dv); i += kThreads) dws[i] = A(0);
 
   int64_t ce64 = p.c_eff[b];
-  ce64 = ce64 < 1 ? 1 : (ce64 > C ? C : ce64);
+  ce64 = ce64 < 0 ? 0 : (ce64 > C ? C : ce64);
   const int ce = static_cast<int>(ce64);
   SampleConsts<A, NC> k;
   k.load(p, bh);
   const A* w = static_cast<const A*>(p.w) + bh * C * D;
   const A* qt = mis ? static_cast<const A*>(p.qt) + bh * C * D : nullptr;
   const A* kap = static_cast<const A*>(p.kap) + bh * C * Dv;
-  const T* qg = static_cast<const T*>(p.q) + b * p.sq[0] + h * p.sq[1];
-  const TY* dyg = dy + b * sdy.s[0] + h * sdy.s[1];
+  const T* qg = static_cast<const T*>(p.q) + b * p.sq[0] + h * p.sq[1] + seq.first * p.sq[2];
+  const TY* dyg = dy + b * sdy.s[0] + h * sdy.s[1] + seq.first * sdy.s[2];
+  T* dqg = dq + b * sdq.s[0] + h * sdq.s[1] + seq.first * sdq.s[2];
 
   A cdb[NC], cdbh[NC], cdlam[NC];  // this lane's share of the C-sized sums
 #pragma unroll
   for (int i = 0; i < NC; ++i) cdb[i] = cdbh[i] = cdlam[i] = A(0);
 
+  // the split's tiles within sequence b (n_tiles, of the grid, is max_seqlen's in the packed layout)
+  const int64_t n_tiles_b = cdiv(N, BN) < n_tiles ? cdiv(N, BN) : n_tiles;
   const int64_t t0 = s * plan.tiles_per_split;
-  const int64_t t1 = t0 + plan.tiles_per_split < n_tiles ? t0 + plan.tiles_per_split : n_tiles;
+  int64_t t1 = t0 + plan.tiles_per_split < n_tiles_b ? t0 + plan.tiles_per_split : n_tiles_b;
+  if (ce == 0) {  // no active sample (b has no key): dq = 0 on the split's rows, zero partials
+    if (cg == 0)
+      for (int64_t n = t0 * BN + warp; n < t1 * BN && n < N; n += kWarps)
+        for (int d = lane; d < D; d += 32) dqg[n * sdq.s[2] + d * sdq.s[3]] = from_acc<T>(A(0));
+    t1 = t0;
+  }
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t n0 = t * BN;
     __syncthreads();  // the previous tile is consumed
@@ -487,7 +510,7 @@ __global__ void __launch_bounds__(kThreads)
         const int64_t n = n0 + row;
         if (n >= N) continue;
         const bool ok = rowok[row] != A(0);
-        T* dqr = dq + b * sdq.s[0] + h * sdq.s[1] + n * sdq.s[2];
+        T* dqr = dqg + n * sdq.s[2];
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
           const int d = lane + 32 * i;
