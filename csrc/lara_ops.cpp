@@ -45,11 +45,12 @@ void check_landmarks_args(const at::Tensor& x, const c10::optional<at::Tensor>& 
                           const at::Tensor& c_eff, int64_t num_segments,
                           const c10::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen) {
   const bool packed = cu_seqlens.has_value();
-  if (packed)
+  if (packed) {
     TORCH_CHECK(x.dim() == 3, "lara_kernels::landmarks: x must be 3-D (T, H, D) with cu_seqlens, got shape ",
                 x.sizes());
-  else
+  } else {
     TORCH_CHECK(x.dim() == 4, "lara_kernels::landmarks: x must be 4-D (B, H, L, D), got shape ", x.sizes());
+  }
   const auto st = x.scalar_type();
   TORCH_CHECK(st == at::kDouble || st == at::kFloat || st == at::kHalf || st == at::kBFloat16,
               "lara_kernels::landmarks: x must be float64, float32, float16 or bfloat16, got ", st);
@@ -146,10 +147,11 @@ void check_dim(const char* op, const char* what, int64_t d, const at::Tensor& x)
 void check_key_pass_args(const char* op, const Tensor& w, const Tensor& k, const OptTensor& v,
                          const OptTensor& padding, const OptTensor& cu_seqlens, int64_t max_seqlen) {
   const bool packed = cu_seqlens.has_value();
-  if (packed)
+  if (packed) {
     TORCH_CHECK(k.dim() == 3, op, ": k must be 3-D (T, H, D) with cu_seqlens, got shape ", k.sizes());
-  else
+  } else {
     TORCH_CHECK(k.dim() == 4, op, ": k must be 4-D (B, H, M, D), got shape ", k.sizes());
+  }
   TORCH_CHECK(is_float(k.scalar_type()), op, ": k must be float64, float32, float16 or bfloat16, got ",
               k.scalar_type());
   // packed: M is the total row count T, and B comes from cu_seqlens
@@ -160,12 +162,13 @@ void check_key_pass_args(const char* op, const Tensor& w, const Tensor& k, const
   check_dim(op, "number of samples C", w.size(2), k);
   TORCH_CHECK(w.is_contiguous(), op, ": w must be contiguous");
   if (v.has_value()) {
-    if (packed)
+    if (packed) {
       TORCH_CHECK(v->dim() == 3 && v->size(0) == M && v->size(1) == H, op, ": v must have shape (", M, ", ", H,
                   ", Dv), got ", v->sizes());
-    else
+    } else {
       TORCH_CHECK(v->dim() == 4 && v->size(0) == B && v->size(1) == H && v->size(2) == M, op,
                   ": v must have shape (", B, ", ", H, ", ", M, ", Dv), got ", v->sizes());
+    }
     TORCH_CHECK(v->scalar_type() == k.scalar_type(), op, ": v must have k's dtype ", k.scalar_type(), ", got ",
                 v->scalar_type());
     TORCH_CHECK(v->device() == k.device(), op, ": v is on ", v->device(), " but k is on ", k.device());
@@ -179,10 +182,11 @@ void check_query_pass_args(const char* op, const Tensor& q, const Tensor& w, con
                            const OptTensor& qt, const OptTensor& lam, const OptTensor& bh,
                            const OptTensor& cu_seqlens, int64_t max_seqlen) {
   const bool packed = cu_seqlens.has_value();
-  if (packed)
+  if (packed) {
     TORCH_CHECK(q.dim() == 3, op, ": q must be 3-D (T, H, D) with cu_seqlens, got shape ", q.sizes());
-  else
+  } else {
     TORCH_CHECK(q.dim() == 4, op, ": q must be 4-D (B, H, N, D), got shape ", q.sizes());
+  }
   TORCH_CHECK(is_float(q.scalar_type()), op, ": q must be float64, float32, float16 or bfloat16, got ",
               q.scalar_type());
   // packed: N is the total row count T, and B comes from cu_seqlens
