@@ -72,18 +72,25 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MAIN = [(D, C, dt) for D in (64, 128) for C in (16, 64, 128) for dt in ("bf16", "fp16", "fp32")]
 CI = [(64, 64, "bf16"), (128, 128, "bf16")]   # the main configurations' two ends, in CI
 FULL = [(D, C, dt) for D in (64, 128, 256) for C in (16, 64, 128, 256) for dt in DTYPES]
+GQA_KEY = [(D, 512, dt) for D in (64, 128) for dt in DTYPES]   # key pass of G = 8 query heads x C = 64
 PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.uint8: "*u8",
-       torch.int64: "*i64", torch.bool: "*i1"}
+       torch.int32: "*i32", torch.int64: "*i64", torch.bool: "*i1"}
+LAYOUTS = ("padded", "packed")
 
 
 # ----------------------------------------------------------------------------- capture
 
 
-def capture(C, D, DV, dtype, *, B=B_, H=H_, L=L_, full=True, sms=H100_SMS, arch=90):
+def capture(C, D, DV, dtype, *, B=B_, H=H_, L=L_, full=True, sms=H100_SMS, arch=90, layouts=LAYOUTS,
+            passes=("key", "query")):
     """Every launch of the four kernel-set functions on meta tensors, as (kernel, grid,
     args, kwargs), as the launchers choose them for compute capability ``arch``. ``full``:
     every variant (with and without values, norm term, MIS, padding); else the ones
-    holding the most state (values and norm term, MIS, padding)."""
+    holding the most state (values and norm term, MIS, padding). ``layouts``: the padded
+    layout ((B, H, L, D) with or without a padding mask) and the packed one ((T, H, D)
+    with cu_seqlens, T = B * L, max_seqlen = L: the VARLEN specializations). ``passes``:
+    ("key",) alone for the key pass of grouped-query attention (G * C rows, past the query
+    pass's limit of C)."""
     rec = []
 
     def record(kernel, grid, device, *args, **kwargs):
@@ -99,20 +106,28 @@ def capture(C, D, DV, dtype, *, B=B_, H=H_, L=L_, full=True, sms=H100_SMS, arch=
     Zs = torch.empty(B, H, C, dtype=f32, **meta)
     kap = torch.empty(B, H, C, DV, dtype=f32, **meta)
     c_eff = torch.empty(B, dtype=torch.int64, **meta)
-    pads = [torch.empty(B, L, dtype=torch.bool, **meta)] + ([None] if full else [])
+    cases = []     # (q, k, v, padding, cu_seqlens, max_seqlen)
+    if "padded" in layouts:
+        cases += [(q, k, v, pad, None, 0) for pad in
+                  [torch.empty(B, L, dtype=torch.bool, **meta)] + ([None] if full else [])]
+    if "packed" in layouts:
+        packed = [torch.empty(B * L, H, x.shape[-1], dtype=dtype, **meta) for x in (q, k, v)]
+        cases.append((*packed, None, torch.empty(B + 1, dtype=torch.int32, **meta), L))
     with mock.patch.object(_common, "launch", record), \
             mock.patch.object(_common, "emulated", lambda dev: False), \
             mock.patch.object(_common, "sm_count", lambda dev: sms), \
             mock.patch.object(_common, "arch", lambda dev: arch):
-        for pad in pads:
-            key_variants = [(v, True)] + ([(k, False), (None, False)] if full else [])
+        for q_, k_, v_, pad, cu, max_len in cases:
+            key_variants = [(v_, True)] + ([(k_, False), (None, False)] if full else [])
             for vv, sub in key_variants:
-                Z, kp_ = kp.key_pass_fwd(w, k, vv, pad, 0.3, sub)
-                kp.key_pass_bwd(w, k, vv, pad, 0.3, sub, Z, kp_, Zs, kp_)
+                Z, kp_ = kp.key_pass_fwd(w, k_, vv, pad, 0.3, sub, cu, max_len)
+                kp.key_pass_bwd(w, k_, vv, pad, 0.3, sub, Z, kp_, Zs, kp_, cu, max_len)
+            if "query" not in passes:
+                continue
             for mis in ([True, False] if full else [True]):
                 extra = (w, Zs, Zs, 0.5) if mis else (None, None, None, 0.0)
-                qp.query_pass_fwd(q, w, Zs, kap, c_eff, pad, 0.3, *extra)
-                qp.query_pass_bwd(q, w, Zs, kap, c_eff, pad, 0.3, *extra, torch.empty_like(v))
+                qp.query_pass_fwd(q_, w, Zs, kap, c_eff, pad, 0.3, *extra, cu, max_len)
+                qp.query_pass_bwd(q_, w, Zs, kap, c_eff, pad, 0.3, *extra, torch.empty_like(v_), cu, max_len)
     return rec
 
 
@@ -193,12 +208,14 @@ def compile_one(job):
     )
 
 
-def jobs_for(configs, archs, full):
-    """Deduplicated compile jobs: {key: (job, [(D, C, dtype), ...])}."""
+def jobs_for(configs, archs, full, key_configs=()):
+    """Deduplicated compile jobs: {key: (job, [(D, C, dtype), ...])}; ``key_configs``:
+    configurations of the key pass alone (grouped-query attention's G * C rows)."""
     out = {}
-    for D, C, dt in configs:
+    todo = [(cfg, ("key", "query")) for cfg in configs] + [(cfg, ("key",)) for cfg in key_configs]
+    for (D, C, dt), passes in todo:
         for arch in archs:   # the launch parameters depend on the target (_common.arch)
-            for kernel, grid, args, kwargs in capture(C, D, D, DTYPES[dt], full=full, arch=arch):
+            for kernel, grid, args, kwargs in capture(C, D, D, DTYPES[dt], full=full, arch=arch, passes=passes):
                 sig, consts, opts = spec(kernel, args, kwargs)
                 key = _key(kernel, sig, consts, opts, arch)
                 fn = getattr(kernel, "fn", kernel)
@@ -228,11 +245,16 @@ def run_jobs(jobs, workers=2):
     return [(r, jobs[k][1], jobs[k][0][3]) for k, r in zip(keys, results)]
 
 
+def layout_of(consts):
+    """"packed" for a VARLEN specialization, else "padded" (the split combine has neither)."""
+    return "packed" if str(consts.get("VARLEN")) == "True" else "padded"
+
+
 def problems(results, main_only=False):
     """Every failed requirement, as lines."""
     bad = []
     for r, cfgs, consts in results:
-        where = f"{r['kernel']} sm_{r['arch']} (D, C, dtype) in {sorted(set(cfgs))}"
+        where = f"{r['kernel']} sm_{r['arch']} {layout_of(consts)} (D, C, dtype) in {sorted(set(cfgs))}"
         if "error" in r:
             bad.append(f"{where}: compile error {r['error']}")
             continue
@@ -248,15 +270,18 @@ def problems(results, main_only=False):
 
 
 def table(results):
-    lines = ["| kernel | sm | (D, C, dtype) | warps | stages | regs | stack B | STL | shared KB | mma |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r, cfgs, _ in sorted(results, key=lambda x: (x[0]["kernel"], x[0]["arch"], sorted(x[1]))):
+    """Markdown table of the results, the packed (VARLEN) specialization of a kernel next to
+    the padded ones of the same configurations."""
+    lines = ["| kernel | sm | (D, C, dtype) | layout | warps | stages | regs | stack B | STL | shared KB | mma |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    order = lambda x: (x[0]["kernel"], x[0]["arch"], sorted(x[1]), layout_of(x[2]) == "packed")  # noqa: E731
+    for r, cfgs, consts in sorted(results, key=order):
+        head = f"| {r['kernel']} | {r['arch']} | {', '.join(map(str, sorted(set(cfgs))))} | {layout_of(consts)} |"
         if "error" in r:
-            lines.append(f"| {r['kernel']} | {r['arch']} | {sorted(set(cfgs))} | error | | | | | | |")
+            lines.append(f"{head} error | | | | | | |")
             continue
-        lines.append(f"| {r['kernel']} | {r['arch']} | {', '.join(map(str, sorted(set(cfgs))))} | {r['num_warps']} | "
-                     f"{r['num_stages']} | {r['regs']} | {r['stack']} | {r['spill_stores']} | "
-                     f"{r['shared'] / 1024:.1f} | {'yes' if r['mma'] else 'no'} |")
+        lines.append(f"{head} {r['num_warps']} | {r['num_stages']} | {r['regs']} | {r['stack']} | "
+                     f"{r['spill_stores']} | {r['shared'] / 1024:.1f} | {'yes' if r['mma'] else 'no'} |")
     return "\n".join(lines)
 
 
@@ -276,7 +301,9 @@ def _has_nvidia_backend():
 def test_main_configs_compile_within_budget():
     results = run_jobs(jobs_for(CI, (80, 90), full=False))
     print("\n" + table(results))
-    assert len(results) >= 5 * 2      # five kernels, two architectures at least
+    # five kernels padded, the four with a long axis packed too, two architectures at least
+    assert len(results) >= 9 * 2
+    assert {layout_of(consts) for _, _, consts in results} == set(LAYOUTS)
     bad = problems(results)
     assert not bad, "\n".join(bad)
 
@@ -285,11 +312,30 @@ def test_grids_use_axis_0_only():
     # B*H = 70000 > 65535 (the limit of grid axes 1 and 2) through every launcher
     for C, D in ((16, 64), (256, 256)):
         rec = capture(C, D, D, torch.bfloat16, B=7000, H=10, L=300)
-        assert len(rec) == 2 * (3 * 3) + 2 * 4
+        assert len(rec) == 3 * (3 * 3 + 2 * 2)   # padded with and without a mask, packed
         for kernel, grid, _, _ in rec:
             assert len(grid) == 1 and 1 <= grid[0] < 2 ** 31, (kernel, grid)
             least = -(-7000 * 10 * C // 16) if kernel.__name__ == "_key_combine_kernel" else 7000 * 10
             assert grid[0] >= least, (kernel, grid)   # every (b, h) has its programs, on axis 0
+
+
+def test_packed_launches_cover_max_seqlen():
+    # the packed layout sizes its grids and splits by max_seqlen as the padded one by L
+    # (B = 3 sequences of up to 1000 rows in T = 1200), every (b, h) on axis 0, the rows
+    # addressed through cu_seqlens (stride_b 0 and the VARLEN specialization)
+    def launches(layout):
+        rec = capture(64, 64, 64, torch.bfloat16, B=3, H=4, L=1000, full=False, layouts=(layout,))
+        return {kernel.__name__: (grid, dict(zip(kernel.arg_names, args)), kw) for kernel, grid, args, kw in rec}
+
+    padded, packed = launches("padded"), launches("packed")
+    assert padded.keys() == packed.keys()
+    for name, (grid, args, kw) in packed.items():
+        assert grid == padded[name][0], name
+        if name != "_key_combine_kernel":
+            assert kw["VARLEN"] and not padded[name][2]["VARLEN"], name
+            assert args["CU"].dtype == torch.int32 and args["CU"].shape == (4,), name
+            stride_b = [n for n in args if n.startswith("s") and n.endswith("_b") and n != "sp_b"]
+            assert stride_b and all(args[n] == 0 for n in stride_b), (name, stride_b)
 
 
 def test_split_counts_follow_the_device():

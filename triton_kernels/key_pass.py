@@ -60,7 +60,7 @@ def _keys_of(K, V, CU, b, h, pid_s, c_ok, sk_b, sk_h, sk_m, sv_b, sv_h, sv_m, M,
         start = tl.load(CU + b).to(tl.int64)
         seqlen = tl.load(CU + b + 1).to(tl.int64) - start
         first = (pid_s * blocks_per_split).to(tl.int64) * BLOCK_M     # first key of the split
-        n_blk = tl.maximum(tl.minimum(tl.cdiv(seqlen - first, BLOCK_M), blocks_per_split), 0)
+        n_blk = tl.maximum(tl.minimum(tl.cdiv(seqlen - first, BLOCK_M), blocks_per_split), 0).to(tl.int32)
         c_ld = tl.where(first < seqlen, c_ok, False)                  # (not c_ok & scalar: interpreter)
         return (K + h * sk_h + start * sk_m, V + h * sv_h + start * sv_m, seqlen, n_blk, c_ld)
     else:

@@ -177,7 +177,7 @@ def _query_bwd_kernel(
         seqlen = tl.load(CU + b + 1).to(tl.int64) - start
         first = (pid_s * blocks_per_split).to(tl.int64) * BLOCK_N     # first query of the split
         # the query blocks of split s that hold rows of b; none: no loads, zero partials
-        n_blk = tl.maximum(tl.minimum(tl.cdiv(seqlen - first, BLOCK_N), blocks_per_split), 0)
+        n_blk = tl.maximum(tl.minimum(tl.cdiv(seqlen - first, BLOCK_N), blocks_per_split), 0).to(tl.int32)
         c_ld = tl.where(first < seqlen, c_ok, False)
         q_base += start * sq_n
         dy_base += start * sdy_n
