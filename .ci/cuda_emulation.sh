@@ -16,13 +16,16 @@
 # What it proves: the kernels' indexing (strides, padding, tails, splits of the long axes),
 # their synchronization as written (a missing __syncthreads or a read of unwritten shared
 # memory shows up as NaN or a wrong result), the launchers' shape/dtype logic, the launch
-# geometry and the math, against the float64 oracle and the CPU ops, for float32/float64/float16/bfloat16.
+# geometry and the math, against the float64 oracle and the CPU ops, for float32/float64/float16/bfloat16;
+# in the packed (varlen) layout, against the same emulated ops in the padded layout on each sequence
+# and the float64 eager passes (empty sequences, sequences without keys, key passes of 256 and 512
+# rows), with every output of the emulated ops NaN-filled before the kernels run (test mode).
 # What it does not: real GPU behaviour: warp scheduling and independent thread scheduling
 # within a warp, the GPU memory model and races the barrier emulation hides, performance,
 # register/shared-memory limits of a real device, and fast-math intrinsics (the emulation
 # uses exact libm; nvcc's --use_fast_math exp/log/division differ by a few ulp).
 #
-# Usage: .ci/cuda_emulation.sh            smoke subset (25 cases, ~7-10 minutes on 2 cores, plus the build)
+# Usage: .ci/cuda_emulation.sh            smoke subset (29 cases, ~8-11 minutes on 2 cores, plus the build)
 #        .ci/cuda_emulation.sh --all      every case (~15-20 minutes on 2 cores, plus the build)
 #        .ci/cuda_emulation.sh FILTER     cases whose name contains FILTER (e.g. key_pass, float64)
 #        .ci/cuda_emulation.sh --list     the case names (the smoke ones marked)

@@ -2,7 +2,9 @@
 (csrc/cuda/landmarks_kernel.cu) against the CPU ops and the eager torch passes (the
 reference for the segment means), forward and backward, through the dispatcher
 (torch.ops.lara_kernels.*). Also: launch geometry with B x H beyond the 65535 of a grid's
-y and z axes, and capture of every op in a CUDA graph (no host synchronization).
+y and z axes, and capture of every op in a CUDA graph (no host synchronization). The packed
+(varlen) layout has its own section at the end: each op against the same op in the padded
+layout on each sequence alone and against the float64 eager passes.
 
 Every test needs a GPU (marker ``gpu``; conftest.py skips them without one). Inputs are
 drawn in float64 on the CPU and rounded once to the tested dtype; the oracle is
@@ -787,3 +789,50 @@ def test_landmarks_cuda_packed(case, dtype):
     assert torch.equal(out, out_op) and torch.equal(gx, gx_op)
     assert_close("landmarks", out, out64, out32, ct)
     assert_close("grad_x", gx, gx64, gx32, dtype)
+
+
+def all_ops_packed(t, max_seqlen):
+    """Every op once in the packed layout on the tensors of dict t (as all_ops)."""
+    C, T, cu = t["w"].shape[2], t["x"].shape[0], t["cu"]
+    lm = OPS.landmarks(t["x"], None, t["c_eff"], C, cu, max_seqlen)
+    gx = OPS.landmarks_backward(t["gl"], None, t["c_eff"], T, t["x"].dtype, cu, max_seqlen)
+    Z, kap = OPS.key_pass_fwd(t["w"], t["k"], t["v"], None, 0.5, True, cu, max_seqlen)
+    dw, dk, dv = OPS.key_pass_bwd(t["w"], t["k"], t["v"], None, 0.5, True, Z, kap, t["dZ"], t["dkap"], cu, max_seqlen)
+    qargs = [t["q"], t["w"], t["bias"], kap, t["c_eff"], None, 0.5, t["qt"], t["lam"], t["bh"], 1.3]
+    y = OPS.query_pass_fwd(*qargs, cu, max_seqlen)
+    return [lm, gx, Z, kap, dw, dk, dv, y, *OPS.query_pass_bwd(*qargs, t["dy"], cu, max_seqlen)]
+
+
+def all_ops_packed_inputs(lens, H, D, C, dtype, seed, device):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
+    B, T = len(lens), sum(lens)
+    t = {"x": r(T, H, D), "gl": r(B, H, C, D), "w": r(B, H, C, D), "k": r(T, H, D), "v": r(T, H, D),
+         "dZ": r(B, H, C), "dkap": r(B, H, C, D), "q": r(T, H, D), "bias": r(B, H, C), "qt": 0.5 * r(B, H, C, D),
+         "lam": r(B, H, C), "bh": torch.softmax(r(B, H, C), -1), "dy": r(T, H, D), "cu": offsets(lens),
+         "c_eff": torch.tensor([min(C, n) for n in lens])}
+    return {name: to_dev(x, device) for name, x in t.items()}
+
+
+def test_cuda_ops_packed_capture_in_cuda_graph():
+    # the packed layout reads cu_seqlens on the device only (grids from max_seqlen): every op
+    # is captured in a CUDA graph, and a replay with new offsets (same T, B) gives the bits of
+    # an eager call
+    lens, lens2, H, D, C = (0, 30, 1, 45, 0), (12, 0, 40, 24, 0), 2, 16, 9
+    static = all_ops_packed_inputs(lens, H, D, C, torch.float32, 15, "cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        all_ops_packed(static, 64)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = all_ops_packed(static, 64)
+    fresh = all_ops_packed_inputs(lens2, H, D, C, torch.float32, 16, "cuda")
+    for name, x in fresh.items():
+        static[name].copy_(x)
+    graph.replay()
+    torch.cuda.synchronize()
+    eager = all_ops_packed(fresh, 64)
+    for i, (a, b) in enumerate(zip(outs, eager)):
+        assert torch.equal(a, b), f"result {i}: the replay differs from the eager call"

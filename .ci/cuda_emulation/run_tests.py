@@ -3,7 +3,9 @@
 Usage (from .ci/cuda_emulation.sh): run_tests.py [--all | --list | FILTER]
   (none)   the smoke subset (SMOKE below)
   --all    every case of test_key_pass_cuda, test_query_pass_cuda, test_query_pass_cuda_dy_in_float32,
-           test_landmarks_cuda, test_landmarks_cuda_clamps_c_eff, and the launch-limit cases below
+           test_landmarks_cuda, test_landmarks_cuda_clamps_c_eff, the packed-layout tests
+           (test_key_pass_cuda_packed, test_query_pass_cuda_packed, test_landmarks_cuda_packed),
+           and the launch-limit cases below
   --list   print the case names and exit
   FILTER   the cases whose name contains FILTER, e.g. "key_pass", "float64", "(2, 2, 1, 16"
 

@@ -35,6 +35,18 @@
 // all C rows fit: in float32 up to C = 64 at D = Dv = 128 and C = 128 at D = Dv = 64,
 // in float64 up to C = 64 at D = Dv = 64; otherwise the same fallback as the forward),
 // dw partials splits x C x D per (b, h). Sums run in a fixed order, no atomics.
+//
+// Packed layout (cu_seqlens; passes_kernel.h): the grids are those of a padded batch of
+// max_seqlen keys per sequence; each block finds its sequence's keys at cu[b] (seq_rows)
+// and walks only the tiles below its length. A forward or dw block whose split starts past
+// the end writes its neutral partial ((-inf, 0, 0), or zeros for dw) and reads nothing; a
+// dk/dv block past the end exits (the rows it would cover belong to the next sequence,
+// whose own blocks write them). A sequence without keys so gets Z = -inf, kap = 0, dw = 0.
+//
+// Any number of rows C: grouped-query attention sends the G x C rows of the query heads
+// sharing a key/value head. The forward and dw kernels take them in groups and c blocks
+// (plan_rows: as many groups per block as the shared memory holds, the rest in further c
+// blocks), the dk/dv kernel in chunks of 16; only D and Dv are limited (kMaxWidth).
 #include "passes_kernel.h"
 
 namespace lara {

@@ -25,6 +25,13 @@
 // order, so beyond the first it is mostly L2), dq written once (the floor); the C-sized
 // inputs read once per tile from L2; the partials written once per block:
 // splits x B x H x C x (2 D + Dv) elements, splits ~ 4 x SMs / (B x H x groups).
+//
+// Packed layout (cu_seqlens; passes_kernel.h): the grids are those of a padded batch of
+// max_seqlen queries per sequence; a block finds its sequence's rows at cu[b] (seq_rows).
+// A forward block past the end exits; a backward block walks only the tiles of its split
+// below the length (none: it writes zero partials). c_eff[b] = 0 (a sequence without keys,
+// either layout): y = 0 and dq = 0 on its rows, zero partials; its C-sized inputs (Z =
+// -inf in the bias) are never read.
 #include "passes_kernel.h"
 
 namespace lara {
