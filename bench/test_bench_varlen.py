@@ -58,3 +58,20 @@ def test_varlen_flags_checked(capsys):
         bench.main(["--preset", "varlen", "--len-range", "100", "50"])
     with pytest.raises(SystemExit):
         bench.main(["--preset", "quick", "--gqa-lengths", "64"])
+
+
+def _cpu_reasons():
+    cpu = bench.dispatch.backends().get("cpu")
+    return ["no cpu backend"] if cpu is None else cpu.availability_reasons()
+
+
+@pytest.mark.skipif(bool(_cpu_reasons()), reason="; ".join(_cpu_reasons()))
+def test_preset_cpu_backend_passes_its_gates(tmp_path):
+    argv = ["--preset", "varlen", "--device", "cpu", "--backends", "cpu", "--lengths", "20", "33",
+            "--gqa-lengths", "24", "--min-run-time", "0.001", "--out", str(tmp_path), "--stem", "tiny",
+            "--no-progress"]
+    assert bench.main(argv) == 0
+    report = json.loads((tmp_path / "tiny.json").read_text())
+    assert set(report["gates"]) == {"lara/cpu/varlen", "lara/cpu/padded", "lara/cpu/gqa", "lara/cpu/repeat"}
+    assert all(g["passed"] and g["dtype"] == "torch.float64" for g in report["gates"].values())
+    assert all("error" not in r for r in report["results"])

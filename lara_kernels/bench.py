@@ -1103,7 +1103,8 @@ def plot_varlen(report: dict, path: Path) -> Optional[Path]:
                 colors = ["tab:gray" if m.startswith("sdpa") else "tab:blue" if m.endswith("/varlen") else "tab:orange"
                           for m in methods]
                 bars = ax.barh(range(len(methods)), ys, color=colors)   # linear from 0: bars compare honestly
-                ax.bar_label(bars, labels=["failed" if x is None else f"{y:.3g}" for x, y in zip(vals, ys)],
+                ax.bar_label(bars, labels=["failed" if x is None else f"{y:.0f}" if y >= 100 else f"{y:.3g}"
+                                           for x, y in zip(vals, ys)],
                              fontsize=7, padding=2)
                 ax.set_yticks(range(len(methods)), methods, fontsize=8)
                 ax.invert_yaxis()
@@ -1112,6 +1113,7 @@ def plot_varlen(report: dict, path: Path) -> Optional[Path]:
                              fontsize=9)
                 ax.grid(True, axis="x", alpha=0.3)
             else:
+                colors = {}   # one colour per backend: enable_gqa solid, its repeat baseline dashed
                 for m in methods:
                     pts = [(N, tab[("gqa", N, m, mode)][key]) for N in report["config"]["gqa_lengths"]
                            if key in tab[("gqa", N, m, mode)]]
@@ -1120,7 +1122,10 @@ def plot_varlen(report: dict, path: Path) -> Optional[Path]:
                     xs, ys = zip(*pts)
                     if key == "peak_bytes":
                         ys = [max(y, 1) / 2**20 for y in ys]
-                    ax.plot(xs, ys, marker="o", linestyle="--" if m.endswith("/repeat") else "-", label=m)
+                    who = m.split("/")[1] if m.startswith("lara/") else m
+                    color = colors.setdefault(who, "tab:gray" if who.startswith("sdpa") else f"C{len(colors)}")
+                    ax.plot(xs, ys, marker="o", color=color, linestyle="--" if m.endswith("/repeat") else "-",
+                            label=m)
                 ax.set_xscale("log", base=2)
                 ax.set_yscale("log")
                 ax.set_xlabel("sequence length N")
