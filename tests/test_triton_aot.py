@@ -4,7 +4,15 @@ The interpreter accepts code a GPU compiler rejects or compiles badly, so every 
 compiled as the launchers specialize it: each launcher runs on meta tensors (B=8, H=12,
 N=M=8192, as in a real call; the launch helper is replaced by a recorder, so the grid,
 the constexprs and the num_warps / num_stages are the launcher's own, and the split
-counts use an H100's 132 SMs). Each recorded launch is compiled with ``triton.compile``
+counts use an H100's 132 SMs), in both layouts of the long tensors: padded (B, H, L, D)
+and packed (T, H, D) with cu_seqlens (T = B * 8192, max_seqlen 8192), whose kernels are
+the VARLEN specializations (issue 16). The packed ones hold a few more scalars (the
+sequence's first row and length, the live-block count) and compile to about the same
+registers and stack as the padded ones: at the CI configurations (bf16) their stack
+frames on sm_90 are 0 / 192 bytes (key backward, D = C = 64 / 128; padded 0 / 184),
+0 / 0 (key forward, as padded), 24 / 128 (query backward; padded 32 / 272), 0 / 0
+(query forward); sm_80 spills in both layouts as described below (query backward
+D = C = 128: packed 2.9 KB, padded 7.1 KB). Each recorded launch is compiled with ``triton.compile``
 for ``GPUTarget("cuda", arch, 32)``; the cubin is read with the cuobjdump bundled with
 Triton (registers, stack frame, SASS), the PTX for the tensor-core instructions.
 

@@ -8,7 +8,15 @@ a NaN-filled allocation and an element a kernel forgot to write fails the compar
 Every kernel is started by ``launch`` (device guard, then ``kernel[grid](...)``), so a
 test can capture the grid and constants a launcher picks (on meta tensors, no GPU) and
 check the guard. Host paths never synchronize with the device (no ``.item()``, no
-``bool(tensor)``): a call can be captured in a CUDA graph.
+``bool(tensor)``): a call can be captured in a CUDA graph. In the packed layout this
+means cu_seqlens is only ever read by the kernels; the host sizes grids and splits by
+max_seqlen (an int).
+
+Two layouts of the long tensors (``layout``, ``long_strides``): padded (B, H, L, D) with
+an optional padding mask, and packed (T, H, D) with cu_seqlens (B + 1) int32,
+flash-attention's varlen convention. The kernels take the packed one as the constexpr
+VARLEN with stride_b = 0: sequence b's rows start at row cu[b] (the row pointer is
+base + (cu[b] + n) * stride_row, int64) and n is valid below cu[b + 1] - cu[b].
 
 Precision of the products (``mma`` below, issue 13):
 - float16 / bfloat16 inputs: ``tl.dot`` on the input dtype (tensor cores) with float32

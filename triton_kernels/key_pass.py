@@ -7,6 +7,25 @@
 The same kernel is the query normalizer (w = qt, keys = q, no values, no norm term):
 Lam_c = LSE_n qt_c . qh_n.
 
+Reads w (B, H, C, D) float32 (any C: grouped-query attention passes the G * C rows of
+the G query heads sharing a key/value head, w viewed as (B, H_kv, G * C, D)), k and v
+(any strides, one float dtype), the padding mask or cu_seqlens; writes Z (B, H, C) and
+kap (B, H, C, Dv) float32 (forward), dw (B, H, C, D) float32, dk, dv in k's and v's
+shape and dtype, every row (backward).
+
+Layouts (constexpr VARLEN):
+- padded: k (B, H, M, D), v (B, H, M, Dv), an optional (B, M) padding mask; key m of
+  element b at K + b sk_b + h sk_h + m sk_m, valid when m < M and not padded.
+- packed (flash-attention's varlen): k (T, H, D), v (T, H, Dv), cu_seqlens (B + 1)
+  int32; sequence b is rows start = cu[b] .. cu[b + 1] - 1, its key m at
+  K + h sk_h + (start + m) sk_m (int64), valid when m < length = cu[b + 1] - cu[b]. The
+  splits cover max_seqlen (>= every length); a program whose split starts at or past
+  its sequence's length loads nothing (its C-sized loads are masked off, its loop runs
+  no block) and writes neutral partials (max -inf, sum 0, accumulator 0) in the forward,
+  a zero dw partial in the backward; every row of dk, dv belongs to exactly one program.
+  A sequence without keys gets Z = -inf and kap = 0 (the combine never divides 0 by 0)
+  and dw = 0.
+
 kh_m = ss k_m; the scale is folded into the C x D rows (w ss, rounded once to the input
 dtype, the operand of every product with k), so k goes into ``tl.dot`` as loaded:
 w_c . kh_m = (ss w_c) . k_m and |kh_m|^2 = ss^2 |k_m|^2 (float32).
@@ -15,7 +34,8 @@ Forward: split-K over the long axis. Program (bh, s) holds all C rows of w (padd
 power of two >= 16) and runs an online log-sum-exp over the key blocks of split s, so
 every key block is read by exactly one program whatever C is. It writes the partials
 (max, sum of exp, accumulator) of its split to one (S, B*H*C, 2 + Dv) float32 buffer; a
-second small kernel (grid B*H*C/16) combines the splits into Z and kap.
+second small kernel (grid B*H*C/16) combines the splits into Z and kap (kap = 0 for a
+row with no key at all, Z = -inf).
 Past C x max(D, Dv) = 128 x 128 (C = 256 with D = 128, or D = 256 with C > 64) one program
 cannot hold all C rows (shared memory, registers): C blocks of 128 * 128 / max(D, Dv)
 rows go on the grid, k and v are read once per C block and the backward sums float32

@@ -5,7 +5,23 @@
     y_n  = sum_c softmax_c(L_n)_c kap_c                          (0 for padded rows)
 
 The MIS term is present when ``qt`` is given ("optimal" weighting); RFA and "balance"
-weighting use L_nc = qh_n . w_c + bias_c.
+weighting use L_nc = qh_n . w_c + bias_c. With c_eff[b] = 0 (a sequence with no keys)
+every sample is inactive: y = 0 and dq = 0 on its rows, which add nothing to the
+C-sized gradients, and the mean over active samples divides by max(c_eff, 1) (no NaN).
+
+Reads q, dy (any strides, one float dtype), the C-sized w, bias, kap, c_eff and with MIS
+qt, Lam, bh (float32), the padding mask or cu_seqlens; writes y in q's dtype (forward),
+dq of q's shape and dtype (every row) and the float32 C-sized gradients (backward).
+
+Layouts (constexpr VARLEN):
+- padded: q (B, H, N, D), y, dy (B, H, N, Dv), an optional (B, N) padding mask; query n
+  of element b at Q + b sq_b + h sq_h + n sq_n, valid when n < N and not padded.
+- packed: q (T, H, D), y, dy (T, H, Dv), cu_seqlens (B + 1) int32; sequence b is rows
+  start = cu[b] .. cu[b + 1] - 1, query n at Q + h sq_h + (start + n) sq_n (int64), valid
+  when n < length. The forward's grid covers max_seqlen and a program (b, h, n block)
+  whose block starts at or past the length exits at once (nothing to write); the
+  backward's splits cover max_seqlen, and a split past the length loads nothing and
+  writes zero partials.
 
 The scale is folded into the C rows (ss w and ss qt, rounded once to the input dtype),
 so q goes into ``tl.dot`` as loaded (precision rules: _common.py).
