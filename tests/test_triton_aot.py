@@ -10,9 +10,9 @@ the VARLEN specializations (issue 16). The packed ones hold a few more scalars (
 sequence's first row and length, the live-block count) and compile to about the same
 registers and stack as the padded ones: at the CI configurations (bf16) their stack
 frames on sm_90 are 0 / 192 bytes (key backward, D = C = 64 / 128; padded 0 / 184),
-0 / 0 (key forward, as padded), 24 / 128 (query backward; padded 32 / 272), 0 / 0
+0 / 0 (key forward, as padded), 24 / 128-160 (query backward; padded 32 / 272), 0 / 0
 (query forward); sm_80 spills in both layouts as described below (query backward
-D = C = 128: packed 2.9 KB, padded 7.1 KB). Each recorded launch is compiled with ``triton.compile``
+D = C = 128: packed 2.9 KB, padded 7.1-7.5 KB; figures vary a little between runs). Each recorded launch is compiled with ``triton.compile``
 for ``GPUTarget("cuda", arch, 32)``; the cubin is read with the cuobjdump bundled with
 Triton (registers, stack frame, SASS), the PTX for the tensor-core instructions.
 
