@@ -159,7 +159,10 @@ void check_key_pass_args(const char* op, const Tensor& w, const Tensor& k, const
   const int64_t H = k.size(1), M = k.size(packed ? 0 : 2), D = k.size(packed ? 2 : 3);
   check_dim(op, "head dim D", D, k);
   check_small(op, "w", w, {B, H, -1, D}, compute_type(k.scalar_type()), k);
-  check_dim(op, "number of samples C", w.size(2), k);
+  // any number of rows C >= 1, on every device: grouped-query attention passes the C sample rows of
+  // the G query heads of a key/value head as G * C rows (the query pass keeps its limit on C)
+  TORCH_CHECK(w.size(2) >= 1 && w.size(2) <= std::numeric_limits<int>::max(), op,
+              ": the number of rows C of w must be in [1, 2**31 - 1], got ", w.size(2));
   TORCH_CHECK(w.is_contiguous(), op, ": w must be contiguous");
   if (v.has_value()) {
     if (packed) {

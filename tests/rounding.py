@@ -34,6 +34,13 @@ ALPHA_FLOOR = 1e-8
 NAME = "triton-rounding-emulation"
 
 
+def _padded_only(cu_seqlens):
+    """The emulation covers the padded layout; packed batches are emulated per sequence
+    (a packed call equals the padded calls on each sequence, tests/test_triton_varlen.py)."""
+    if cu_seqlens is not None:
+        raise NotImplementedError("the rounding emulation takes the padded layout only")
+
+
 def rnd(x: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
     """x as a product operand of dtype dt, held in float32."""
     x = x.to(torch.float32)
@@ -70,7 +77,8 @@ class RoundingKernels:
         return a, kf, logit, valid
 
     @classmethod
-    def key_pass_fwd(cls, w, k, v, padding, ss, subtract_norm):
+    def key_pass_fwd(cls, w, k, v, padding, ss, subtract_norm, cu_seqlens=None, max_seqlen=0):
+        _padded_only(cu_seqlens)
         dt = k.dtype
         _, _, logit, _ = cls._key_logits(w, k, padding, ss, subtract_norm)
         mx = logit.amax(-1, keepdim=True)
@@ -84,7 +92,8 @@ class RoundingKernels:
         return Z, mm(p, vf, dt) / l_[..., None]
 
     @classmethod
-    def key_pass_bwd(cls, w, k, v, padding, ss, subtract_norm, Z, kap, dZ, dkap):
+    def key_pass_bwd(cls, w, k, v, padding, ss, subtract_norm, Z, kap, dZ, dkap, cu_seqlens=None, max_seqlen=0):
+        _padded_only(cu_seqlens)
         dt = k.dtype
         a, kf, logit, _ = cls._key_logits(w, k, padding, ss, subtract_norm)
         sm = torch.exp(logit - Z.float()[..., None])                     # 0 at padded keys
@@ -129,12 +138,16 @@ class RoundingKernels:
         return qf, valid, act, keep, a, p, extra
 
     @classmethod
-    def query_pass_fwd(cls, q, w, bias, kap, c_eff, padding, ss, qt=None, lam=None, bh=None, beta=0.0):
+    def query_pass_fwd(cls, q, w, bias, kap, c_eff, padding, ss, qt=None, lam=None, bh=None, beta=0.0,
+                       cu_seqlens=None, max_seqlen=0):
+        _padded_only(cu_seqlens)
         _, _, _, _, _, p, _ = cls._query_probs(q, w, bias, kap, c_eff, padding, ss, qt, lam, bh, beta)
         return mm(p, kap.float(), q.dtype).to(q.dtype)
 
     @classmethod
-    def query_pass_bwd(cls, q, w, bias, kap, c_eff, padding, ss, qt, lam, bh, beta, dy):
+    def query_pass_bwd(cls, q, w, bias, kap, c_eff, padding, ss, qt, lam, bh, beta, dy, cu_seqlens=None,
+                       max_seqlen=0):
+        _padded_only(cu_seqlens)
         dt = q.dtype
         qf, valid, act, keep, a, p, extra = cls._query_probs(q, w, bias, kap, c_eff, padding, ss, qt, lam, bh, beta)
         dyf, _ = _keep_rows(dy, padding)

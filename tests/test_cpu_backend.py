@@ -335,7 +335,7 @@ def test_ops_name_the_bad_value():
     k = torch.randn(1, 2, 10, 0)
     with pytest.raises(RuntimeError, match=r"head dim D must be in \[1, 2147483647\] on cpu, got 0"):
         ops.key_pass_fwd(torch.randn(1, 2, 4, 0), k, None, None, 1.0, True)
-    with pytest.raises(RuntimeError, match=r"number of samples C must be in \[1, 2147483647\] on cpu, got 0"):
+    with pytest.raises(RuntimeError, match=r"number of rows C of w must be in \[1, 2\*\*31 - 1\], got 0"):
         ops.key_pass_fwd(torch.randn(1, 2, 0, 8), torch.randn(1, 2, 10, 8), None, None, 1.0, True)
     with pytest.raises(RuntimeError, match=r"value head dim Dv must be in \[1, 2147483647\] on cpu, got 0"):
         ops.query_pass_fwd(torch.randn(1, 2, 6, 8), torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4),

@@ -14,8 +14,8 @@ would be silently attended to.
 
 Supported: encoder (bidirectional) models that call the attention interface, i.e. the
 BERT family (BERT, RoBERTa, MiniLM, XLM-R, ELECTRA, ...) and the ViT family (ViT,
-DeiT, ...), with any number of key/value heads (grouped-query models: the k/v heads are
-repeated, as transformers' own eager path does; LARA has no grouped-query kernel yet).
+DeiT, ...), with any number of key/value heads (grouped-query models run with
+``enable_gqa=True``: the shared k/v heads are read as they are, never repeated).
 Tested with transformers 5.24.0; 5.0 or newer is required (``register`` checks).
 
 Options. LARA's options are, in increasing priority: the library's defaults, the
@@ -283,12 +283,8 @@ def lara_attention_forward(module, query: torch.Tensor, key: torch.Tensor, value
     Hkv, M = key.shape[1], key.shape[2]
     if value.shape[1] != Hkv:
         raise ValueError(f"key has {Hkv} heads but value has {value.shape[1]}")
-    if Hkv != H:
-        if Hkv == 0 or H % Hkv != 0:
-            raise ValueError(f"query has {H} heads, not a multiple of the key/value heads {Hkv}")
-        rep = H // Hkv      # grouped-query attention: repeat each k/v head for its query heads
-        key = key.repeat_interleave(rep, dim=1)
-        value = value.repeat_interleave(rep, dim=1)
+    if Hkv != H and (Hkv == 0 or H % Hkv != 0):
+        raise ValueError(f"query has {H} heads, not a multiple of the key/value heads {Hkv}")
     pad = _key_padding(attention_mask, B, N, M)
     masks = {}
     if _is_cross_attention(module, N, M):
@@ -300,7 +296,7 @@ def lara_attention_forward(module, query: torch.Tensor, key: torch.Tensor, value
     training = bool(getattr(module, "training", False))
     gen = opts.pop("generator", None)
     out = lara_attention(query, key, value, scale=scaling, training=training,
-                         generator=gen if training else None, **masks, **opts)
+                         generator=gen if training else None, enable_gqa=Hkv != H, **masks, **opts)
     if mode == "output" and training and dropout:
         out = F.dropout(out, p=float(dropout), training=True)
     return out.transpose(1, 2).contiguous(), None
