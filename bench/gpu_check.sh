@@ -14,6 +14,8 @@
 #                 replayed equals eager, triton and cuda backends
 #   5 bench       lara-bench --preset gpu, triton and cuda backends against SDPA's flash
 #                 kernel: <out>/gpu-<device>.{md,json,png}, key figures in the summary
+#   6 varlen      lara-bench --preset varlen on CUDA (packed batch vs padded + mask vs SDPA;
+#                 GQA H=32/H_kv=8 vs repeated k, v): <out>/varlen-<device>.{md,json,png}
 #
 # Every step logs to <log-dir>/<step>.log (default build/gpu_check); a failing step does
 # not stop the others. --steps build,tests,... runs only those (the others show as not
@@ -37,7 +39,7 @@ usage() { sed -n '2,30p' "$SELF" | sed 's/^# \{0,1\}//'; }
 ARGS=("$@")
 DRY="${GPU_CHECK_DRY:-0}"
 SKIP_BUILD=0
-ALL_STEPS="build,tests,sanitizer,cuda-graph,bench"
+ALL_STEPS="build,tests,sanitizer,cuda-graph,bench,varlen"
 STEPS="$ALL_STEPS"
 RUN_STEP=""    # internal: run one step's function (the script calls itself under `timeout`)
 OUT=bench/results
@@ -194,6 +196,23 @@ step_bench() {
 }
 step bench 240
 
+# --------------------------------------------------------------------------- 6. varlen and GQA benchmark
+step_varlen() {
+  local out args tag
+  if [ "$DRY" = 1 ]; then
+    out="$LOG_DIR/varlen"
+    args=(--device cpu --backends cpu --lengths 40 64 17 --gqa-lengths 64 --threads 1 --min-run-time 0.01
+          --stem varlen-dry-run-cpu)
+  else
+    out="$OUT"
+    tag=$("$PY" -c 'import torch; from lara_kernels.bench import sanitize; print(sanitize(torch.cuda.get_device_name()))') \
+      || return 1
+    args=(--device cuda --backends triton,cuda --gqa-lengths 2048 8192 --stem "varlen-$tag")
+  fi
+  "$PY" -m lara_kernels.bench --preset varlen --no-progress --out "$out" "${args[@]}"
+}
+step varlen 90
+
 if [ -n "$RUN_STEP" ]; then
   declare -F "step_$RUN_STEP" >/dev/null || { echo "gpu_check.sh: no step '$RUN_STEP'" >&2; exit 2; }
   "step_$RUN_STEP"
@@ -209,8 +228,8 @@ for i in "${!NAMES[@]}"; do
   printf '  %-11s %-6ss  %s\n' "${NAMES[$i]}" "${SECONDS_TAKEN[$i]}" "${STATUS[$i]}"
   case "${STATUS[$i]}" in FAIL*) failed=1 ;; esac
 done
-grep -h -E '^(Key figure|Gate |Skipped )' "$LOG_DIR/bench.log" 2>/dev/null | sed 's/^/  /'
-grep -h -E '^wrote ' "$LOG_DIR/bench.log" 2>/dev/null | sed 's/^/  bench: /'
+grep -h -E '^(Key figure|Gate |Skipped )' "$LOG_DIR/bench.log" "$LOG_DIR/varlen.log" 2>/dev/null | sed 's/^/  /'
+grep -h -E '^wrote ' "$LOG_DIR/bench.log" "$LOG_DIR/varlen.log" 2>/dev/null | sed 's/^/  bench: /'
 echo "  elapsed: $((END - START)) s (budget ${BUDGET} s)"
 if [ "$failed" = 0 ]; then echo "gpu_check: all steps passed or skipped"; else echo "gpu_check: FAILED (see the logs)"; fi
 exit "$failed"
