@@ -449,3 +449,51 @@ def test_varlen_under_compile_needs_max_seqlen():
                              fullgraph=True, backend="aot_eager")
     with pytest.raises(Exception, match="under torch.compile pass max_seqlen_q and max_seqlen_k"):
         compiled(q, k, v, cu_q, cu_k)
+
+
+# ----------------------------------------------------------------------------- the rest of the autograd surface
+
+
+def _small_packed():
+    g = torch.Generator().manual_seed(8)
+    cu_q = torch.tensor([0, 3, 3, 7], dtype=torch.int32)
+    cu_k = torch.tensor([0, 4, 6, 6], dtype=torch.int32)      # sequence 1: no queries; 2: no keys
+    q = torch.randn(7, 2, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(6, 1, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(6, 1, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    return q, k, v, cu_q, cu_k
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])    # Triton has no float64
+@pytest.mark.parametrize("proposal", ["segment", "mixed", "attend"])
+def test_varlen_gqa_gradgradcheck(backend, proposal):
+    """Second derivatives (create_graph=True backward: the eager passes in the packed layout)."""
+    q, k, v, cu_q, cu_k = _small_packed()
+
+    def f(q, k, v):
+        return lara_attention_varlen(q, k, v, cu_q, cu_k, num_samples=3, enable_gqa=True, backend=backend,
+                                     proposal=proposal)
+
+    assert torch.autograd.gradcheck(f, (q, k, v))
+    assert torch.autograd.gradgradcheck(f, (q, k, v))
+
+
+def test_varlen_forward_ad_and_vmap():
+    """Forward-mode AD (the eager passes carry tangents) equals the oracle's; torch.vmap over a
+    packed batch is refused with a message that says what to do instead."""
+    from torch.func import jvp, vmap
+
+    q, k, v, cu_q, cu_k = (t.detach() if t.is_floating_point() else t for t in _small_packed())
+    g = torch.Generator().manual_seed(1)
+    tangents = tuple(torch.randn(t.shape, generator=g, dtype=t.dtype) for t in (q, k, v))
+    outs = [jvp(lambda q, k, v, b=b: lara_attention_varlen(q, k, v, cu_q, cu_k, num_samples=3, enable_gqa=True,
+                                                          backend=b), (q, k, v), tangents)[1]
+            for b in [b for b in BACKENDS if b != "triton"]]
+    for o in outs[1:]:
+        assert (o - outs[0]).abs().max() <= F64_TOL
+    if _ops.built():
+        def f(q, k, v):
+            return lara_attention_varlen(q, k, v, cu_q, cu_k, num_samples=3, enable_gqa=True, backend="cpu")
+
+        with pytest.raises(NotImplementedError, match="vmap over packed .* pack the vmapped ones into it"):
+            vmap(f)(*(t[None].expand(2, *t.shape) for t in (q, k, v)))
