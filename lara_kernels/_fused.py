@@ -269,6 +269,10 @@ class FusedPasses:
     @staticmethod
     def landmarks(x, padding, c_eff, C):
         if built() and not _forward_ad_active():
+            if _plain(x):
+                mask, cu, max_seqlen = _split(padding)
+                with _below_autograd():
+                    return torch.ops.lara_kernels.landmarks(x, mask, c_eff, C, cu, max_seqlen)
             from ._ops import landmarks
 
             return landmarks(x, padding, c_eff, C)
@@ -278,24 +282,46 @@ class FusedPasses:
         if _forward_ad_active():
             return _passes_torch.key_pass(w, k, v, padding, float(ss), bool(subtract_norm))
         mask, cu, max_seqlen = _split(padding)
+        if _plain(w, k, v):
+            return self.kernels.key_pass_fwd(w, k, v, mask, float(ss), bool(subtract_norm), cu, max_seqlen)
         return _apply(_KeyPass, self.kernels, w, k, v, mask, float(ss), bool(subtract_norm), cu, max_seqlen)
 
     def query_normalizer(self, qt, q, padding, ss):
         if _forward_ad_active():
             return _passes_torch.query_normalizer(qt, q, padding, float(ss))
         mask, cu, max_seqlen = _split(padding)
+        if _plain(qt, q):
+            return self.kernels.key_pass_fwd(qt, q, None, mask, float(ss), False, cu, max_seqlen)[0]
         return _apply(_QueryNormalizer, self.kernels, qt, q, mask, float(ss), cu, max_seqlen)
 
     def query_pass(self, q, w, bias, kap, c_eff, padding, ss, mis):
         if _forward_ad_active():
             return _passes_torch.query_pass(q, w, bias, kap, c_eff, padding, float(ss), mis)
         mask, cu, max_seqlen = _split(padding)
-        if mis is None:
-            return _apply(_QueryPass, self.kernels, q, w, bias, kap, c_eff, mask, float(ss), None, None, None, 0.0,
-                          cu, max_seqlen)
-        qt, lam, bh, beta = mis
+        qt, lam, bh, beta = (None, None, None, 0.0) if mis is None else mis
+        if _plain(q, w, bias, kap, qt, lam, bh):
+            return self.kernels.query_pass_fwd(q, w, bias, kap, c_eff, mask, float(ss), qt, lam, bh, float(beta), cu,
+                                               max_seqlen)
         return _apply(_QueryPass, self.kernels, q, w, bias, kap, c_eff, mask, float(ss), qt, lam, bh, float(beta),
                       cu, max_seqlen)
+
+
+def _plain(*tensors) -> bool:
+    """True when a pass needs no autograd record: grad mode off or no input requiring a
+    gradient, outside torch.compile and torch.func transforms (which take the Functions).
+    The pass then calls its kernel directly: the result is the Function's forward, without
+    the Function's per-call cost (most of a small call's host time)."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return False
+    if not torch.is_grad_enabled():
+        return True
+    return not any(t is not None and t.requires_grad for t in tensors)
+
+
+def _below_autograd():
+    """Dispatch below the autograd key: a compiled op whose inputs need no gradient skips
+    its Python autograd registration."""
+    return torch._C._AutoDispatchBelowAutograd()
 
 
 class CompiledKernels:

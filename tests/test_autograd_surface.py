@@ -465,3 +465,29 @@ def test_c_built_against_another_torch_is_refused_with_reason():
     assert not r["built"]
     assert r["C_ERROR"].startswith("_WrongTorch: built against torch 0.0.1+other, but this is torch ")
     assert len(r["warnings"]) == 1 and "pip install --no-build-isolation -e ." in r["warnings"][0]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_no_grad_calls_skip_the_functions_and_equal_the_grad_path(backend, monkeypatch):
+    """Inference (grad mode off, or no input requiring a gradient) calls the kernels directly,
+    without the autograd Functions and their per-call cost; the result is bitwise the one of
+    the recorded path."""
+    if backend == "cpu" and not _ops.built():
+        pytest.skip("lara_kernels._C is not built")
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CPU tensors run the Triton kernels only under TRITON_INTERPRET=1")
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 11, 8, generator=g) for _ in range(3))
+    pad = torch.zeros(2, 11, dtype=torch.bool)
+    pad[1, 7:] = True
+    opts = dict(num_samples=4, padding_mask=pad, backend=backend, proposal="attend")
+    recorded = lara_attention(q.requires_grad_(), k, v, **opts)
+    applied = []
+    real_apply = _fused._apply
+    monkeypatch.setattr(_fused, "_apply", lambda fn, *a: applied.append(fn) or real_apply(fn, *a))
+    with torch.no_grad():
+        y = lara_attention(q, k, v, **opts)
+    y2 = lara_attention(q.detach(), k, v, **opts)
+    assert applied == []
+    assert torch.equal(y, recorded.detach()) and torch.equal(y2, recorded.detach())
+    assert y.grad_fn is None and y2.grad_fn is None
