@@ -701,6 +701,18 @@ def check_offset_values(cu_q, cu_k, rows_q, rows_k, max_q, max_k):
     return tuple(out)
 
 
+def assert_offsets_async(cu_q, cu_k, rows_q, rows_k, max_q, max_k):
+    """The checks of :func:`check_offset_values` as device-side assertions (no host
+    synchronization): first 0, non-decreasing, last the row count, lengths at most
+    ``max_seqlen_*``."""
+    for name, cu, rows, longest in (("cu_seqlens_q", cu_q, rows_q, max_q), ("cu_seqlens_k", cu_k, rows_k, max_k)):
+        lengths = cu[1:] - cu[:-1]
+        ok = (cu[0] == 0) & (cu[-1] == rows) & (lengths >= 0).all() & (lengths <= longest).all()
+        what = "max_seqlen_q" if name == "cu_seqlens_q" else "max_seqlen_k"
+        torch._assert_async(ok, f"{name} must start at 0, be non-decreasing and end at the row count {rows}, "
+                                f"with lengths at most {what}={longest}")
+
+
 @torch.library.custom_op("lara_kernels::check_offsets", mutates_args=())
 def _check_offsets_op(cu_q: torch.Tensor, cu_k: torch.Tensor, rows_q: int, rows_k: int, max_q: int,
                       max_k: int) -> None:
@@ -718,8 +730,11 @@ _OFFSETS_KEPT_WHEN_COMPILED = _keep_in_compiled_graphs(torch.ops.lara_kernels.ch
 def check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
     """Checked (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) of a packed batch.
 
-    Eager: the offsets' values are read once (one host synchronization) and checked, and
-    a missing ``max_seqlen_*`` is the longest length. Under ``torch.compile`` both
+    Eager: the offsets' values are read once (one host synchronization, none for offsets
+    on the CPU) and checked, and a missing ``max_seqlen_*`` is the longest length. With
+    both ``max_seqlen_*`` given and the offsets on a GPU, they are checked on the device
+    instead (``torch._assert_async``: no synchronization, capturable in a CUDA graph; a bad
+    value stops the program with a device-side assertion). Under ``torch.compile`` both
     ``max_seqlen_*`` must be given (they size the kernels' grids, as in flash-attention),
     and the values are checked when the graph runs by the op ``lara_kernels::check_offsets``,
     kept in the graph as a side effect."""
@@ -731,7 +746,10 @@ def check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
     max_q = None if max_seqlen_q is None else _check_int("max_seqlen_q", max_seqlen_q, 0)
     max_k = None if max_seqlen_k is None else _check_int("max_seqlen_k", max_seqlen_k, 0)
     if not torch.compiler.is_compiling():
-        max_q, max_k = check_offset_values(cu_q, cu_k, q.shape[0], k.shape[0], max_q, max_k)
+        if cu_q.device.type != "cpu" and max_q is not None and max_k is not None:
+            assert_offsets_async(cu_q, cu_k, q.shape[0], k.shape[0], max_q, max_k)
+        else:
+            max_q, max_k = check_offset_values(cu_q, cu_k, q.shape[0], k.shape[0], max_q, max_k)
     else:
         if max_q is None or max_k is None:
             raise ValueError("under torch.compile pass max_seqlen_q and max_seqlen_k (ints, as in flash-attention): "

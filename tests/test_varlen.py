@@ -497,3 +497,15 @@ def test_varlen_forward_ad_and_vmap():
 
         with pytest.raises(NotImplementedError, match="vmap over packed .* pack the vmapped ones into it"):
             vmap(f)(*(t[None].expand(2, *t.shape) for t in (q, k, v)))
+
+
+def test_device_side_offset_checks():
+    """Offsets on a GPU with both max_seqlen given are checked without synchronizing
+    (torch._assert_async); the same predicate, run here on CPU tensors, raises at once."""
+    cu_q, cu_k = torch.tensor([0, 4, 9], dtype=torch.int32), torch.tensor([0, 3, 7], dtype=torch.int32)
+    api.assert_offsets_async(cu_q, cu_k, 9, 7, 5, 4)
+    for args in ((cu_q, cu_k, 9, 7, 4, 4),                                          # max_seqlen_q too small
+                 (cu_q, torch.tensor([0, 5, 4], dtype=torch.int32), 9, 4, 5, 5),   # decreasing
+                 (cu_q, cu_k, 8, 7, 5, 4)):                                          # last != rows
+        with pytest.raises(RuntimeError, match="must start at 0, be non-decreasing and end at the row count"):
+            api.assert_offsets_async(*args)
