@@ -84,12 +84,12 @@ import torch
 import torch.distributed as dist
 
 from . import api, dispatch
-from ._pipeline import NEG_INF, _mask_inactive, _zero_dropped
+from ._pipeline import NEG_INF, _key_pass_grouped, _mask_inactive, _zero_dropped
 from .reference import compute_dtype
 
 __all__ = ["context_parallel_lara_attention", "context_parallel_rfa_attention", "bytes_per_call"]
 
-HEADER = 16          # int64 fields of the header every rank contributes
+HEADER = 17          # int64 fields of the header every rank contributes
 _DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -99,13 +99,14 @@ _DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 def bytes_per_call(op: str, *, B: int, H: int, N: int, M: int, D: int, Dv: int, num_samples: int,
                    dtype: torch.dtype = torch.float32, proposal: str = "segment", weighting: str = "optimal",
                    training: bool = False, q_landmarks: bool = False, k_landmarks: bool = False,
-                   masked: bool = False):
+                   masked: bool = False, kv_heads: Optional[int] = None):
     """(forward, backward) bytes a rank hands to the collectives in one call (module doc).
 
     ``op`` is "lara" or "rfa"; N and M are the global lengths and only matter through
     C = min(num_samples, N, M); q_landmarks / k_landmarks say whether they are given;
-    ``masked`` whether a padding mask is given. Degenerate shapes (N, M or Dv = 0) send the
-    header only.
+    ``masked`` whether a padding mask is given; ``kv_heads`` the key/value heads of a
+    grouped-query call (default H: the key landmarks' sums then cross as H_kv heads).
+    Degenerate shapes (N, M or Dv = 0) send the header only.
     """
     e = 8 if dtype == torch.float64 else 4
     head = 8 * (HEADER + (2 * B if masked else 0))
@@ -115,13 +116,14 @@ def bytes_per_call(op: str, *, B: int, H: int, N: int, M: int, D: int, Dv: int, 
         G = B * H * num_samples
         return head + 4 * G * D + e * G * (2 + Dv), e * G * (1 + Dv)
     G = B * H * min(num_samples, N, M)
+    Gk = B * (H if kv_heads is None else kv_heads) * min(num_samples, N, M)
     nq = 0 if q_landmarks else 1
     nk = 0 if (k_landmarks or proposal == "attend") else 1
     t = 1 if training else 0
     a = 1 if proposal == "attend" else 0
     o = 1 if weighting == "optimal" else 0
-    fwd = head + e * G * D * (nq + nk + t) + a * e * G * (2 + D) + e * G * (2 + Dv + 2 * o)
-    bwd = e * G * D * (nq + nk) + a * e * G * (1 + D) + e * G * (1 + Dv + o)
+    fwd = head + e * D * (G * (nq + t) + Gk * nk) + a * e * G * (2 + D) + e * G * (2 + Dv + 2 * o)
+    bwd = e * D * (G * nq + Gk * nk) + a * e * G * (1 + D) + e * G * (1 + Dv + o)
     return fwd, bwd
 
 
@@ -253,7 +255,7 @@ def _float_bits(x: float) -> int:
 
 _FIELDS = ("N_r", "M_r", "batch size B", "heads H", "head dim D", "value head dim Dv", "num_samples", "dtype",
            "proposal", "weighting", "training", "landmarks given", "padding masks given", "requires_grad pattern",
-           "beta", "scale")
+           "beta", "scale", "key/value heads H_kv")
 
 
 def _exchange_header(group, fields, counts, device, fn):
@@ -368,7 +370,7 @@ def _key_partials(passes, w, k, v, pad, ss, subtract_norm, M_r, dv):
     if M_r == 0:
         return w.new_full((B, H, C), NEG_INF), w.new_zeros(B, H, C, dv)
     (k, v), lpad, has = _local([k, v], pad, M_r)
-    Z, kap = passes.key_pass(w, k, v, lpad, ss, subtract_norm)
+    Z, kap = _key_pass_grouped(passes, w, k, v, lpad, ss, subtract_norm)   # GQA: the group's rows together
     return _override(Z, kap.to(w.dtype), has)
 
 
@@ -416,11 +418,13 @@ def context_parallel_lara_attention(
     attn_mask: Optional[torch.Tensor] = None,
     dropout_p: float = 0.0,
     check_finite: bool = False,
+    enable_gqa: bool = False,
 ) -> torch.Tensor:
     """:func:`lara_kernels.lara_attention` on a sequence sharded over ``group`` (module doc).
 
     Args: those of ``lara_attention``, every one with the same meaning, on this rank's
-    shards: q (B, H, N_r, D), k (B, H, M_r, D), v (B, H, M_r, Dv), query_padding_mask
+    shards: q (B, H, N_r, D), k (B, H_kv, M_r, D), v (B, H_kv, M_r, Dv) (H_kv = H, or with
+    ``enable_gqa`` a divisor of H: k and v are not repeated), query_padding_mask
     (B, N_r), key_padding_mask / padding_mask (B, M_r). ``q_landmarks`` / ``k_landmarks``
     (B, H, C, D) describe the whole sequence and must be the same on every rank.
         group: the process group (default: the world); rank order is sequence order.
@@ -437,9 +441,9 @@ def context_parallel_lara_attention(
         training=training, generator=generator, key_padding_mask=key_padding_mask,
         query_padding_mask=query_padding_mask, padding_mask=padding_mask, q_landmarks=q_landmarks,
         k_landmarks=k_landmarks, backend=backend, is_causal=is_causal, attn_mask=attn_mask, dropout_p=dropout_p,
-        check_finite=check_finite)
+        check_finite=check_finite, enable_gqa=enable_gqa)
     B, H, N_r, D = q.shape
-    M_r, Dv = k.shape[2], v.shape[3]
+    Hkv, M_r, Dv = k.shape[1], k.shape[2], v.shape[3]
 
     group = _group(group)
     rank = dist.get_rank(group)
@@ -448,7 +452,7 @@ def context_parallel_lara_attention(
               api.WEIGHTINGS.index(weighting), int(training),
               int(q_landmarks is not None) + 2 * int(k_landmarks is not None),
               int(query_padding_mask is not None) + 2 * int(key_padding_mask is not None),
-              _requires_grad_bits(q, k, v, q_landmarks, k_landmarks), _float_bits(beta), _float_bits(scale)]
+              _requires_grad_bits(q, k, v, q_landmarks, k_landmarks), _float_bits(beta), _float_bits(scale), Hkv]
     counts = None
     if masked:
         counts = torch.cat([_counts(query_padding_mask, B, N_r, q.device), _counts(key_padding_mask, B, M_r, q.device)])
@@ -462,8 +466,8 @@ def context_parallel_lara_attention(
     if training:       # every rank draws (its generator advances as lara_attention's); rank 0's is used
         eps_full = torch.randn((B, H, C_req, D), generator=generator, device=q.device, dtype=torch.float32)
 
-    impl = dispatch.select("lara", backend, _stand_in(q, (B, H, N, D)), _stand_in(k, (B, H, M, D)),
-                           _stand_in(v, (B, H, M, Dv)), num_samples=C_req, proposal=proposal, weighting=weighting,
+    impl = dispatch.select("lara", backend, _stand_in(q, (B, H, N, D)), _stand_in(k, (B, Hkv, M, D)),
+                           _stand_in(v, (B, Hkv, M, Dv)), num_samples=C_req, proposal=proposal, weighting=weighting,
                            beta=beta, scale=scale)
     with api._no_autocast(q.device):
         return _lara(impl.passes, group, rank, q, k, v, eps_full, heads, allc, n_len, m_len, N, M,
@@ -529,6 +533,8 @@ def _lara(passes, group, rank, q, k, v, eps_full, heads, allc, n_len, m_len, N, 
             qt = ss * (next(red) / _segment_sizes(ql.total, c_eff, C).clamp(min=1)[:, None, :, None].to(ct))
         if want_k:
             kt = ss * (next(red) / _segment_sizes(kl.total, c_eff, C).clamp(min=1)[:, None, :, None].to(ct))
+            if kt.shape[1] != H:     # GQA: the key landmarks of a key/value head, shared by its group
+                kt = kt.repeat_interleave(H // kt.shape[1], dim=1)
         if eps is not None:
             eps = next(red)
     if not want_q:
@@ -594,6 +600,7 @@ def context_parallel_rfa_attention(
     attn_mask: Optional[torch.Tensor] = None,
     dropout_p: float = 0.0,
     check_finite: bool = False,
+    enable_gqa: bool = False,
 ) -> torch.Tensor:
     """:func:`lara_kernels.rfa_attention` on a sequence sharded over ``group`` (module doc).
 
@@ -601,10 +608,10 @@ def context_parallel_rfa_attention(
     uses rank 0's (broadcast, S x D per head). Returns this rank's rows (B, H, N_r, Dv)."""
     fn = "context_parallel_rfa_attention"
     q, k, v = api._autocast_inputs(q, k, v)
-    api._check_qkv(q, k, v)
+    api._check_qkv(q, k, v, enable_gqa)
     api._check_unsupported(is_causal, attn_mask, dropout_p)
     B, H, N_r, D = q.shape
-    M_r, Dv = k.shape[2], v.shape[3]
+    Hkv, M_r, Dv = k.shape[1], k.shape[2], v.shape[3]
     S = api._check_int("num_samples", num_samples, 1)
     scale = api._check_scale(scale, D)
     generator = api._check_generator(generator, q.device)
@@ -618,7 +625,7 @@ def context_parallel_rfa_attention(
     masked = key_padding_mask is not None or query_padding_mask is not None
     fields = [N_r, M_r, B, H, D, Dv, S, _DTYPES.index(q.dtype), 0, 0, 0, 0,
               int(query_padding_mask is not None) + 2 * int(key_padding_mask is not None),
-              _requires_grad_bits(q, k, v), 0, _float_bits(scale)]
+              _requires_grad_bits(q, k, v), 0, _float_bits(scale), Hkv]
     counts = None
     if masked:
         counts = torch.cat([_counts(query_padding_mask, B, N_r, q.device), _counts(key_padding_mask, B, M_r, q.device)])
@@ -629,8 +636,8 @@ def context_parallel_rfa_attention(
         return api._empty_result(q, k, v)
     w = torch.randn((B, H, S, D), generator=generator, device=q.device, dtype=torch.float32)
     dist.broadcast(w, src=dist.get_global_rank(group, 0), group=group)
-    impl = dispatch.select("rfa", backend, _stand_in(q, (B, H, N, D)), _stand_in(k, (B, H, M, D)),
-                           _stand_in(v, (B, H, M, Dv)), num_samples=S, scale=scale)
+    impl = dispatch.select("rfa", backend, _stand_in(q, (B, H, N, D)), _stand_in(k, (B, Hkv, M, D)),
+                           _stand_in(v, (B, Hkv, M, Dv)), num_samples=S, scale=scale)
     passes = impl.passes
     with api._no_autocast(q.device):
         ss = math.sqrt(scale)

@@ -547,18 +547,13 @@ class LaraAttention(_ProjectedAttention):
         # their backends without autocast. Eager: the function with its backends' own autograd. Under torch.compile / export:
         # the same computation as one custom op (lara_kernels._custom_ops), so the graph
         # does not break and the eps draw is the op lara_kernels::randn.
-        gqa = {}
+        gqa = {"enable_gqa": True} if self._gqa else {}
         if self.context_parallel_group is not None:
             from .distributed import layer_attention
 
             fn = layer_attention(self.context_parallel_group)
-            if self._gqa:   # context-parallel attention has no enable_gqa: repeated k, v (the same result)
-                G = self.num_heads // self.num_kv_heads
-                k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
         else:
             fn = _ops.lara_attention_op if torch.compiler.is_compiling() else lara_attention
-            if self._gqa:
-                gqa = {"enable_gqa": True}
         return fn(
             q, k, v, num_samples=self.num_samples, proposal=self.proposal,
             weighting=self.weighting, beta=self.beta, training=self.training,

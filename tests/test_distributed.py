@@ -64,12 +64,19 @@ CASES = {
     "w3-cpu-autocast-bf16-attend-optimal-train": dict(n=[3, 4, 2], m=[5, 0, 4], C=3, proposal="attend",
                                                       training=True, masks="both", dtype="float32",
                                                       autocast=True),
+    # grouped-query attention (enable_gqa): k, v with H_kv heads, shared key landmarks
+    "w3-gqa-mixed-optimal-train-self-mask": dict(n=[4, 3, 5], m=[4, 3, 5], C=4, H=4, Hkv=2, proposal="mixed",
+                                                 training=True, masks="self"),
+    "w2-gqa-attend-balance-cross-klandmarks": dict(n=[3, 5], m=[6, 2], C=3, H=4, Hkv=1, proposal="attend",
+                                                   weighting="balance", masks="both", landmarks="q"),
+    "w3-gqa-rfa-cross-empty": dict(op="rfa", n=[0, 4, 3], m=[5, 2, 0], C=4, H=4, Hkv=2, masks="both"),
 }
 BYTE_CONFIGS = {
     "lara-segment-optimal": dict(op="lara"),
     "lara-attend-optimal-train-mask": dict(op="lara", proposal="attend", training=True, masks=True),
     "lara-mixed-balance-qlandmarks": dict(op="lara", proposal="mixed", weighting="balance", q_landmarks=True),
     "rfa-mask": dict(op="rfa", masks=True),
+    "lara-gqa-segment-optimal": dict(op="lara", kv_heads=1),
 }
 
 
@@ -103,9 +110,12 @@ def _run_case(case, group, r):
     N, M = sum(n), sum(m)
     g = torch.Generator().manual_seed(1234)
     rn = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
-    q, k, v, dy = rn(B, H, N, D), rn(B, H, M, D), rn(B, H, M, Dv), rn(B, H, N, Dv)
+    Hkv = case.get("Hkv", H)
+    q, k, v, dy = rn(B, H, N, D), rn(B, Hkv, M, D), rn(B, Hkv, M, Dv), rn(B, H, N, Dv)
     lms = {"q": rn(B, H, case["C"], D), "k": rn(B, H, case["C"], D)}
     opts = dict(num_samples=case["C"], backend=case.get("backend", "cpu"))
+    if Hkv != H:
+        opts["enable_gqa"] = True
     if "scale" in case:
         opts["scale"] = case["scale"]
     op = case.get("op", "lara")
@@ -195,10 +205,11 @@ def _count_bytes(group, config, scale):
     R, r = dist.get_world_size(group), dist.get_rank(group)
     n_r, m_r = 5 * scale, 3 * scale
     g = torch.Generator().manual_seed(r)
+    Hkv = config.get("kv_heads", H)
     q = torch.randn(B, H, n_r, D, generator=g, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(B, H, m_r, D, generator=g, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(B, H, m_r, Dv, generator=g, dtype=torch.float64, requires_grad=True)
-    kw = dict(num_samples=C, backend="cpu")
+    k = torch.randn(B, Hkv, m_r, D, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(B, Hkv, m_r, Dv, generator=g, dtype=torch.float64, requires_grad=True)
+    kw = dict(num_samples=C, backend="cpu", enable_gqa=Hkv != H)
     masked = config.get("masks", False)
     if masked:
         kw.update(query_padding_mask=torch.rand(B, n_r, generator=g) < 0.3,
@@ -236,7 +247,7 @@ def _count_bytes(group, config, scale):
     formula = bytes_per_call(config["op"], B=B, H=H, N=N, M=M, D=D, Dv=Dv, num_samples=C, dtype=torch.float64,
                              proposal=config.get("proposal", "segment"), weighting=config.get("weighting", "optimal"),
                              training=config.get("training", False), q_landmarks=config.get("q_landmarks", False),
-                             masked=masked)
+                             masked=masked, kv_heads=config.get("kv_heads"))
     return {"fwd": fwd, "bwd": bwd, "fwd_calls": fwd_calls, "bwd_calls": bwd_calls, "formula": list(formula)}
 
 

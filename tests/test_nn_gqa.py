@@ -250,10 +250,10 @@ def test_mha_state_dict_does_not_load_into_a_gqa_layer(cls, kw):
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
-def test_context_parallel_path_repeats_kv_heads():
-    # context_parallel_lara_attention has no enable_gqa: the layer repeats k, v for it.
-    # A world of one process (in this process) runs that path and must give the
-    # single-process GQA result and gradients.
+def test_context_parallel_path_with_kv_heads():
+    # context_parallel_lara_attention with enable_gqa (k, v not repeated). A world of one
+    # process (in this process) runs that path and must give the single-process GQA
+    # result and gradients.
     import torch.distributed as dist
 
     if dist.is_initialized():
