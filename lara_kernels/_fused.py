@@ -22,6 +22,10 @@ C-sized results: the N x C and M x C matrices are recomputed tile by tile in the
 backward kernels and never held in memory. The query normalizer is the key pass
 without values.
 
+Inference: a pass whose inputs need no gradient (grad mode off, or none requiring one),
+outside torch.compile and torch.func transforms, calls its kernel directly, without a
+Function: the same result, without the Function's per-call host cost.
+
 Beyond first-order reverse mode (the fast path, unchanged by what follows):
 
 - Higher-order gradients. A backward that runs with grad mode on (``create_graph=True``,
