@@ -67,3 +67,45 @@ def to_packed(y: torch.Tensor, layout: Packed, total: int):
     B, H, L, Dv = y.shape
     dest, _, _, _ = _rows(layout, total)
     return y.transpose(1, 2).reshape(B * L, H, Dv)[dest]
+
+
+# ----------------------------------------------------------------------------- public helpers
+
+
+def pack(x: torch.Tensor, padding_mask: torch.Tensor):
+    """A padded batch -> the packed layout of :func:`lara_kernels.lara_attention_varlen`.
+
+    Args:
+        x: (B, L, ...) with the sequence axis second (as ``batch_first`` layers hold it;
+            for (B, H, L, D) attention inputs pass ``x.transpose(1, 2)``).
+        padding_mask: (B, L) bool, True = padding (the ``nn.MultiheadAttention``
+            convention). Valid positions need not be contiguous: they are packed in order.
+
+    Returns:
+        (packed (T, ...), cu_seqlens (B + 1,) int32, max_seqlen int, indices (T,) int64):
+        ``packed = x.flatten(0, 1)[indices]``; :func:`unpack` puts rows back. Reads the
+        mask's counts once on the host (for T and max_seqlen), like flash-attention's
+        ``unpad_input``.
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+        raise ValueError(f"x must be a tensor (B, L, ...), got {tuple(x.shape) if isinstance(x, torch.Tensor) else x!r}")
+    if not isinstance(padding_mask, torch.Tensor) or padding_mask.dtype != torch.bool:
+        raise TypeError("padding_mask must be a bool tensor (B, L), True = padding")
+    if tuple(padding_mask.shape) != tuple(x.shape[:2]):
+        raise ValueError(f"padding_mask must have shape (B, L) = {tuple(x.shape[:2])}, got {tuple(padding_mask.shape)}")
+    if padding_mask.device != x.device:
+        raise ValueError(f"padding_mask is on {padding_mask.device} but x is on {x.device}")
+    valid = ~padding_mask
+    lengths = valid.sum(-1, dtype=torch.int32)
+    cu = torch.zeros(x.shape[0] + 1, dtype=torch.int32, device=x.device)
+    cu[1:] = lengths.cumsum(0)
+    indices = valid.flatten().nonzero().flatten()
+    max_seqlen = int(lengths.max()) if lengths.numel() else 0
+    return x.flatten(0, 1)[indices], cu, max_seqlen, indices
+
+
+def unpack(packed: torch.Tensor, indices: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+    """The inverse of :func:`pack`: (T, ...) rows -> (B, L, ...), zeros at padded positions
+    (differentiable; the gradient of a padded position is 0)."""
+    out = packed.new_zeros((batch * length,) + tuple(packed.shape[1:]))
+    return out.index_put((indices,), packed).view((batch, length) + tuple(packed.shape[1:]))

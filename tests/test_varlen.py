@@ -509,3 +509,29 @@ def test_device_side_offset_checks():
                  (cu_q, cu_k, 8, 7, 5, 4)):                                          # last != rows
         with pytest.raises(RuntimeError, match="must start at 0, be non-decreasing and end at the row count"):
             api.assert_offsets_async(*args)
+
+
+def test_pack_unpack_round_trip_and_attention_equals_masked_call():
+    """``pack`` a padded batch (scattered padding), attend with the varlen function, ``unpack``:
+    the valid rows equal ``lara_attention`` with ``padding_mask`` (the defining property of
+    the masks), padded rows 0; gradients flow back through both helpers."""
+    from lara_kernels import pack, unpack
+
+    g = torch.Generator().manual_seed(6)
+    B, L, H, D = 3, 11, 2, 8
+    x = torch.randn(B, L, H, 3 * D, generator=g, dtype=torch.float64, requires_grad=True)
+    pad = torch.rand(B, L, generator=g) < 0.3
+    pad[2] = True                                  # an element with no valid position
+    packed, cu, max_seqlen, idx = pack(x, pad)
+    assert packed.shape == (int((~pad).sum()), H, 3 * D) and max_seqlen == int((~pad).sum(-1).max())
+    assert torch.equal(unpack(packed, idx, B, L), x.masked_fill(pad[..., None, None], 0.0))
+    q, k, v = packed.split(D, dim=-1)
+    y = unpack(lara_attention_varlen(q, k, v, cu, cu, max_seqlen, max_seqlen, num_samples=4, backend="reference"),
+               idx, B, L)
+    qp, kp, vp = (t.transpose(1, 2) for t in x.split(D, dim=-1))
+    want = lara_attention(qp, kp, vp, num_samples=4, padding_mask=pad, backend="reference").transpose(1, 2)
+    assert (y - want).abs().max() <= F64_TOL
+    y.sum().backward()
+    assert (x.grad[pad] == 0).all() and torch.isfinite(x.grad).all()
+    with pytest.raises(ValueError, match=r"padding_mask must have shape \(B, L\) = \(3, 11\), got \(3, 10\)"):
+        pack(x, pad[:, :10])
