@@ -238,6 +238,15 @@ TORCH_LIBRARY(lara_kernels, m) {
   m.def("query_pass_bwd(Tensor q, Tensor w, Tensor bias, Tensor kap, Tensor c_eff, Tensor? padding, float ss, "
         "Tensor? qt, Tensor? lam, Tensor? bh, float beta, Tensor dy, Tensor? cu_seqlens=None, int max_seqlen=0) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The whole computation, one op per direction (CPU; lara_ops.h, csrc/cpu/fused.cpp).
+  m.def("lara_fwd(Tensor q, Tensor k, Tensor v, Tensor? eps, Tensor? q_landmarks, Tensor? k_landmarks, "
+        "Tensor? query_padding, Tensor? key_padding, int num_samples, int proposal, int weighting, float beta, "
+        "float ss, Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, int max_seqlen_q=0, int max_seqlen_k=0) "
+        "-> (Tensor, Tensor)");
+  m.def("lara_bwd(Tensor dy, Tensor q, Tensor k, Tensor v, Tensor state, Tensor? q_landmarks, "
+        "Tensor? k_landmarks, Tensor? query_padding, Tensor? key_padding, int num_samples, int proposal, "
+        "int weighting, float beta, float ss, Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, "
+        "int max_seqlen_q=0, int max_seqlen_k=0) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(lara_kernels, CPU, m) {
@@ -247,6 +256,8 @@ TORCH_LIBRARY_IMPL(lara_kernels, CPU, m) {
   m.impl("key_pass_bwd", &lara::key_pass_bwd_cpu);
   m.impl("query_pass_fwd", &lara::query_pass_fwd_cpu);
   m.impl("query_pass_bwd", &lara::query_pass_bwd_cpu);
+  m.impl("lara_fwd", &lara::lara_fwd_cpu);
+  m.impl("lara_bwd", &lara::lara_bwd_cpu);
 }
 
 #ifdef LARA_WITH_CUDA

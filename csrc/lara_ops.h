@@ -129,6 +129,28 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> query_pass_bw
     double beta, const Tensor& dy, const OptTensor& cu_seqlens, int64_t max_seqlen);
 #endif
 
+// ---------------------------------------------------------------------------------
+// The whole LARA computation in one op per direction, CPU only (csrc/cpu/fused.cpp): what
+// lara_kernels/_pipeline.py's lara_forward computes from q, k, v (either layout, masks,
+// grouped-query k and v with H_kv dividing H), eps (B, H, num_samples, D) or none, given
+// landmarks (B, H, num_samples, D) or none; proposal 0 segment, 1 mixed, 2 attend;
+// weighting 0 optimal, 1 balance; ss = sqrt(scale). lara_fwd returns (y, state): y as the
+// query pass returns it, and a flat contiguous compute-type tensor of the C-sized results
+// the backward needs. lara_bwd takes the incoming dy (y's shape, q's dtype), the same
+// arguments and that state, and returns (dq, dk, dv, d q_landmarks, d k_landmarks), the
+// last two (0)-sized where the landmarks are not given.
+std::tuple<Tensor, Tensor> lara_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& eps,
+                                        const OptTensor& q_landmarks, const OptTensor& k_landmarks,
+                                        const OptTensor& query_padding, const OptTensor& key_padding,
+                                        int64_t num_samples, int64_t proposal, int64_t weighting, double beta,
+                                        double ss, const OptTensor& cu_seqlens_q, const OptTensor& cu_seqlens_k,
+                                        int64_t max_seqlen_q, int64_t max_seqlen_k);
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lara_bwd_cpu(
+    const Tensor& dy, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& state,
+    const OptTensor& q_landmarks, const OptTensor& k_landmarks, const OptTensor& query_padding,
+    const OptTensor& key_padding, int64_t num_samples, int64_t proposal, int64_t weighting, double beta, double ss,
+    const OptTensor& cu_seqlens_q, const OptTensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k);
+
 // Shared argument checks of the passes (csrc/lara_ops.cpp): shapes, dtypes, devices, and
 // D, Dv, C in [1, max_pass_dim(device of the inputs)]. Each names the op, the argument and
 // the bad value.

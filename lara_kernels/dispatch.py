@@ -13,7 +13,7 @@ from typing import Callable, Dict, List
 
 import torch
 
-from . import _pipeline
+from . import _pipeline, _whole
 from ._fused import CompiledKernels, FusedPasses
 from ._ops import C_ERROR, built, built_with_cuda
 
@@ -124,6 +124,10 @@ class CpuBackend(Backend):
         return [] if built() else [f"lara_kernels._C not built ({C_ERROR})"]
 
     def lara(self, q, k, v, eps, **options):
+        # one compiled op per direction where it applies (lara_kernels/_whole.py); the
+        # pipeline of passes elsewhere (and always for the cuda backend, which inherits this)
+        if self.name == "cpu" and _whole.applies(q):
+            return _whole.lara(q, k, v, eps, **options)
         return _pipeline.lara_forward(_COMPILED_PASSES, q, k, v, eps, **options)
 
     def rfa(self, q, k, v, w, **options):
