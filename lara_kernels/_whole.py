@@ -13,9 +13,10 @@ applications.
 built, no forward-mode AD level open (the op has no forward derivative: the pipeline's
 eager fallback handles it), no torch.func transform active (the pipeline's Functions have
 the vmap rules and the differentiable backward those need) and not while torch.compile
-traces (there the pipeline runs; ``lara_attention`` itself is one opaque custom op under
-torch.compile, whose eager implementation then takes this path). The two ops have fake
-kernels (shapes only), so a graph that calls them directly traces too.
+traces (there the pipeline's Functions and passes are traced, as before; the opaque custom
+ops of ``_custom_ops``, such as ``lara_attention_varlen`` under torch.compile, run their
+eager implementation, which takes this path). The two ops have fake kernels (shapes
+only, checked by opcheck), so a graph that calls them directly traces too.
 
 A backward that runs with grad mode on (``create_graph=True``) recomputes the forward with
 the pipeline (``_fused``'s Functions, whose backwards are differentiable again) and

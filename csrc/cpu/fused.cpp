@@ -360,7 +360,7 @@ void copy_landmarks(const Problem& p, const at::Tensor& src, int64_t src_heads, 
 }
 
 template <typename T>
-void forward_small(const Problem& p, const StateLayout& L, T* st, const OptTensor& eps, double ss_d, bool attend_done) {
+void forward_small(const Problem& p, const StateLayout& L, T* st, const OptTensor& eps, double ss_d) {
   const int64_t H = p.H, C = p.C, D = p.D;
   const T ss = T(ss_d);
   at::Tensor e;
@@ -396,8 +396,7 @@ void forward_small(const Problem& p, const StateLayout& L, T* st, const OptTenso
       }
       std::copy(qt, qt + C * D, mu);
       mm<T>(false, false, C, D, C, a, C, kt, D, T(1), mu, D);
-    } else {  // attend: mu = qt + ss mean_k (the key pass ran before)
-      TORCH_INTERNAL_ASSERT(attend_done);
+    } else {  // attend: mu = qt + ss mean_k (its key pass ran before)
       const T* mk = st + L.katt + o;
       for (int64_t i = 0; i < C * D; ++i) mu[i] = qt[i] + ss * mk[i];
     }
@@ -477,7 +476,7 @@ std::tuple<Tensor, Tensor> forward_impl(const Problem& p, const OptTensor& eps, 
     copy_into<T>(za, st + L.zatt);
     copy_into<T>(ka, st + L.katt);
   }
-  forward_small<T>(p, L, st, eps, ss, true);
+  forward_small<T>(p, L, st, eps, ss);
   // 4. key statistics
   {
     auto [Z, kap] = key_pass_fwd_cpu(grouped(p, w), p.k, p.v, p.k_pad, ss, true, p.cu_k, p.max_k);
