@@ -50,7 +50,7 @@ from torch.autograd import forward_ad as _forward_ad_module
 
 from . import _passes_torch
 from ._ops import built
-from ._varlen import Packed
+from ._varlen import Packed, no_packed_vmap
 
 
 _FUNCTION_APPLY = torch._C._FunctionBase.__dict__["apply"]   # the C++ apply every Function ends in
@@ -143,13 +143,6 @@ def _layout(padding, cu, max_seqlen):
     return padding if cu is None else Packed(cu, max_seqlen)
 
 
-def _no_packed_vmap(cu):
-    if cu is not None:
-        raise NotImplementedError(
-            "torch.vmap over the varlen functions (lara_attention_varlen, rfa_attention_varlen) is not supported: "
-            "a packed batch already holds many sequences; pack the vmapped ones into it instead")
-
-
 class _KeyPass(torch.autograd.Function):
     """Z, kap = key_pass(w, k, v, padding, ss, subtract_norm, cu_seqlens, max_seqlen);
     saves w, k, v, Z, kap."""
@@ -180,7 +173,7 @@ class _KeyPass(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, kernels, w, k, v, padding, ss, subtract_norm, cu, max_seqlen):
-        _no_packed_vmap(cu)
+        no_packed_vmap(cu)
         args = _fold(info, in_dims, (kernels, w, k, v, padding, ss, subtract_norm))
         return _unfold(info, _KeyPass.apply(*args, None, 0))
 
@@ -214,7 +207,7 @@ class _QueryNormalizer(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, kernels, qt, q, padding, ss, cu, max_seqlen):
-        _no_packed_vmap(cu)
+        no_packed_vmap(cu)
         return _unfold(info, _QueryNormalizer.apply(*_fold(info, in_dims, (kernels, qt, q, padding, ss)), None, 0))
 
 
@@ -256,7 +249,7 @@ class _QueryPass(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, kernels, q, w, bias, kap, c_eff, padding, ss, qt, lam, bh, beta, cu, max_seqlen):
-        _no_packed_vmap(cu)
+        no_packed_vmap(cu)
         args = _fold(info, in_dims, (kernels, q, w, bias, kap, c_eff, padding, ss, qt, lam, bh, beta))
         return _unfold(info, _QueryPass.apply(*args, None, 0))
 

@@ -13,6 +13,9 @@ import warnings
 
 import torch
 
+from ._varlen import no_packed_vmap
+
+
 def _built_against():
     """The torch version ``setup.py`` compiled ``_C`` against (None if it left no record)."""
     try:
@@ -85,12 +88,6 @@ def _with_layout(inputs, n):
     return inputs + (None, 0)[len(inputs) - n:]
 
 
-def _no_packed_vmap(cu_seqlens):
-    if cu_seqlens is not None:
-        raise NotImplementedError("torch.vmap over packed (varlen) landmarks is not supported: a packed batch "
-                                  "already holds many sequences; pack the vmapped ones into it instead")
-
-
 class _Landmarks(torch.autograd.Function):
     """``lara_kernels::landmarks`` under autograd, in the setup_context style that torch.func
     transforms (grad, vjp, jacrev, vmap) accept; its staticmethods are also the op's own
@@ -125,7 +122,7 @@ class _Landmarks(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, x, padding, c_eff, num_segments, cu_seqlens=None, max_seqlen=0):
-        _no_packed_vmap(cu_seqlens)
+        no_packed_vmap(cu_seqlens)
         V = info.batch_size
         return _unfold(V, _Landmarks.apply(_fold(V, x, in_dims[0]), _fold(V, padding, in_dims[1]),
                                            _fold(V, c_eff, in_dims[2]), num_segments))
@@ -156,7 +153,7 @@ class _LandmarksBackward(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, grad, padding, c_eff, length, dtype, cu_seqlens=None, max_seqlen=0):
-        _no_packed_vmap(cu_seqlens)
+        no_packed_vmap(cu_seqlens)
         V = info.batch_size
         return _unfold(V, _LandmarksBackward.apply(_fold(V, grad, in_dims[0]), _fold(V, padding, in_dims[1]),
                                                    _fold(V, c_eff, in_dims[2]), length, dtype))
@@ -214,13 +211,13 @@ if _C is not None:
 
     # The ops' own vmap rules call the ops (the Functions' rules call the Functions).
     def _landmarks_vmap(info, in_dims, x, padding, c_eff, num_segments, cu_seqlens=None, max_seqlen=0):
-        _no_packed_vmap(cu_seqlens)
+        no_packed_vmap(cu_seqlens)
         V = info.batch_size
         return _unfold(V, torch.ops.lara_kernels.landmarks(
             _fold(V, x, in_dims[0]), _fold(V, padding, in_dims[1]), _fold(V, c_eff, in_dims[2]), num_segments))
 
     def _landmarks_backward_vmap(info, in_dims, grad, padding, c_eff, length, dtype, cu_seqlens=None, max_seqlen=0):
-        _no_packed_vmap(cu_seqlens)
+        no_packed_vmap(cu_seqlens)
         V = info.batch_size
         return _unfold(V, torch.ops.lara_kernels.landmarks_backward(
             _fold(V, grad, in_dims[0]).contiguous(), _fold(V, padding, in_dims[1]), _fold(V, c_eff, in_dims[2]),

@@ -41,6 +41,16 @@ def is_packed(padding) -> bool:
     return isinstance(padding, Packed)
 
 
+def no_packed_vmap(cu_seqlens) -> None:
+    """The vmap rules of the passes and landmarks ops refuse a packed batch (``cu_seqlens``
+    given): it already holds many sequences."""
+    if cu_seqlens is not None:
+        raise NotImplementedError(
+            "torch.vmap over packed (varlen) batches is not supported (lara_attention_varlen, "
+            "rfa_attention_varlen): a packed batch already holds many sequences; pack the vmapped ones into it "
+            "instead")
+
+
 def _rows(layout: Packed, total: int):
     """(destination row in the padded (B * max_seqlen) view, padding mask (B, max_seqlen))
     of each of the ``total`` packed rows, computed on the device without synchronizing."""
