@@ -71,9 +71,10 @@ def _apply(fn, *args):
 
 
 def _unwrap_dead(args):
-    from torch._functorch.utils import unwrap_dead_wrappers   # what Function.apply does first
+    return _UNWRAP_DEAD(args)
 
-    return unwrap_dead_wrappers(args)
+
+from torch._functorch.utils import unwrap_dead_wrappers as _UNWRAP_DEAD   # noqa: E402 (what Function.apply does first)
 
 
 def _cast(g, like):
