@@ -4,8 +4,11 @@
 // with its C x D and C x C steps as loops here instead of torch ops, and their backward
 // written out (docs/design.md has the passes' backward; the small steps' is below).
 //
-// The long passes are the CPU pass implementations of csrc/cpu (landmarks.cpp, passes.cpp),
-// called directly, not through the dispatcher. Both layouts (padded with masks, packed with
+// The long passes are the bodies of the CPU passes (passes.h: landmarks.cpp, passes.cpp),
+// called directly, not through the dispatcher and without the ops' argument checks (setup
+// checks the call once); they write straight into the state (forward) and into one scratch
+// of the C-sized gradients (backward), so that a call allocates only y or dq, dk, dv, the
+// state, one scratch and a few long temporaries. Both layouts (padded with masks, packed with
 // offsets), grouped-query attention, given landmarks, training noise, every proposal and
 // weighting. The forward returns y and one flat compute-type "state" tensor holding the
 // C-sized results the backward needs (no N x C or M x C tensor is kept):
@@ -37,12 +40,16 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <c10/util/SmallVector.h>
+
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <vector>
 
 #include "../lara_ops.h"
 #include "cpu_math.h"
+#include "passes.h"
 #include "seqs.h"
 
 namespace lara {
@@ -57,15 +64,14 @@ struct Problem {
   bool packed = false;
   int64_t B = 0, H = 0, Hkv = 0, G = 1, N = 0, M = 0, Lq = 0, Lk = 0, C = 0, NS = 0, D = 0, DV = 0;
   int64_t proposal = kSegment, weighting = kOptimal;
-  bool dropped = false;           // some element has no valid query or key (padded layout)
-  std::vector<int64_t> nact;      // samples active in the C x C steps, per element
-  std::vector<uint8_t> keep;      // padded layout: 0 for the dropped elements
-  at::Tensor c_eff;               // (B,) int64
-  at::Tensor keep4;               // (B, 1, 1, 1) bool, only when dropped
-  OptTensor q_pad, k_pad;         // the passes' masks (dropped elements made all-valid)
-  at::Tensor q, k, v;             // dropped elements zeroed
-  OptTensor cu_q, cu_k;
-  int64_t max_q = 0, max_k = 0;
+  bool dropped = false;                  // some element has no valid query or key (padded layout)
+  c10::SmallVector<int64_t, 8> c_eff;    // C_eff per element
+  c10::SmallVector<int64_t, 8> nact;     // samples active in the C x C steps, per element
+  c10::SmallVector<uint8_t, 8> keep;     // padded layout: 0 for the dropped elements
+  at::Tensor keep4;                      // (B, 1, 1, 1) bool, only when dropped
+  at::Tensor q_pad, k_pad;               // the passes' masks (dropped elements made all-valid), or undefined
+  at::Tensor q, k, v;                    // dropped elements zeroed
+  cpu::Seqs sq, sk;                      // the rows of q (H heads) and of k, v (H_kv heads)
   at::ScalarType ct = at::kFloat;
   bool optimal() const { return weighting == kOptimal; }
 };
@@ -134,10 +140,6 @@ Problem setup(const char* op, const Tensor& q, const Tensor& k, const Tensor& v,
     p.Lk = k.size(0);
     p.N = max_q;
     p.M = max_k;
-    p.cu_q = cu_q;
-    p.cu_k = cu_k;
-    p.max_q = max_q;
-    p.max_k = max_k;
   } else {
     p.B = q.size(0);
     TORCH_CHECK(k.size(0) == p.B && v.size(0) == p.B && v.size(2) == k.size(2), op,
@@ -159,13 +161,20 @@ Problem setup(const char* op, const Tensor& q, const Tensor& k, const Tensor& v,
   }
 
   const int64_t B = p.B, C = p.C;
-  p.c_eff = at::empty({B}, at::TensorOptions().dtype(at::kLong));
-  int64_t* ce = p.c_eff.data_ptr<int64_t>();
+  p.c_eff.assign(B, C);
+  int64_t* ce = p.c_eff.data();
   p.nact.assign(B, C);
   p.keep.assign(B, 1);
+  p.sq.B = p.sk.B = B;
+  p.sq.H = p.H;
+  p.sk.H = p.Hkv;
+  p.sq.L = p.Lq;
+  p.sk.L = p.Lk;
   if (p.packed) {
     const int32_t* oq = cpu::packed_offsets(op, cu_q, p.Lq);
     const int32_t* ok = cpu::packed_offsets(op, cu_k, p.Lk);
+    p.sq.cu = oq;
+    p.sk.cu = ok;
     for (int64_t b = 0; b < B; ++b) {
       const int64_t n = int64_t(oq[b + 1]) - oq[b], m = int64_t(ok[b + 1]) - ok[b];
       TORCH_CHECK(n <= max_q && m <= max_k, op, ": sequence ", b, " (", n, " queries, ", m,
@@ -175,15 +184,12 @@ Problem setup(const char* op, const Tensor& q, const Tensor& k, const Tensor& v,
     }
     return p;
   }
-  if (!qpm.has_value() && !kpm.has_value()) {
-    std::fill(ce, ce + B, C);
-    return p;
-  }
+  if (!qpm.has_value() && !kpm.has_value()) return p;
   // prepare_masks: an element with no valid query or key is dropped (masks made valid,
   // inputs zeroed, output zeroed); C_eff = min(C, valid queries, valid keys)
   at::Tensor qm = qpm.has_value() ? qpm->contiguous() : at::Tensor();
   at::Tensor km = kpm.has_value() ? kpm->contiguous() : at::Tensor();
-  std::vector<int64_t> nv(B, p.N), mv(B, p.M);
+  c10::SmallVector<int64_t, 8> nv(B, p.N), mv(B, p.M);
   for (int64_t b = 0; b < B; ++b) {
     if (qm.defined()) nv[b] = valid_count(qm.data_ptr<bool>() + b * p.N, p.N);
     if (km.defined()) mv[b] = valid_count(km.data_ptr<bool>() + b * p.M, p.M);
@@ -213,8 +219,10 @@ Problem setup(const char* op, const Tensor& q, const Tensor& k, const Tensor& v,
     p.k = k.masked_fill(drop, 0);
     p.v = v.masked_fill(drop, 0);
   }
-  if (qm.defined()) p.q_pad = qm;
-  if (km.defined()) p.k_pad = km;
+  p.q_pad = qm;
+  p.k_pad = km;
+  if (qm.defined()) p.sq.pad = qm.data_ptr<bool>();
+  if (km.defined()) p.sk.pad = km.data_ptr<bool>();
   return p;
 }
 
@@ -255,26 +263,18 @@ StateLayout state_layout(const Problem& p) {
   return s;
 }
 
-// A contiguous tensor over a field of the state (the state outlives it: these are the
-// passes' inputs within one call). at::from_blob, not narrow + view: no dispatcher call.
-at::Tensor field(const at::Tensor& state, int64_t off, at::IntArrayRef sizes) {
-  const auto opts = at::TensorOptions().dtype(state.scalar_type()).device(at::kCPU);
-  return at::from_blob(static_cast<char*>(state.data_ptr()) + off * state.element_size(), sizes, opts);
-}
-
-// (B, H, C, W) viewed as the rows of the key pass of each key/value head: (B, H_kv, G * C, W).
-at::Tensor grouped(const Problem& p, const at::Tensor& t) {
-  if (p.G == 1) return t;
-  std::vector<int64_t> s(t.sizes().begin(), t.sizes().end());
-  s[1] = p.Hkv;
-  s[2] *= p.G;
-  return t.view(s);
+// Scratch of n elements of T for the C-sized steps of one call: uninitialized (every
+// element is written before it is read), NaN in test mode (lara_ops.h).
+template <typename T>
+at::Tensor small_scratch(int64_t n) {
+  return new_output({std::max<int64_t>(n, 1)}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
 }
 
 // Row-major c (m x n) = op(a) op(b) + beta c, as cpu::gemm; plain loops for the tiny
-// products of the C-sized steps (a BLAS call costs more than the arithmetic there), BLAS
-// beyond. The choice depends on the shapes only.
-constexpr int64_t kLoopProduct = 1 << 15;
+// products of the C-sized steps, BLAS beyond. The choice depends on the shapes only.
+// Measured (MKL, one thread, float): a call costs about 0.2 us up to m n k ~ 4096, where
+// the loops take 0.2 us at m n k = 1024 and 0.5 us at 4096, and fall far behind above.
+constexpr int64_t kLoopProduct = 1 << 11;
 
 template <typename T>
 void mm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb, T beta,
@@ -363,11 +363,19 @@ template <typename T>
 void forward_small(const Problem& p, const StateLayout& L, T* st, const OptTensor& eps, double ss_d) {
   const int64_t H = p.H, C = p.C, D = p.D;
   const T ss = T(ss_d);
+  // eps (B, H, num_samples, D): rows 0 .. C - 1 of each (b, h), read in place where it is
+  // contiguous in the compute type
   at::Tensor e;
   const T* ep = nullptr;
+  int64_t es = C * D;
   if (eps.has_value()) {
-    e = eps->narrow(2, 0, C).to(p.ct).contiguous();
-    ep = e.data_ptr<T>();
+    if (eps->scalar_type() == p.ct && eps->is_contiguous()) {
+      ep = eps->data_ptr<T>();
+      es = p.NS * D;
+    } else {
+      e = eps->narrow(2, 0, C).to(p.ct).contiguous();
+      ep = e.data_ptr<T>();
+    }
   }
   const bool mixed = p.proposal == kMixed;
   for_heads(p, C * C * D + C * D, [&](int64_t b, int64_t h) {
@@ -401,7 +409,7 @@ void forward_small(const Problem& p, const StateLayout& L, T* st, const OptTenso
       for (int64_t i = 0; i < C * D; ++i) mu[i] = qt[i] + ss * mk[i];
     }
     if (ep != nullptr) {
-      const T* eb = ep + o;
+      const T* eb = ep + bh * es;
       for (int64_t i = 0; i < C * D; ++i) w[i] = mu[i] + eb[i];
     } else {
       std::copy(mu, mu + C * D, w);
@@ -414,17 +422,18 @@ template <typename T>
 void weights_small(const Problem& p, const StateLayout& L, T* st) {
   const int64_t H = p.H, C = p.C, D = p.D;
   const bool opt = p.optimal();
+  const std::unique_ptr<T[]> gs(new T[p.B * H * C * C]);
   for_heads(p, C * C * D, [&](int64_t b, int64_t h) {
     const int64_t bh = b * H + h, na = p.nact[b];
-    std::vector<T> g(C * C);
-    densities<T>(C, D, st + L.w + bh * C * D, st + L.mu + bh * C * D, g.data());
+    T* g = gs.get() + bh * C * C;
+    densities<T>(C, D, st + L.w + bh * C * D, st + L.mu + bh * C * D, g);
     const T* Z = st + L.Z + bh * C;
     T* rho = st + L.rho + bh * C;
     T* ld = st + L.logden + bh * C;
     T* bias = st + L.bias + bh * C;
     T* bhp = opt ? st + L.bh + bh * C : nullptr;
     for (int64_t c = 0; c < C; ++c) {
-      const T* row = g.data() + c * C;
+      const T* row = g + c * C;
       T mx = cpu::kNegInf<T>;
       for (int64_t j = 0; j < na; ++j) mx = std::max(mx, row[j]);
       T s = T(0);
@@ -441,65 +450,57 @@ void weights_small(const Problem& p, const StateLayout& L, T* st) {
   });
 }
 
+// The query pass's inputs from the state (the MIS fields with the optimal weighting), for
+// the forward and the backward alike.
 template <typename T>
-void copy_into(const at::Tensor& src, T* dst) {
-  const T* s = src.data_ptr<T>();
-  std::copy(s, s + src.numel(), dst);
+cpu::QueryArgs<T> query_args(const Problem& p, const StateLayout& L, const T* st) {
+  const bool mis = p.optimal();
+  return {p.q,         st + L.w, st + L.bias, st + L.kap, p.c_eff.data(), mis ? st + L.qt : nullptr,
+          mis ? st + L.lam : nullptr, mis ? st + L.bh : nullptr, p.C, p.D, p.DV, mis};
+}
+
+// A new contiguous tensor in x's dtype with the layout of the rows of sq (padded (B, H, L,
+// W) or packed (T, H, W)) and W columns.
+at::Tensor long_output(const cpu::Seqs& sq, int64_t W, const at::Tensor& x) {
+  if (sq.packed()) return new_output({sq.L, sq.H, W}, x.options());
+  return new_output({sq.B, sq.H, sq.L, W}, x.options());
 }
 
 template <typename T>
 std::tuple<Tensor, Tensor> forward_impl(const Problem& p, const OptTensor& eps, const OptTensor& qlm,
-                                        const OptTensor& klm, double beta, double ss) {
-  const int64_t B = p.B, H = p.H, C = p.C, D = p.D, DV = p.DV;
+                                        const OptTensor& klm, double beta, double ss_d) {
+  const int64_t H = p.H, C = p.C, G = p.G;
+  const T ss = T(ss_d);
   const StateLayout L = state_layout(p);
-  const auto opts = at::TensorOptions().dtype(p.ct);
-  at::Tensor state = new_output({L.total}, opts);
+  at::Tensor state = new_output({L.total}, at::TensorOptions().dtype(p.ct));
   T* st = state.data_ptr<T>();
-  const at::Tensor qt = field(state, L.qt, {B, H, C, D});
-  const at::Tensor w = field(state, L.w, {B, H, C, D});
+  const int64_t* ce = p.c_eff.data();
 
   // 1. landmarks, scaled (key landmarks once per key/value head, repeated to the group)
   if (qlm.has_value()) {
-    copy_landmarks<T>(p, qlm->to(p.ct).contiguous(), H, true, T(ss), st + L.qt);
+    copy_landmarks<T>(p, qlm->to(p.ct).contiguous(), H, true, ss, st + L.qt);
   } else {
-    copy_landmarks<T>(p, landmarks_cpu(p.q, p.q_pad, p.c_eff, C, p.cu_q, p.max_q), H, false, T(ss), st + L.qt);
+    cpu::landmarks_body<T>(p.q, p.sq, ce, C, ss, 1, st + L.qt);
   }
   if (klm.has_value()) {
-    copy_landmarks<T>(p, klm->to(p.ct).contiguous(), H, true, T(ss), st + L.kt);
+    copy_landmarks<T>(p, klm->to(p.ct).contiguous(), H, true, ss, st + L.kt);
   } else {
-    copy_landmarks<T>(p, landmarks_cpu(p.k, p.k_pad, p.c_eff, C, p.cu_k, p.max_k), p.Hkv, false, T(ss),
-                      st + L.kt);
+    cpu::landmarks_body<T>(p.k, p.sk, ce, C, ss, G, st + L.kt);
   }
-  // 2. proposal means ("attend": a key pass with values k, no norm term), 3. samples
-  if (p.proposal == kAttend) {
-    auto [za, ka] = key_pass_fwd_cpu(grouped(p, qt), p.k, p.k, p.k_pad, ss, false, p.cu_k, p.max_k);
-    copy_into<T>(za, st + L.zatt);
-    copy_into<T>(ka, st + L.katt);
-  }
-  forward_small<T>(p, L, st, eps, ss);
+  // 2. proposal means ("attend": a key pass with values k, no norm term, the G * C rows of
+  // a key/value head's query heads together), 3. samples
+  if (p.proposal == kAttend)
+    cpu::key_pass_fwd_body<T>(st + L.qt, G * C, p.k, p.k, p.sk, ss, false, st + L.zatt, st + L.katt);
+  forward_small<T>(p, L, st, eps, ss_d);
   // 4. key statistics
-  {
-    auto [Z, kap] = key_pass_fwd_cpu(grouped(p, w), p.k, p.v, p.k_pad, ss, true, p.cu_k, p.max_k);
-    copy_into<T>(Z, st + L.Z);
-    copy_into<T>(kap, st + L.kap);
-  }
+  cpu::key_pass_fwd_body<T>(st + L.w, G * C, p.k, p.v, p.sk, ss, true, st + L.Z, st + L.kap);
   // 5. query normalizer
-  if (p.optimal()) {
-    auto lam = std::get<0>(key_pass_fwd_cpu(qt, p.q, c10::nullopt, p.q_pad, ss, false, p.cu_q, p.max_q));
-    copy_into<T>(lam, st + L.lam);
-  }
+  if (p.optimal()) cpu::key_pass_fwd_body<T>(st + L.qt, C, p.q, at::Tensor(), p.sq, ss, false, st + L.lam, nullptr);
   // 6. densities and weights
   weights_small<T>(p, L, st);
   // 7. query pass
-  const at::Tensor bias = field(state, L.bias, {B, H, C});
-  const at::Tensor kap = field(state, L.kap, {B, H, C, DV});
-  OptTensor mq, ml, mb;
-  if (p.optimal()) {
-    mq = qt;
-    ml = field(state, L.lam, {B, H, C});
-    mb = field(state, L.bh, {B, H, C});
-  }
-  at::Tensor y = query_pass_fwd_cpu(p.q, w, bias, kap, p.c_eff, p.q_pad, ss, mq, ml, mb, beta, p.cu_q, p.max_q);
+  at::Tensor y = long_output(p.sq, p.DV, p.q);
+  cpu::query_pass_fwd_body<T>(query_args<T>(p, L, st), p.sq, ss, T(beta), y);
   if (p.dropped) y.masked_fill_(p.keep4.logical_not(), 0);
   return {y, state};
 }
@@ -515,14 +516,18 @@ void backward_small(const Problem& p, const StateLayout& L, const T* st, double 
   const int64_t H = p.H, C = p.C, D = p.D;
   const T ss = T(ss_d);
   const bool opt = p.optimal();
+  const int64_t per = 2 * C * C + 3 * C * D + C;   // g, dmu, dw, colsum, and for mixed dkt, da
+  const std::unique_ptr<T[]> buf(new T[p.B * H * per]);
   for_heads(p, 4 * C * C * D, [&](int64_t b, int64_t h) {
     const int64_t bh = b * H + h, o = bh * C * D, na = p.nact[b];
     const T* w = st + L.w + o;
     const T* mu = st + L.mu + o;
     const T* kt = st + L.kt + o;
     const T* ld = st + L.logden + bh * C;
-    std::vector<T> g(C * C), dmu(C * D), dw(C * D), colsum(C, T(0));
-    densities<T>(C, D, w, mu, g.data());
+    T* g = buf.get() + bh * per;
+    T *dmu = g + C * C, *dw = dmu + C * D, *colsum = dw + C * D, *dkt = colsum + C, *da = dkt + C * D;
+    std::fill(colsum, colsum + C, T(0));
+    densities<T>(C, D, w, mu, g);
     // dg (in g)
     for (int64_t c = 0; c < C; ++c) {
       const T db = dbias[bh * C + c];
@@ -535,17 +540,17 @@ void backward_small(const Problem& p, const StateLayout& L, const T* st, double 
         drho = T(0);
         dld = -db;
       }
-      T* row = g.data() + c * C;
+      T* row = g + c * C;
       for (int64_t j = 0; j < C; ++j) row[j] = j < na ? dld * std::exp(row[j] - ld[c]) : T(0);
       row[c] += drho;
       for (int64_t j = 0; j < C; ++j) colsum[j] += row[j];
     }
     // dw = dw1 + dw3 + dg mu; dmu = dw + dg^T w - colsum mu
     for (int64_t i = 0; i < C * D; ++i) dw[i] = dw1[o + i] + dw3[o + i];
-    mm<T>(false, false, C, D, C, g.data(), C, mu, D, T(1), dw.data(), D);
+    mm<T>(false, false, C, D, C, g, C, mu, D, T(1), dw, D);
     for (int64_t j = 0; j < C; ++j)
       for (int64_t d = 0; d < D; ++d) dmu[j * D + d] = dw[j * D + d] - colsum[j] * mu[j * D + d];
-    mm<T>(true, false, C, D, C, g.data(), C, w, D, T(1), dmu.data(), D);
+    mm<T>(true, false, C, D, C, g, C, w, D, T(1), dmu, D);
     // proposal
     T* gqb = gq + o;
     T* gkb = gk + o;
@@ -558,18 +563,17 @@ void backward_small(const Problem& p, const StateLayout& L, const T* st, double 
       for (int64_t i = 0; i < C * D; ++i) gkb[i] = ss * dmu[i];
     } else if (p.proposal == kMixed) {
       const T* a = st + L.amix + bh * C * C;
-      std::vector<T> dkt(C * D), da(C * C);
-      mm<T>(true, false, C, D, C, a, C, dmu.data(), D, T(0), dkt.data(), D);   // a^T dmu
-      mm<T>(false, true, C, C, D, dmu.data(), D, kt, D, T(0), da.data(), C);   // dmu kt^T
+      mm<T>(true, false, C, D, C, a, C, dmu, D, T(0), dkt, D);   // a^T dmu
+      mm<T>(false, true, C, C, D, dmu, D, kt, D, T(0), da, C);   // dmu kt^T
       for (int64_t c = 0; c < C; ++c) {
         const T* arow = a + c * C;
-        T* drow = da.data() + c * C;
+        T* drow = da + c * C;
         T s = T(0);
         for (int64_t j = 0; j < C; ++j) s += arow[j] * drow[j];
         for (int64_t j = 0; j < C; ++j) drow[j] = arow[j] * (drow[j] - s);   // dA
       }
-      mm<T>(false, false, C, D, C, da.data(), C, kt, D, T(1), dkt.data(), D);  // dA kt
-      mm<T>(true, false, C, D, C, da.data(), C, kt, D, T(1), dkt.data(), D);   // dA^T kt
+      mm<T>(false, false, C, D, C, da, C, kt, D, T(1), dkt, D);  // dA kt
+      mm<T>(true, false, C, D, C, da, C, kt, D, T(1), dkt, D);   // dA^T kt
       for (int64_t i = 0; i < C * D; ++i) gkb[i] = ss * dkt[i];
     } else {
       std::fill(gkb, gkb + C * D, T(0));
@@ -578,10 +582,12 @@ void backward_small(const Problem& p, const StateLayout& L, const T* st, double 
   });
 }
 
+// The gradient of given landmarks lm (B, H, num_samples, D): g (B, H, C, D) in rows 0 .. C - 1, 0 beyond.
 template <typename T>
-at::Tensor given_landmarks_grad(const Problem& p, const at::Tensor& g, const at::Tensor& lm) {
+at::Tensor given_landmarks_grad(const Problem& p, const T* g, const at::Tensor& lm) {
   at::Tensor out = at::zeros(lm.sizes(), lm.options());
-  out.narrow(2, 0, p.C).copy_(g);
+  out.narrow(2, 0, p.C).copy_(at::from_blob(const_cast<T*>(g), {p.B, p.H, p.C, p.D},
+                                            at::TensorOptions().dtype(p.ct).device(at::kCPU)));
   if (p.dropped) out.masked_fill_(p.keep4.logical_not(), 0);
   return out;
 }
@@ -589,55 +595,52 @@ at::Tensor given_landmarks_grad(const Problem& p, const at::Tensor& g, const at:
 template <typename T>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(const Problem& p, const at::Tensor& dy_in,
                                                                   const at::Tensor& state, const OptTensor& qlm,
-                                                                  const OptTensor& klm, double beta, double ss) {
+                                                                  const OptTensor& klm, double beta, double ss_d) {
   const char* op = "lara_kernels::lara_bwd";
-  const int64_t B = p.B, H = p.H, C = p.C, D = p.D, DV = p.DV;
+  const int64_t B = p.B, H = p.H, C = p.C, D = p.D, DV = p.DV, G = p.G;
+  const T ss = T(ss_d);
+  const bool opt = p.optimal(), attend = p.proposal == kAttend;
   const StateLayout L = state_layout(p);
   TORCH_CHECK(state.dim() == 1 && state.size(0) == L.total && state.scalar_type() == p.ct && state.is_contiguous(),
               op, ": state must be the contiguous ", p.ct, " (", L.total, ",) tensor lara_fwd returned for these "
               "arguments, got ", state.scalar_type(), " ", state.sizes());
   const T* st = state.data_ptr<T>();
-  const at::Tensor qt = field(state, L.qt, {B, H, C, D});
-  const at::Tensor w = field(state, L.w, {B, H, C, D});
-  const at::Tensor Z = field(state, L.Z, {B, H, C});
-  const at::Tensor bias = field(state, L.bias, {B, H, C});
-  const at::Tensor kap = field(state, L.kap, {B, H, C, DV});
-  OptTensor mq, ml, mb;
-  if (p.optimal()) {
-    mq = qt;
-    ml = field(state, L.lam, {B, H, C});
-    mb = field(state, L.bh, {B, H, C});
-  }
+  const int64_t* ce = p.c_eff.data();
   at::Tensor dy = dy_in;
   if (p.dropped) dy = dy.masked_fill(p.keep4.logical_not(), 0);
 
+  // the C-sized gradients, one scratch: (B, H, C, D) dw1, dw3, dqt1, dqt2, gq, gk, dka, dqt3;
+  // (B, H, C) dbias, dlam, dbh, dzero; (B, H, C, Dv) dkap
+  const int64_t cd = B * H * C * D, c1 = B * H * C;
+  at::Tensor scratch = small_scratch<T>(8 * cd + 4 * c1 + c1 * DV);
+  T* sp = scratch.data_ptr<T>();
+  T *dw1 = sp, *dw3 = dw1 + cd, *dqt1 = dw3 + cd, *dqt2 = dqt1 + cd, *gq = dqt2 + cd, *gk = gq + cd, *dka = gk + cd,
+    *dqt3 = dka + cd, *dbias = dqt3 + cd, *dlam = dbias + c1, *dbh = dlam + c1, *dzero = dbh + c1, *dkap = dzero + c1;
+
   // query pass, query normalizer, key pass
-  auto [dq, dw1, dbias, dkap, dqt1, dlam, dbh] =
-      query_pass_bwd_cpu(p.q, w, bias, kap, p.c_eff, p.q_pad, ss, mq, ml, mb, beta, dy, p.cu_q, p.max_q);
-  at::Tensor dqt2;
-  if (p.optimal()) {
-    auto [dqt_n, dq_n, unused] = key_pass_bwd_cpu(qt, p.q, c10::nullopt, p.q_pad, ss, false, *ml, c10::nullopt, dlam,
-                                                  c10::nullopt, p.cu_q, p.max_q);
-    dqt2 = dqt_n;
+  at::Tensor dq = long_output(p.sq, D, p.q);
+  cpu::query_pass_bwd_body<T>(query_args<T>(p, L, st), p.sq, ss, T(beta), dy, dq, dw1, dbias, dkap,
+                              opt ? dqt1 : nullptr, opt ? dlam : nullptr, opt ? dbh : nullptr);
+  at::Tensor none;
+  if (opt) {
+    at::Tensor dq_n = long_output(p.sq, D, p.q);
+    cpu::key_pass_bwd_body<T>(st + L.qt, C, p.q, at::Tensor(), p.sq, ss, false, st + L.lam, nullptr, dlam, nullptr,
+                              dqt2, dq_n, none);
     add_into(dq, dq_n);
   }
-  auto [dw3, dk, dv] = key_pass_bwd_cpu(grouped(p, w), p.k, p.v, p.k_pad, ss, true, grouped(p, Z),
-                                        grouped(p, kap), grouped(p, dbias), grouped(p, dkap), p.cu_k, p.max_k);
+  at::Tensor dk = long_output(p.sk, D, p.k), dv = long_output(p.sk, DV, p.v);
+  cpu::key_pass_bwd_body<T>(st + L.w, G * C, p.k, p.v, p.sk, ss, true, st + L.Z, st + L.kap, dbias, dkap, dw3, dk,
+                            dv);
 
   // the C x D and C x C steps
-  const auto opts = at::TensorOptions().dtype(p.ct);
-  at::Tensor gq = at::empty({B, H, C, D}, opts), gk = at::empty({B, H, C, D}, opts);
-  at::Tensor dka = p.proposal == kAttend ? at::empty({B, H, C, D}, opts) : at::Tensor();
-  backward_small<T>(p, L, st, ss, dbias.data_ptr<T>(), p.optimal() ? dbh.data_ptr<T>() : nullptr,
-                    dw1.data_ptr<T>(), dw3.data_ptr<T>(), p.optimal() ? dqt1.data_ptr<T>() : nullptr,
-                    p.optimal() ? dqt2.data_ptr<T>() : nullptr, gq.data_ptr<T>(), gk.data_ptr<T>(),
-                    dka.defined() ? dka.data_ptr<T>() : nullptr);
-  if (p.proposal == kAttend) {
-    const at::Tensor za = field(state, L.zatt, {B, H, C}), ka = field(state, L.katt, {B, H, C, D});
-    auto [dqt3, dk_keys, dk_values] = key_pass_bwd_cpu(grouped(p, qt), p.k, p.k, p.k_pad, ss, false, grouped(p, za),
-                                                       grouped(p, ka), at::zeros({B, p.Hkv, p.G * C}, opts),
-                                                       grouped(p, dka), p.cu_k, p.max_k);
-    gq.add_(dqt3.view({B, H, C, D}), ss);
+  backward_small<T>(p, L, st, ss_d, dbias, opt ? dbh : nullptr, dw1, dw3, opt ? dqt1 : nullptr,
+                    opt ? dqt2 : nullptr, gq, gk, attend ? dka : nullptr);
+  if (attend) {
+    std::fill(dzero, dzero + c1, T(0));
+    at::Tensor dk_keys = long_output(p.sk, D, p.k), dk_values = long_output(p.sk, D, p.k);
+    cpu::key_pass_bwd_body<T>(st + L.qt, G * C, p.k, p.k, p.sk, ss, false, st + L.zatt, st + L.katt, dzero, dka,
+                              dqt3, dk_keys, dk_values);
+    for (int64_t i = 0; i < cd; ++i) gq[i] += ss * dqt3[i];
     add_into(dk, dk_keys);
     add_into(dk, dk_values);
   }
@@ -647,14 +650,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(const Problem& 
   if (qlm.has_value()) {
     dqlm = given_landmarks_grad<T>(p, gq, *qlm);
   } else {
-    add_into(dq, landmarks_backward_cpu(gq, p.q_pad, p.c_eff, p.Lq, p.q.scalar_type(), p.cu_q, p.max_q));
+    cpu::landmarks_backward_add<T>(gq, p.sq, ce, C, 1, dq);
     dqlm = at::empty({0}, dq.options());
   }
   if (klm.has_value()) {
     dklm = given_landmarks_grad<T>(p, gk, *klm);
   } else {
-    const at::Tensor gkv = p.G == 1 ? gk : gk.view({B, p.Hkv, p.G, C, D}).sum(2);
-    add_into(dk, landmarks_backward_cpu(gkv, p.k_pad, p.c_eff, p.Lk, p.k.scalar_type(), p.cu_k, p.max_k));
+    cpu::landmarks_backward_add<T>(gk, p.sk, ce, C, G, dk);
     dklm = at::empty({0}, dq.options());
   }
   if (p.dropped) {

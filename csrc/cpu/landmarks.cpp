@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "../lara_ops.h"
+#include "passes.h"
 #include "seqs.h"
 
 namespace lara {
@@ -179,6 +180,117 @@ at::Tensor landmarks_backward_packed(const at::Tensor& grad, const at::Tensor& c
 }
 
 }  // namespace
+
+// ---------------------------------------------------------------------------------
+// Bodies for the whole-op path (passes.h)
+
+namespace cpu {
+
+template <typename T>
+void landmarks_body(const at::Tensor& x, const Seqs& sq, const int64_t* ce, int64_t C, T ss, int64_t G, T* out) {
+  const int64_t B = sq.B, Hx = sq.H, D = x.size(-1);
+  auto run = [&](auto tag) {
+    using S = decltype(tag);
+    at::parallel_for(0, B * Hx, std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, sq.L * D)),
+                     [&](int64_t begin, int64_t end) {
+      for (int64_t bhx = begin; bhx < end; ++bhx) {
+        const int64_t b = bhx / Hx, hx = bhx % Hx, L = sq.len(b), n = ce[b];
+        T* o = out + (b * Hx * G + hx * G) * C * D;
+        std::fill(o, o + C * D, T(0));
+        if (n > 0) {
+          const bool* pad = sq.pad_rows(b);
+          int64_t valid = L;
+          if (pad != nullptr)
+            for (int64_t l = 0; l < L; ++l) valid -= pad[l];
+          const auto xr = sq.in<S>(x, b, hx);
+          int64_t pos = 0;   // the position among the valid rows
+          for (int64_t l = 0; l < L; ++l) {
+            if (pad != nullptr && pad[l]) continue;
+            T* orow = o + ((pos * n) / valid) * D;
+            const S* r = xr.p + l * xr.s_row;
+            if (xr.s_col == 1) {
+              for (int64_t d = 0; d < D; ++d) orow[d] += static_cast<T>(r[d]);
+            } else {
+              for (int64_t d = 0; d < D; ++d) orow[d] += static_cast<T>(r[d * xr.s_col]);
+            }
+            ++pos;
+          }
+          for (int64_t c = 0; c < n; ++c) {
+            const T inv = T(1) / static_cast<T>(segment_start(c + 1, valid, n) - segment_start(c, valid, n));
+            for (int64_t d = 0; d < D; ++d) o[c * D + d] = ss * (o[c * D + d] * inv);
+          }
+        }
+        for (int64_t j = 1; j < G; ++j) std::copy(o, o + C * D, o + j * C * D);
+      }
+    });
+  };
+  switch (x.scalar_type()) {
+    case at::kDouble: if constexpr (std::is_same_v<T, double>) run(double{}); break;
+    case at::kFloat: if constexpr (std::is_same_v<T, float>) run(float{}); break;
+    case at::kHalf: if constexpr (std::is_same_v<T, float>) run(at::Half{}); break;
+    case at::kBFloat16: if constexpr (std::is_same_v<T, float>) run(at::BFloat16{}); break;
+    default: TORCH_CHECK(false, "lara_kernels (landmarks): unsupported dtype ", x.scalar_type());
+  }
+}
+
+template <typename T>
+void landmarks_backward_add(const T* grad, const Seqs& sq, const int64_t* ce, int64_t C, int64_t G, at::Tensor& dx) {
+  const int64_t B = sq.B, Hx = sq.H, D = dx.size(-1);
+  auto run = [&](auto tag) {
+    using S = decltype(tag);
+    S* xp = dx.data_ptr<S>();
+    at::parallel_for(0, B * Hx, std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, sq.L * D)),
+                     [&](int64_t begin, int64_t end) {
+      std::vector<T> gsum(G > 1 ? C * D : 0);
+      for (int64_t bhx = begin; bhx < end; ++bhx) {
+        const int64_t b = bhx / Hx, hx = bhx % Hx, L = sq.len(b), n = ce[b];
+        if (n == 0) continue;
+        const T* g = grad + (b * Hx * G + hx * G) * C * D;
+        if (G > 1) {   // the gradient of a key/value head's landmarks: the sum over its G query heads
+          std::copy(g, g + C * D, gsum.begin());
+          for (int64_t j = 1; j < G; ++j)
+            for (int64_t i = 0; i < C * D; ++i) gsum[i] += g[j * C * D + i];
+          g = gsum.data();
+        }
+        const bool* pad = sq.pad_rows(b);
+        int64_t valid = L;
+        if (pad != nullptr)
+          for (int64_t l = 0; l < L; ++l) valid -= pad[l];
+        int64_t ld = 0;
+        S* xbh = sq.out(xp, D, b, hx, ld);
+        int64_t pos = 0;
+        for (int64_t l = 0; l < L; ++l) {
+          if (pad != nullptr && pad[l]) continue;
+          const int64_t s = (pos * n) / valid;
+          const T inv = T(1) / static_cast<T>(segment_start(s + 1, valid, n) - segment_start(s, valid, n));
+          const T* gr = g + s * D;
+          S* xr = xbh + l * ld;
+          // as landmarks_backward then an add in S: the term rounds to S first
+          for (int64_t d = 0; d < D; ++d)
+            xr[d] = static_cast<S>(static_cast<T>(xr[d]) + static_cast<T>(static_cast<S>(gr[d] * inv)));
+          ++pos;
+        }
+      }
+    });
+  };
+  switch (dx.scalar_type()) {
+    case at::kDouble: if constexpr (std::is_same_v<T, double>) run(double{}); break;
+    case at::kFloat: if constexpr (std::is_same_v<T, float>) run(float{}); break;
+    case at::kHalf: if constexpr (std::is_same_v<T, float>) run(at::Half{}); break;
+    case at::kBFloat16: if constexpr (std::is_same_v<T, float>) run(at::BFloat16{}); break;
+    default: TORCH_CHECK(false, "lara_kernels (landmarks_backward): unsupported dtype ", dx.scalar_type());
+  }
+}
+
+template void landmarks_body<float>(const at::Tensor&, const Seqs&, const int64_t*, int64_t, float, int64_t, float*);
+template void landmarks_body<double>(const at::Tensor&, const Seqs&, const int64_t*, int64_t, double, int64_t,
+                                     double*);
+template void landmarks_backward_add<float>(const float*, const Seqs&, const int64_t*, int64_t, int64_t,
+                                            at::Tensor&);
+template void landmarks_backward_add<double>(const double*, const Seqs&, const int64_t*, int64_t, int64_t,
+                                             at::Tensor&);
+
+}  // namespace cpu
 
 at::Tensor landmarks_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& padding, const at::Tensor& c_eff,
                          int64_t num_segments, const c10::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen) {

@@ -19,10 +19,12 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <vector>
 
 #include "../lara_ops.h"
 #include "cpu_math.h"
+#include "passes.h"
 #include "seqs.h"
 
 namespace lara {
@@ -35,6 +37,13 @@ constexpr int64_t kTileElems = 256 * kTile;  // elements of one tile buffer (C, 
 constexpr int64_t kMinChunk = 512;   // rows per task, at least
 constexpr int64_t kMaxChunks = 64;   // partial buffers per (batch, head), at most
 constexpr double kAlphaFloor = 1e-8;
+
+// The grain of an at::parallel_for over tasks of `work` multiply-adds each: tasks are
+// handed out in groups of about kParallelWork, so that a small problem runs inline on the
+// calling thread (no parallel region to start) and a large one is split per task. Which
+// task runs where never changes a result (each writes only its own rows and partials).
+constexpr int64_t kParallelWork = int64_t(1) << 16;
+inline int64_t grain_for(int64_t work) { return std::max<int64_t>(1, kParallelWork / std::max<int64_t>(1, work)); }
 
 struct Chunking {
   int64_t len, count;
@@ -306,7 +315,8 @@ void column_offsets(const T* kh, int64_t nr, int64_t D, bool sub_norm, const boo
 template <typename T>
 void reduce_chunks(const T* part, const Chunks& ch, int64_t H, int64_t size, T* out) {
   const int64_t B = int64_t(ch.first.size()) - 1;
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * H, grain_for(size * std::max<int64_t>(1, ch.total() / std::max<int64_t>(1, B))),
+                   [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
       T* o = out + bh * size;
@@ -324,23 +334,32 @@ void reduce_chunks(const T* part, const Chunks& ch, int64_t H, int64_t size, T* 
   });
 }
 
-// Scratch of n elements: zeros, or NaN in test mode (lara_ops.h), so that a tile or a
-// partial read before it is written shows up. Allocated through torch's allocator so
-// that memory profiles (lara-bench, bench/efficiency.py) count it.
-template <typename T>
+// K scratch buffers of n[0], ..., n[K - 1] elements in one allocation, each starting on a
+// 64-byte boundary. Not zeroed: every element is written before it is read; in test mode
+// (lara_ops.h) they start as NaN, so that a tile or a partial read before it is written
+// shows up. Allocated through torch's allocator so that memory profiles (lara-bench,
+// bench/efficiency.py) count it.
+template <typename T, size_t K>
 struct Scratch {
   at::Tensor t;
-  T* p;
-  T* data() { return p; }
-  T& operator[](int64_t i) { return p[i]; }
-  const T& operator[](int64_t i) const { return p[i]; }
+  std::array<T*, K> p;
+  T* operator[](size_t i) const { return p[i]; }
 };
 
-template <typename T>
-Scratch<T> scratch(int64_t n) {
-  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  at::Tensor t = poison_outputs() ? new_output({n}, opts) : at::zeros({n}, opts);
-  return {t, t.data_ptr<T>()};
+template <typename T, size_t K>
+Scratch<T, K> scratch(const std::array<int64_t, K>& n) {
+  constexpr int64_t align = 64 / int64_t(sizeof(T));
+  std::array<int64_t, K> off;
+  int64_t total = 0;
+  for (size_t i = 0; i < K; ++i) {
+    off[i] = total;
+    total += (n[i] + align - 1) / align * align;
+  }
+  Scratch<T, K> s;
+  s.t = new_output({std::max<int64_t>(total, 1)}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+  T* base = s.t.template data_ptr<T>();
+  for (size_t i = 0; i < K; ++i) s.p[i] = base + off[i];
+  return s;
 }
 
 // Chunks of the chunked passes (key pass, query backward): chunking(L_b) of each
@@ -364,23 +383,17 @@ void key_tile_logits(const Seqs::In<S>& k, const bool* prow, int64_t m0, int64_t
   gemm(false, true, C, nr, D, T(1), wbh, D, kh, D, T(0), lg, tr);
 }
 
-struct QueryArgs {
-  at::Tensor q, w, bias, kap, c_eff, qt, lam, bh;
-  bool mis;
-};
-
 // Query tile n0 .. n0 + nr of (b, h): qh = ss q rows (padded rows 0) and p (nr x C) =
 // softmax_c(L); with the MIS term also r and alpha (see query_probs). c_eff[b] >= 1.
 template <typename S, typename T>
-void query_tile_probs(const QueryArgs& a, const Seqs& sq, int64_t b, int64_t h, int64_t n0, int64_t nr, T ss,
+void query_tile_probs(const QueryArgs<T>& a, const Seqs& sq, int64_t b, int64_t h, int64_t n0, int64_t nr, T ss,
                       T beta, T* qh, T* p, T* r, T* al) {
-  const int64_t D = a.q.size(-1), C = a.w.size(2), bh = b * sq.H + h;
+  const int64_t D = a.D, C = a.C, bh = b * sq.H + h;
   load_rows(sq.in<S>(a.q, b, h), n0, nr, D, ss, sq.pad_rows(b), qh);
-  gemm(false, true, nr, C, D, T(1), qh, D, a.w.data_ptr<T>() + bh * C * D, D, T(0), p, C);
-  if (a.mis) gemm(false, true, nr, C, D, T(1), qh, D, a.qt.data_ptr<T>() + bh * C * D, D, T(0), r, C);
-  query_probs(p, a.mis ? r : nullptr, a.mis ? al : nullptr, nr, C, a.c_eff.data_ptr<int64_t>()[b],
-              a.bias.data_ptr<T>() + bh * C, a.mis ? a.lam.data_ptr<T>() + bh * C : nullptr,
-              a.mis ? a.bh.data_ptr<T>() + bh * C : nullptr, beta);
+  gemm(false, true, nr, C, D, T(1), qh, D, a.w + bh * C * D, D, T(0), p, C);
+  if (a.mis) gemm(false, true, nr, C, D, T(1), qh, D, a.qt + bh * C * D, D, T(0), r, C);
+  query_probs(p, a.mis ? r : nullptr, a.mis ? al : nullptr, nr, C, a.c_eff[b], a.bias + bh * C,
+              a.mis ? a.lam + bh * C : nullptr, a.mis ? a.bh + bh * C : nullptr, beta);
 }
 
 // ---------------------------------------------------------------------------------
@@ -388,31 +401,27 @@ void query_tile_probs(const QueryArgs& a, const Seqs& sq, int64_t b, int64_t h, 
 // (max, sum, accumulator) of its chunk as a partial, combined per (b, h) in chunk order.
 
 template <typename S, typename T>
-void key_fwd_impl(const at::Tensor& w, const at::Tensor& k, const at::Tensor& v, const Seqs& sq, T ss,
-                  bool sub_norm, at::Tensor& Z, at::Tensor& kap) {
-  const int64_t H = sq.H, D = k.size(-1), C = w.size(2);
+void key_fwd_impl(const T* wp, int64_t C, const at::Tensor& k, const at::Tensor& v, const Seqs& sq, T ss,
+                  bool sub_norm, T* Zp, T* kapp) {
+  const int64_t H = sq.H, D = k.size(-1);
   const bool has_v = v.defined();
   const int64_t DV = has_v ? v.size(-1) : 0;
   const Chunks ch = row_chunks(sq);
   const int64_t tr = tile_rows(std::max({C, D, DV}));
   const int64_t ntask = ch.total() * H;
   // partial (running max, sum, unnormalized acc) per task
-  auto m_part = scratch<T>(ntask * C);
-  auto l_part = scratch<T>(ntask * C);
-  auto acc_part = scratch<T>(ntask * C * DV);
-  const T* wp = w.data_ptr<T>();
+  const auto part = scratch<T, 3>({ntask * C, ntask * C, ntask * C * DV});
+  T *m_part = part[0], *l_part = part[1], *acc_part = part[2];
+  const int64_t task_work = std::min<int64_t>(sq.L, chunking(sq.L).len) * C * (D + DV);
 
-  at::parallel_for(0, ntask, 1, [&](int64_t begin, int64_t end) {
-    auto kh = scratch<T>(tr * D);
-    auto vt = scratch<T>(tr * std::max<int64_t>(DV, 1));
-    auto lg = scratch<T>(C * tr);
-    auto nb = scratch<T>(tr);
-    auto resc = scratch<T>(C);
+  at::parallel_for(0, ntask, grain_for(task_work), [&](int64_t begin, int64_t end) {
+    const auto buf = scratch<T, 5>({tr * D, tr * std::max<int64_t>(DV, 1), C * tr, tr, C});
+    T *kh = buf[0], *vt = buf[1], *lg = buf[2], *nb = buf[3], *resc = buf[4];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t g = task / H, h = task % H, b = ch.owner[g], s = g - ch.first[b];
-      T* mrun = m_part.data() + task * C;
-      T* lrun = l_part.data() + task * C;
-      T* acc = acc_part.data() + task * C * DV;
+      T* mrun = m_part + task * C;
+      T* lrun = l_part + task * C;
+      T* acc = acc_part + task * C * DV;
       std::fill(mrun, mrun + C, kNegInf<T>);
       std::fill(lrun, lrun + C, T(0));
       std::fill(acc, acc + C * DV, T(0));
@@ -424,22 +433,21 @@ void key_fwd_impl(const at::Tensor& w, const at::Tensor& k, const at::Tensor& v,
       const int64_t m_end = std::min(len, (s + 1) * clen);
       for (int64_t m0 = s * clen; m0 < m_end; m0 += tr) {
         const int64_t nr = std::min(tr, m_end - m0);
-        key_tile_logits(kr, prow, m0, nr, tr, D, ss, sub_norm, wbh, C, kh.data(), nb.data(), lg.data());
-        key_fwd_tile(lg.data(), tr, C, nr, nb.data(), mrun, lrun, resc.data());
+        key_tile_logits(kr, prow, m0, nr, tr, D, ss, sub_norm, wbh, C, kh, nb, lg);
+        key_fwd_tile(lg, tr, C, nr, nb, mrun, lrun, resc);
         if (has_v) {
-          load_rows(vr, m0, nr, DV, T(1), prow, vt.data());
+          load_rows(vr, m0, nr, DV, T(1), prow, vt);
           for (int64_t c = 0; c < C; ++c)
             for (int64_t d = 0; d < DV; ++d) acc[c * DV + d] *= resc[c];
-          gemm(false, false, C, DV, nr, T(1), lg.data(), tr, vt.data(), DV, T(1), acc, DV);
+          gemm(false, false, C, DV, nr, T(1), lg, tr, vt, DV, T(1), acc, DV);
         }
       }
     }
   });
 
   // combine the chunks: Z = mx + log(sum_s e_s l_s), kap = sum_s e_s acc_s / sum_s e_s l_s
-  T* Zp = Z.data_ptr<T>();
-  T* kapp = has_v ? kap.data_ptr<T>() : nullptr;
-  at::parallel_for(0, sq.B * H * C, 64, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, sq.B * H * C, grain_for(ch.total() / std::max<int64_t>(1, sq.B) * (DV + 1)),
+                   [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t bh = i / C, c = i % C, b = bh / H, h = bh % H;
       const int64_t g0 = ch.first[b], g1 = ch.first[b + 1];
@@ -457,7 +465,7 @@ void key_fwd_impl(const at::Tensor& w, const at::Tensor& k, const at::Tensor& v,
         const T e = std::exp(m_part[pi] - mx);
         total += e * l_part[pi];
         if (has_v) {
-          const T* a = acc_part.data() + pi * DV;
+          const T* a = acc_part + pi * DV;
           for (int64_t d = 0; d < DV; ++d) kapp[i * DV + d] += e * a[d];
         }
       }
@@ -469,45 +477,36 @@ void key_fwd_impl(const at::Tensor& w, const at::Tensor& k, const at::Tensor& v,
 }
 
 template <typename S, typename T>
-void key_bwd_impl(const at::Tensor& w, const at::Tensor& k, const at::Tensor& v, const Seqs& sq, T ss,
-                  bool sub_norm, const at::Tensor& Z, const at::Tensor& kap, const at::Tensor& dZ,
-                  const at::Tensor& dkap, at::Tensor& dw, at::Tensor& dk, at::Tensor& dv) {
-  const int64_t H = sq.H, D = k.size(-1), C = w.size(2);
+void key_bwd_impl(const T* wp, int64_t C, const at::Tensor& k, const at::Tensor& v, const Seqs& sq, T ss,
+                  bool sub_norm, const T* Zp, const T* kapp, const T* dZp, const T* dkapp, T* dw, at::Tensor& dk,
+                  at::Tensor& dv) {
+  const int64_t H = sq.H, D = k.size(-1);
   const bool has_v = v.defined();
   const int64_t DV = has_v ? v.size(-1) : 0;
   const Chunks ch = row_chunks(sq);
   const int64_t tr = tile_rows(std::max({C, D, DV}));
   const int64_t BH = sq.B * H, ntask = ch.total() * H;
-  auto dw_part = scratch<T>(ntask * C * D);
-  // E_c = dZ_c - dkap_c . kap_c
-  auto E = scratch<T>(BH * C);
-  const T* dZp = dZ.data_ptr<T>();
-  const T* kapp = has_v ? kap.data_ptr<T>() : nullptr;
-  const T* dkapp = has_v ? dkap.data_ptr<T>() : nullptr;
+  // per-task partials of dw, and E_c = dZ_c - dkap_c . kap_c
+  const auto part = scratch<T, 2>({ntask * C * D, BH * C});
+  T *dw_part = part[0], *E = part[1];
   for (int64_t i = 0; i < BH * C; ++i) {
     T e = dZp[i];
     for (int64_t d = 0; d < DV; ++d) e -= dkapp[i * DV + d] * kapp[i * DV + d];
     E[i] = e;
   }
-  const T* wp = w.data_ptr<T>();
-  const T* Zp = Z.data_ptr<T>();
   S* dkp = dk.data_ptr<S>();
   S* dvp = has_v ? dv.data_ptr<S>() : nullptr;
+  const int64_t task_work = std::min<int64_t>(sq.L, chunking(sq.L).len) * C * (3 * D + 2 * DV);
 
-  at::parallel_for(0, ntask, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, ntask, grain_for(task_work), [&](int64_t begin, int64_t end) {
     const int64_t DVa = std::max<int64_t>(DV, 1);
-    auto kh = scratch<T>(tr * D);
-    auto vt = scratch<T>(tr * DVa);
-    auto lg = scratch<T>(C * tr);
-    auto g = scratch<T>(has_v ? C * tr : 0);
-    auto sm = scratch<T>(has_v ? C * tr : 0);
-    auto nb = scratch<T>(tr);
-    auto colsum = scratch<T>(tr);
-    auto dkh = scratch<T>(tr * D);
-    auto dvt = scratch<T>(tr * DVa);
+    const auto buf = scratch<T, 9>({tr * D, tr * DVa, C * tr, has_v ? C * tr : 0, has_v ? C * tr : 0, tr, tr,
+                                    tr * D, tr * DVa});
+    T *kh = buf[0], *vt = buf[1], *lg = buf[2], *g = buf[3], *sm = buf[4], *nb = buf[5], *colsum = buf[6],
+      *dkh = buf[7], *dvt = buf[8];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t gi = task / H, h = task % H, b = ch.owner[gi], s = gi - ch.first[b], bh = b * H + h;
-      T* dwp = dw_part.data() + task * C * D;
+      T* dwp = dw_part + task * C * D;
       std::fill(dwp, dwp + C * D, T(0));
       const T* wbh = wp + bh * C * D;
       const T* dkbh = has_v ? dkapp + bh * C * DV : nullptr;
@@ -521,28 +520,27 @@ void key_bwd_impl(const at::Tensor& w, const at::Tensor& k, const at::Tensor& v,
       const int64_t m_end = std::min(len, (s + 1) * clen);
       for (int64_t m0 = s * clen; m0 < m_end; m0 += tr) {
         const int64_t nr = std::min(tr, m_end - m0);
-        key_tile_logits(kr, prow, m0, nr, tr, D, ss, sub_norm, wbh, C, kh.data(), nb.data(), lg.data());
+        key_tile_logits(kr, prow, m0, nr, tr, D, ss, sub_norm, wbh, C, kh, nb, lg);
         if (has_v) {
-          load_rows(vr, m0, nr, DV, T(1), prow, vt.data());
-          gemm(false, true, C, nr, DV, T(1), dkbh, DV, vt.data(), DV, T(0), g.data(), tr);
+          load_rows(vr, m0, nr, DV, T(1), prow, vt);
+          gemm(false, true, C, nr, DV, T(1), dkbh, DV, vt, DV, T(0), g, tr);
         }
-        key_bwd_tile(lg.data(), has_v ? g.data() : nullptr, has_v ? sm.data() : nullptr, tr, C, nr, nb.data(),
-                     Zp + bh * C, E.data() + bh * C, colsum.data());
+        key_bwd_tile(lg, has_v ? g : nullptr, has_v ? sm : nullptr, tr, C, nr, nb, Zp + bh * C, E + bh * C, colsum);
         // dkh = dl^T w - colsum * kh;  dw += dl kh;  dv = S^T dkap
-        gemm(true, false, nr, D, C, T(1), lg.data(), tr, wbh, D, T(0), dkh.data(), D);
+        gemm(true, false, nr, D, C, T(1), lg, tr, wbh, D, T(0), dkh, D);
         if (sub_norm)
           for (int64_t j = 0; j < nr; ++j)
             for (int64_t d = 0; d < D; ++d) dkh[j * D + d] -= colsum[j] * kh[j * D + d];
-        gemm(false, false, C, D, nr, T(1), lg.data(), tr, kh.data(), D, T(1), dwp, D);
-        store_rows(dkh.data(), m0, nr, D, ss, prow, dk_out, ldk);
+        gemm(false, false, C, D, nr, T(1), lg, tr, kh, D, T(1), dwp, D);
+        store_rows(dkh, m0, nr, D, ss, prow, dk_out, ldk);
         if (has_v) {
-          gemm(true, false, nr, DV, C, T(1), sm.data(), tr, dkbh, DV, T(0), dvt.data(), DV);
-          store_rows(dvt.data(), m0, nr, DV, T(1), prow, dv_out, ldv);
+          gemm(true, false, nr, DV, C, T(1), sm, tr, dkbh, DV, T(0), dvt, DV);
+          store_rows(dvt, m0, nr, DV, T(1), prow, dv_out, ldv);
         }
       }
     }
   });
-  reduce_chunks(dw_part.data(), ch, H, C * D, dw.data_ptr<T>());
+  reduce_chunks(dw_part, ch, H, C * D, dw);
 }
 
 // ---------------------------------------------------------------------------------
@@ -552,20 +550,17 @@ void key_bwd_impl(const at::Tensor& w, const at::Tensor& k, const at::Tensor& v,
 // sample) get y = 0 and dq = 0 and add nothing.
 
 template <typename S, typename T>
-void query_fwd_impl(const QueryArgs& a, const Seqs& sq, T ss, T beta, at::Tensor& y) {
-  const int64_t H = sq.H, D = a.q.size(-1), C = a.w.size(2), DV = a.kap.size(3);
+void query_fwd_impl(const QueryArgs<T>& a, const Seqs& sq, T ss, T beta, at::Tensor& y) {
+  const int64_t H = sq.H, D = a.D, C = a.C, DV = a.DV;
   const int64_t tr = tile_rows(std::max({C, D, DV}));
   const Chunks tiles = make_chunks(sq.B, [&](int64_t b) { return (sq.len(b) + tr - 1) / tr; });
-  const T* kapp = a.kap.data_ptr<T>();
-  const int64_t* cep = a.c_eff.data_ptr<int64_t>();
+  const int64_t* cep = a.c_eff;
   S* yp = y.data_ptr<S>();
+  const int64_t task_work = std::min(tr, sq.L) * C * ((a.mis ? 2 : 1) * D + DV);
 
-  at::parallel_for(0, tiles.total() * H, 1, [&](int64_t begin, int64_t end) {
-    auto qh = scratch<T>(tr * D);
-    auto sc = scratch<T>(tr * C);
-    auto t = scratch<T>(a.mis ? tr * C : 0);
-    auto al = scratch<T>(a.mis ? tr * C : 0);
-    auto yt = scratch<T>(tr * DV);
+  at::parallel_for(0, tiles.total() * H, grain_for(task_work), [&](int64_t begin, int64_t end) {
+    const auto buf = scratch<T, 5>({tr * D, tr * C, a.mis ? tr * C : 0, a.mis ? tr * C : 0, tr * DV});
+    T *qh = buf[0], *sc = buf[1], *t = buf[2], *al = buf[3], *yt = buf[4];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t g = task / H, h = task % H, b = tiles.owner[g], bh = b * H + h;
       const int64_t n0 = (g - tiles.first[b]) * tr, nr = std::min(tr, sq.len(b) - n0);
@@ -575,51 +570,42 @@ void query_fwd_impl(const QueryArgs& a, const Seqs& sq, T ss, T beta, at::Tensor
         zero_rows(n0, nr, DV, y_out, ld);
         continue;
       }
-      query_tile_probs<S, T>(a, sq, b, h, n0, nr, ss, beta, qh.data(), sc.data(), t.data(), al.data());
-      gemm(false, false, nr, DV, C, T(1), sc.data(), C, kapp + bh * C * DV, DV, T(0), yt.data(), DV);
-      store_rows(yt.data(), n0, nr, DV, T(1), sq.pad_rows(b), y_out, ld);
+      query_tile_probs<S, T>(a, sq, b, h, n0, nr, ss, beta, qh, sc, t, al);
+      gemm(false, false, nr, DV, C, T(1), sc, C, a.kap + bh * C * DV, DV, T(0), yt, DV);
+      store_rows(yt, n0, nr, DV, T(1), sq.pad_rows(b), y_out, ld);
     }
   });
 }
 
 template <typename S, typename T>
-void query_bwd_impl(const QueryArgs& a, const Seqs& sq, T ss, T beta, const at::Tensor& dy, at::Tensor& dq,
-                    at::Tensor& dw, at::Tensor& dbias, at::Tensor& dkap, at::Tensor& dqt, at::Tensor& dlam,
-                    at::Tensor& dbh) {
-  const int64_t H = sq.H, D = a.q.size(-1), C = a.w.size(2), DV = a.kap.size(3);
+void query_bwd_impl(const QueryArgs<T>& a, const Seqs& sq, T ss, T beta, const at::Tensor& dy, at::Tensor& dq,
+                    T* dw, T* dbias, T* dkap, T* dqt, T* dlam, T* dbh) {
+  const int64_t H = sq.H, D = a.D, C = a.C, DV = a.DV;
   const Chunks ch = row_chunks(sq);
   const int64_t tr = tile_rows(std::max({C, D, DV}));
   const int64_t ntask = ch.total() * H;
   const bool mis = a.mis;
   // per-task partials of the C-sized sums
-  auto dw_part = scratch<T>(ntask * C * D);
-  auto dkap_part = scratch<T>(ntask * C * DV);
-  auto db_part = scratch<T>(ntask * C);
-  auto dqt_part = scratch<T>(mis ? ntask * C * D : 0);
-  auto dbh_part = scratch<T>(mis ? ntask * C : 0);
-  auto dlam_part = scratch<T>(mis ? ntask * C : 0);
-  const T *wp = a.w.data_ptr<T>(), *kapp = a.kap.data_ptr<T>();
-  const T* qtp = mis ? a.qt.data_ptr<T>() : nullptr;
-  const int64_t* cep = a.c_eff.data_ptr<int64_t>();
+  const auto part = scratch<T, 6>({ntask * C * D, ntask * C * DV, ntask * C, mis ? ntask * C * D : 0,
+                                   mis ? ntask * C : 0, mis ? ntask * C : 0});
+  T *dw_part = part[0], *dkap_part = part[1], *db_part = part[2], *dqt_part = part[3], *dbh_part = part[4],
+    *dlam_part = part[5];
+  const int64_t* cep = a.c_eff;
   S* dqp = dq.data_ptr<S>();
+  const int64_t task_work = std::min<int64_t>(sq.L, chunking(sq.L).len) * C * ((mis ? 5 : 3) * D + 2 * DV);
 
-  at::parallel_for(0, ntask, 1, [&](int64_t begin, int64_t end) {
-    auto qh = scratch<T>(tr * D);
-    auto dyt = scratch<T>(tr * DV);
-    auto p = scratch<T>(tr * C);
-    auto g = scratch<T>(tr * C);
-    auto r = scratch<T>(mis ? tr * C : 0);
-    auto al = scratch<T>(mis ? tr * C : 0);
-    auto dqh = scratch<T>(tr * D);
+  at::parallel_for(0, ntask, grain_for(task_work), [&](int64_t begin, int64_t end) {
+    const auto buf = scratch<T, 7>({tr * D, tr * DV, tr * C, tr * C, mis ? tr * C : 0, mis ? tr * C : 0, tr * D});
+    T *qh = buf[0], *dyt = buf[1], *p = buf[2], *g = buf[3], *r = buf[4], *al = buf[5], *dqh = buf[6];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t gi = task / H, h = task % H, b = ch.owner[gi], s = gi - ch.first[b], bh = b * H + h;
       const int64_t ce = cep[b];
-      T* dwp = dw_part.data() + task * C * D;
-      T* dkp = dkap_part.data() + task * C * DV;
-      T* dbp = db_part.data() + task * C;
-      T* dqtp = mis ? dqt_part.data() + task * C * D : nullptr;
-      T* dbhp = mis ? dbh_part.data() + task * C : nullptr;
-      T* dlp = mis ? dlam_part.data() + task * C : nullptr;
+      T* dwp = dw_part + task * C * D;
+      T* dkp = dkap_part + task * C * DV;
+      T* dbp = db_part + task * C;
+      T* dqtp = mis ? dqt_part + task * C * D : nullptr;
+      T* dbhp = mis ? dbh_part + task * C : nullptr;
+      T* dlp = mis ? dlam_part + task * C : nullptr;
       std::fill(dwp, dwp + C * D, T(0));
       std::fill(dkp, dkp + C * DV, T(0));
       std::fill(dbp, dbp + C, T(0));
@@ -628,9 +614,9 @@ void query_bwd_impl(const QueryArgs& a, const Seqs& sq, T ss, T beta, const at::
         std::fill(dbhp, dbhp + C, T(0));
         std::fill(dlp, dlp + C, T(0));
       }
-      const T* wbh = wp + bh * C * D;
-      const T* kbh = kapp + bh * C * DV;
-      const T* qtbh = mis ? qtp + bh * C * D : nullptr;
+      const T* wbh = a.w + bh * C * D;
+      const T* kbh = a.kap + bh * C * DV;
+      const T* qtbh = mis ? a.qt + bh * C * D : nullptr;
       const bool* prow = sq.pad_rows(b);
       const auto dyr = sq.in<S>(dy, b, h);
       int64_t ld = 0;
@@ -643,30 +629,46 @@ void query_bwd_impl(const QueryArgs& a, const Seqs& sq, T ss, T beta, const at::
           zero_rows(n0, nr, D, dq_out, ld);
           continue;
         }
-        query_tile_probs<S, T>(a, sq, b, h, n0, nr, ss, beta, qh.data(), p.data(), r.data(), al.data());
-        load_rows(dyr, n0, nr, DV, T(1), prow, dyt.data());
-        gemm(false, true, nr, C, DV, T(1), dyt.data(), DV, kbh, DV, T(0), g.data(), C);
-        query_bwd_rows(p.data(), g.data(), mis ? r.data() : nullptr, mis ? al.data() : nullptr, nr, C, ce, beta,
-                       dbp, dbhp, dlp);
+        query_tile_probs<S, T>(a, sq, b, h, n0, nr, ss, beta, qh, p, r, al);
+        load_rows(dyr, n0, nr, DV, T(1), prow, dyt);
+        gemm(false, true, nr, C, DV, T(1), dyt, DV, kbh, DV, T(0), g, C);
+        query_bwd_rows(p, g, mis ? r : nullptr, mis ? al : nullptr, nr, C, ce, beta, dbp, dbhp, dlp);
         // dkap += P^T dy;  dw += dL^T qh;  dqh = dL w [+ dt qt];  dqt += dt^T qh
-        gemm(true, false, C, DV, nr, T(1), p.data(), C, dyt.data(), DV, T(1), dkp, DV);
-        gemm(true, false, C, D, nr, T(1), g.data(), C, qh.data(), D, T(1), dwp, D);
-        gemm(false, false, nr, D, C, T(1), g.data(), C, wbh, D, T(0), dqh.data(), D);
+        gemm(true, false, C, DV, nr, T(1), p, C, dyt, DV, T(1), dkp, DV);
+        gemm(true, false, C, D, nr, T(1), g, C, qh, D, T(1), dwp, D);
+        gemm(false, false, nr, D, C, T(1), g, C, wbh, D, T(0), dqh, D);
         if (mis) {
-          gemm(false, false, nr, D, C, T(1), r.data(), C, qtbh, D, T(1), dqh.data(), D);
-          gemm(true, false, C, D, nr, T(1), r.data(), C, qh.data(), D, T(1), dqtp, D);
+          gemm(false, false, nr, D, C, T(1), r, C, qtbh, D, T(1), dqh, D);
+          gemm(true, false, C, D, nr, T(1), r, C, qh, D, T(1), dqtp, D);
         }
-        store_rows(dqh.data(), n0, nr, D, ss, prow, dq_out, ld);
+        store_rows(dqh, n0, nr, D, ss, prow, dq_out, ld);
       }
     }
   });
-  reduce_chunks(dw_part.data(), ch, H, C * D, dw.data_ptr<T>());
-  reduce_chunks(dkap_part.data(), ch, H, C * DV, dkap.data_ptr<T>());
-  reduce_chunks(db_part.data(), ch, H, C, dbias.data_ptr<T>());
+  reduce_chunks(dw_part, ch, H, C * D, dw);
+  reduce_chunks(dkap_part, ch, H, C * DV, dkap);
+  reduce_chunks(db_part, ch, H, C, dbias);
   if (mis) {
-    reduce_chunks(dqt_part.data(), ch, H, C * D, dqt.data_ptr<T>());
-    reduce_chunks(dbh_part.data(), ch, H, C, dbh.data_ptr<T>());
-    reduce_chunks(dlam_part.data(), ch, H, C, dlam.data_ptr<T>());
+    reduce_chunks(dqt_part, ch, H, C * D, dqt);
+    reduce_chunks(dbh_part, ch, H, C, dbh);
+    reduce_chunks(dlam_part, ch, H, C, dlam);
+  }
+}
+
+// Runs f(S{}) with S the element type of `st` when T is its compute type (float for
+// float32/float16/bfloat16, double for float64); the callers have checked that it is.
+template <typename T, typename F>
+void with_input_type(at::ScalarType st, const char* name, const F& f) {
+  if constexpr (std::is_same_v<T, double>) {
+    TORCH_CHECK(st == at::kDouble, name, ": float64 compute type for a ", st, " input");
+    f(double{});
+  } else {
+    switch (st) {
+      case at::kFloat: f(float{}); break;
+      case at::kHalf: f(at::Half{}); break;
+      case at::kBFloat16: f(at::BFloat16{}); break;
+      default: TORCH_CHECK(false, name, ": float32 compute type for a ", st, " input");
+    }
   }
 }
 
@@ -692,21 +694,83 @@ Seqs seqs_of(const char* op, const at::Tensor& x, const at::Tensor& pad, const O
   return sq;
 }
 
-QueryArgs query_args(const Tensor& q, const Tensor& w, const Tensor& bias, const Tensor& kap, const Tensor& c_eff,
-                     const OptTensor& qt, const OptTensor& lam, const OptTensor& bh) {
+// The query pass's inputs as pointers (after the shared checks: the C-sized ones are
+// contiguous compute-type tensors), with the range of c_eff checked.
+template <typename T>
+QueryArgs<T> query_args(const char* op, const Tensor& q, const Tensor& w, const Tensor& bias, const Tensor& kap,
+                        const Tensor& c_eff, const OptTensor& qt, const OptTensor& lam, const OptTensor& bh) {
   const bool mis = qt.has_value();
-  const auto ce = c_eff.contiguous();
   const int64_t C = w.size(2);
-  TORCH_CHECK(ce.numel() == 0 || (ce.min().item<int64_t>() >= 0 && ce.max().item<int64_t>() <= C),
-              "lara_kernels::query_pass: c_eff must lie in [0, ", C, "], got ", c_eff);
-  return {q, w, bias, kap, ce, mis ? *qt : at::Tensor(), mis ? *lam : at::Tensor(), mis ? *bh : at::Tensor(), mis};
+  const int64_t* ce = c_eff.data_ptr<int64_t>();
+  for (int64_t b = 0; b < c_eff.numel(); ++b)
+    TORCH_CHECK(ce[b] >= 0 && ce[b] <= C, op, ": c_eff must lie in [0, ", C, "], got c_eff[", b, "] = ", ce[b]);
+  return {q,
+          w.data_ptr<T>(),
+          bias.data_ptr<T>(),
+          kap.data_ptr<T>(),
+          ce,
+          mis ? qt->data_ptr<T>() : nullptr,
+          mis ? lam->data_ptr<T>() : nullptr,
+          mis ? bh->data_ptr<T>() : nullptr,
+          C,
+          q.size(-1),
+          kap.size(3),
+          mis};
 }
 
 }  // namespace
+
+// ---------------------------------------------------------------------------------
+// Bodies (passes.h)
+
+template <typename T>
+void key_pass_fwd_body(const T* w, int64_t C, const at::Tensor& k, const at::Tensor& v, const Seqs& sq, T ss,
+                       bool sub_norm, T* Z, T* kap) {
+  with_input_type<T>(k.scalar_type(), "key_pass_fwd_cpu", [&](auto tag) {
+    key_fwd_impl<decltype(tag), T>(w, C, k, v, sq, ss, sub_norm, Z, kap);
+  });
+}
+
+template <typename T>
+void key_pass_bwd_body(const T* w, int64_t C, const at::Tensor& k, const at::Tensor& v, const Seqs& sq, T ss,
+                       bool sub_norm, const T* Z, const T* kap, const T* dZ, const T* dkap, T* dw, at::Tensor& dk,
+                       at::Tensor& dv) {
+  with_input_type<T>(k.scalar_type(), "key_pass_bwd_cpu", [&](auto tag) {
+    key_bwd_impl<decltype(tag), T>(w, C, k, v, sq, ss, sub_norm, Z, kap, dZ, dkap, dw, dk, dv);
+  });
+}
+
+template <typename T>
+void query_pass_fwd_body(const QueryArgs<T>& a, const Seqs& sq, T ss, T beta, at::Tensor& y) {
+  with_input_type<T>(a.q.scalar_type(), "query_pass_fwd_cpu",
+                     [&](auto tag) { query_fwd_impl<decltype(tag), T>(a, sq, ss, beta, y); });
+}
+
+template <typename T>
+void query_pass_bwd_body(const QueryArgs<T>& a, const Seqs& sq, T ss, T beta, const at::Tensor& dy,
+                         at::Tensor& dq, T* dw, T* dbias, T* dkap, T* dqt, T* dlam, T* dbh) {
+  with_input_type<T>(a.q.scalar_type(), "query_pass_bwd_cpu", [&](auto tag) {
+    query_bwd_impl<decltype(tag), T>(a, sq, ss, beta, dy, dq, dw, dbias, dkap, dqt, dlam, dbh);
+  });
+}
+
+#define LARA_INSTANTIATE_BODIES(T)                                                                              \
+  template void key_pass_fwd_body<T>(const T*, int64_t, const at::Tensor&, const at::Tensor&, const Seqs&, T,   \
+                                     bool, T*, T*);                                                             \
+  template void key_pass_bwd_body<T>(const T*, int64_t, const at::Tensor&, const at::Tensor&, const Seqs&, T,   \
+                                     bool, const T*, const T*, const T*, const T*, T*, at::Tensor&,             \
+                                     at::Tensor&);                                                              \
+  template void query_pass_fwd_body<T>(const QueryArgs<T>&, const Seqs&, T, T, at::Tensor&);                    \
+  template void query_pass_bwd_body<T>(const QueryArgs<T>&, const Seqs&, T, T, const at::Tensor&, at::Tensor&,  \
+                                       T*, T*, T*, T*, T*, T*);
+LARA_INSTANTIATE_BODIES(float)
+LARA_INSTANTIATE_BODIES(double)
+#undef LARA_INSTANTIATE_BODIES
+
 }  // namespace cpu
 
 // ---------------------------------------------------------------------------------
-// Entry points (registered in lara_ops.cpp)
+// Entry points (registered in lara_ops.cpp): the shared checks, the outputs, the body.
 
 std::tuple<Tensor, Tensor> key_pass_fwd_cpu(const Tensor& w, const Tensor& k, const OptTensor& v,
                                             const OptTensor& padding, double ss, bool subtract_norm,
@@ -719,10 +783,13 @@ std::tuple<Tensor, Tensor> key_pass_fwd_cpu(const Tensor& w, const Tensor& k, co
   const auto opts = w.options();
   Tensor Z = new_output({sq.B, sq.H, C}, opts), kap = new_output({sq.B, sq.H, C, DV}, opts);
   const Tensor vt = v.has_value() ? *v : Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "key_pass_fwd_cpu", [&] {
-    using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    cpu::key_fwd_impl<scalar_t, T>(w, k, vt, sq, T(ss), subtract_norm, Z, kap);
-  });
+  if (w.scalar_type() == at::kDouble) {
+    cpu::key_pass_fwd_body<double>(w.data_ptr<double>(), C, k, vt, sq, ss, subtract_norm, Z.data_ptr<double>(),
+                                   kap.data_ptr<double>());
+  } else {
+    cpu::key_pass_fwd_body<float>(w.data_ptr<float>(), C, k, vt, sq, float(ss), subtract_norm, Z.data_ptr<float>(),
+                                  kap.data_ptr<float>());
+  }
   return {Z, kap};
 }
 
@@ -761,10 +828,17 @@ std::tuple<Tensor, Tensor, Tensor> key_pass_bwd_cpu(const Tensor& w, const Tenso
   Tensor dw = new_output({B, H, C, D}, w.options());
   Tensor dk = new_output(grad_shape(D), k.options());
   Tensor dv = v.has_value() ? new_output(grad_shape(v->size(-1)), v->options()) : new_output({0}, k.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "key_pass_bwd_cpu", [&] {
-    using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    cpu::key_bwd_impl<scalar_t, T>(w, k, vt, sq, T(ss), subtract_norm, Z, kapt, dZ, dkapt, dw, dk, dv);
-  });
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    auto ptr = [](const Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; };
+    cpu::key_pass_bwd_body<T>(w.data_ptr<T>(), C, k, vt, sq, T(ss), subtract_norm, Z.data_ptr<T>(), ptr(kapt),
+                              dZ.data_ptr<T>(), ptr(dkapt), dw.data_ptr<T>(), dk, dv);
+  };
+  if (ct == at::kDouble) {
+    run(double{});
+  } else {
+    run(float{});
+  }
   return {dw, dk, dv};
 }
 
@@ -776,13 +850,18 @@ Tensor query_pass_fwd_cpu(const Tensor& q, const Tensor& w, const Tensor& bias, 
   check_query_pass_args(op, q, w, bias, kap, c_eff, padding, qt, lam, bh, cu_seqlens, max_seqlen);
   const Tensor pad = cpu::padding_or_undefined(padding);
   const cpu::Seqs sq = cpu::seqs_of(op, q, pad, cu_seqlens);
-  const auto a = cpu::query_args(q, w, bias, kap, c_eff, qt, lam, bh);
   const int64_t DV = kap.size(3);
   Tensor y = sq.packed() ? new_output({sq.L, sq.H, DV}, q.options()) : new_output({sq.B, sq.H, sq.L, DV}, q.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "query_pass_fwd_cpu", [&] {
-    using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    cpu::query_fwd_impl<scalar_t, T>(a, sq, T(ss), T(beta), y);
-  });
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    const auto a = cpu::query_args<T>(op, q, w, bias, kap, c_eff, qt, lam, bh);
+    cpu::query_pass_fwd_body<T>(a, sq, T(ss), T(beta), y);
+  };
+  if (w.scalar_type() == at::kDouble) {
+    run(double{});
+  } else {
+    run(float{});
+  }
   return y;
 }
 
@@ -806,18 +885,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> query_pass_bw
                 dy.scalar_type(), " ", dy.sizes());
   }
   TORCH_CHECK(dy.device() == q.device(), op, ": dy is on ", dy.device(), " but q is on ", q.device());
-  const auto a = cpu::query_args(q, w, bias, kap, c_eff, qt, lam, bh);
+  const bool mis = qt.has_value();
   const auto opts = w.options();
   Tensor dq = sq.packed() ? new_output({sq.L, H, D}, q.options()) : new_output({B, H, sq.L, D}, q.options());
   Tensor dw = new_output({B, H, C, D}, opts), dbias = new_output({B, H, C}, opts),
          dkap = new_output({B, H, C, DV}, opts);
-  Tensor dqt = a.mis ? new_output({B, H, C, D}, opts) : new_output({0}, opts);
-  Tensor dlam = a.mis ? new_output({B, H, C}, opts) : new_output({0}, opts);
-  Tensor dbh = a.mis ? new_output({B, H, C}, opts) : new_output({0}, opts);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "query_pass_bwd_cpu", [&] {
-    using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    cpu::query_bwd_impl<scalar_t, T>(a, sq, T(ss), T(beta), dy, dq, dw, dbias, dkap, dqt, dlam, dbh);
-  });
+  Tensor dqt = mis ? new_output({B, H, C, D}, opts) : new_output({0}, opts);
+  Tensor dlam = mis ? new_output({B, H, C}, opts) : new_output({0}, opts);
+  Tensor dbh = mis ? new_output({B, H, C}, opts) : new_output({0}, opts);
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    const auto a = cpu::query_args<T>(op, q, w, bias, kap, c_eff, qt, lam, bh);
+    cpu::query_pass_bwd_body<T>(a, sq, T(ss), T(beta), dy, dq, dw.data_ptr<T>(), dbias.data_ptr<T>(),
+                                dkap.data_ptr<T>(), mis ? dqt.data_ptr<T>() : nullptr,
+                                mis ? dlam.data_ptr<T>() : nullptr, mis ? dbh.data_ptr<T>() : nullptr);
+  };
+  if (w.scalar_type() == at::kDouble) {
+    run(double{});
+  } else {
+    run(float{});
+  }
   return {dq, dw, dbias, dkap, dqt, dlam, dbh};
 }
 
