@@ -227,6 +227,26 @@ def test_packed_given_landmarks(dtype, given):
     _compare(_varlen(opts, _offsets(lq), _offsets(lk), given), leaves, dy, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_equals_pipeline_at_sizes_past_the_small_paths(dtype, threads):
+    # The other cases are small: the C x C / C x D products of fused.cpp run as loops
+    # (m n k <= 2048) and every parallel_for of the passes and the C-sized steps runs inline
+    # (grain from the work). Here C = 32, D = 64 take BLAS for those products (32 * 32 * 64)
+    # and one head's C-sized work is a grain of its own, and N, M > 512 give the key pass and
+    # the query backward two chunks each, so that with 2 threads the tasks run in parallel.
+    B, H, N, M, D, Dv, C = 2, 2, 600, 530, 64, 48, 32
+    leaves, dy = _padded_case(B, H, H, N, M, D, Dv, C, seed=26)
+    opts = dict(num_samples=C, proposal="mixed", training=True, key_padding_mask=padding_mask(B, M, seed=27),
+                query_padding_mask=padding_mask(B, N, seed=28))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _compare(_lara(opts), leaves, dy, dtype)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_half_dtypes_close_to_the_pipeline():
     B, H, N, M, D, Dv, C = 2, 2, 20, 17, 16, 8, 4
     leaves, dy = _padded_case(B, H, H, N, M, D, Dv, C, seed=19)
