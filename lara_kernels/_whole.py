@@ -31,7 +31,7 @@ import math
 import torch
 
 from . import _pipeline
-from ._fused import _apply, _differentiable_vjp, _forward_ad_active
+from ._fused import _FUNCTION_APPLY, _differentiable_vjp, _forward_ad_active
 from ._ops import built
 
 ENABLED = True
@@ -57,15 +57,30 @@ def lara(q, k, v, eps, *, num_samples, proposal, weighting, beta, scale, key_pad
          query_padding_mask=None, q_landmarks=None, k_landmarks=None, cu_seqlens_q=None, cu_seqlens_k=None,
          max_seqlen_q=None, max_seqlen_k=None):
     """``_pipeline.lara_forward(cpu passes, ...)`` by the whole-op path (same arguments)."""
-    args = _op_args(q, k, v, eps, num_samples, proposal, weighting, beta, scale, key_padding_mask,
-                    query_padding_mask, q_landmarks, k_landmarks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                    max_seqlen_k)
     if not torch.is_grad_enabled() or not (q.requires_grad or k.requires_grad or v.requires_grad
                                            or (q_landmarks is not None and q_landmarks.requires_grad)
                                            or (k_landmarks is not None and k_landmarks.requires_grad)):
         with torch._C._AutoDispatchBelowAutograd():
-            return _FWD(*args)[0]
-    return _apply(_Whole, *args)
+            return _FWD(q, k, v, eps, q_landmarks, k_landmarks, query_padding_mask, key_padding_mask,
+                        int(num_samples), PROPOSALS[proposal], WEIGHTINGS[weighting], float(beta), math.sqrt(scale),
+                        cu_seqlens_q, cu_seqlens_k, 0 if max_seqlen_q is None else int(max_seqlen_q),
+                        0 if max_seqlen_k is None else int(max_seqlen_k))[0]
+    # Function.apply minus what applies() has ruled out (torch.compile, torch.func transforms)
+    # and its per-call signature binding (_fused._apply): the C++ apply, after unwrapping
+    # dead functorch wrappers as Function.apply does (tensors that escaped a transform)
+    u = _unwrap_if_dead
+    return _WHOLE_APPLY(u(q), u(k), u(v), _opt(eps), _opt(q_landmarks), _opt(k_landmarks),
+                        _opt(query_padding_mask), _opt(key_padding_mask), int(num_samples), PROPOSALS[proposal],
+                        WEIGHTINGS[weighting], float(beta), math.sqrt(scale), _opt(cu_seqlens_q),
+                        _opt(cu_seqlens_k), 0 if max_seqlen_q is None else int(max_seqlen_q),
+                        0 if max_seqlen_k is None else int(max_seqlen_k))
+
+
+_unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+
+
+def _opt(t):
+    return None if t is None else _unwrap_if_dead(t)
 
 
 def _pipeline_forward(q, k, v, eps, q_landmarks, k_landmarks, query_padding_mask, key_padding_mask, num_samples,
@@ -110,12 +125,16 @@ class _Whole(torch.autograd.Function):
             dq, dk, dv, dql, dkl = _differentiable_vjp(run, (q, k, v, ql, kl),
                                                        (needs[0], needs[1], needs[2], needs[4], needs[5]), (dy,))
         else:
-            dq, dk, dv, dql, dkl = _BWD(dy.to(q.dtype), q, k, v, state, ql, kl, qpm, kpm, num_samples, proposal,
-                                        weighting, beta, ss, cu_q, cu_k, max_q, max_k)
+            if dy.dtype != q.dtype:
+                dy = dy.to(q.dtype)
+            dq, dk, dv, dql, dkl = _BWD(dy, q, k, v, state, ql, kl, qpm, kpm, num_samples, proposal, weighting,
+                                        beta, ss, cu_q, cu_k, max_q, max_k)
             dql = dql if ql is not None else None
             dkl = dkl if kl is not None else None
         return (dq, dk, dv, None, dql, dkl) + (None,) * 11
 
+
+_WHOLE_APPLY = _FUNCTION_APPLY.__get__(None, _Whole)
 
 _FWD = _BWD = None
 if built():
