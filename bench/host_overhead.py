@@ -20,7 +20,10 @@ Printed:
   op called on its own with the inputs the pipeline gives it, and the pipeline with
   its passes replaced by stubs that return precomputed results (= the torch ops between
   the passes plus the pipeline's Python);
-- with ``whole`` present: the bare ``lara_kernels::lara_fwd`` / ``lara_bwd`` op calls.
+- with ``whole`` present: the bare ``lara_kernels::lara_fwd`` / ``lara_bwd`` op calls, and
+  ``_whole.lara`` (the whole path below ``api`` and ``dispatch``) without grad, with grad
+  (its autograd Function) and forward+backward, so that a total above splits into the ops,
+  ``_whole``'s Python and Function, and the layers above it.
 """
 
 from __future__ import annotations

@@ -177,11 +177,16 @@ if built():
 
 
 def bench_ops(q, k, v, dy, C, proposal, weighting, scale, timer):
-    """(name, us) of the bare op calls at these inputs (for bench/host_overhead.py)."""
+    """(name, us) for bench/host_overhead.py at these inputs: the bare op calls, and
+    ``lara`` (this module's entry, below api and dispatch) without and with autograd, so
+    that the whole path's time splits into the op, this module's Python and autograd
+    Function, and what runs above it."""
     args = _op_args(q, k, v, None, C, proposal, weighting, 1.0, scale, None, None, None, None, None, None, None,
                     None)
     y, state = _FWD(*args)
     rest = args[4:]
+    qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+    opts = dict(num_samples=C, proposal=proposal, weighting=weighting, beta=1.0, scale=scale)
 
     def fwd():
         with torch._C._AutoDispatchBelowAutograd():
@@ -191,4 +196,16 @@ def bench_ops(q, k, v, dy, C, proposal, weighting, scale, timer):
         with torch._C._AutoDispatchBelowAutograd():
             _BWD(dy, q, k, v, state, *rest)
 
-    return [("op lara_fwd", timer(fwd)), ("op lara_bwd", timer(bwd))]
+    def entry():
+        with torch.no_grad():
+            lara(q, k, v, None, **opts)
+
+    def entry_grad():
+        lara(qg, kg, vg, None, **opts)
+
+    def entry_grad_bwd():
+        torch.autograd.backward(lara(qg, kg, vg, None, **opts), dy)
+
+    return [("op lara_fwd", timer(fwd)), ("op lara_bwd", timer(bwd)), ("_whole.lara, no grad", timer(entry)),
+            ("_whole.lara, grad (Function)", timer(entry_grad)),
+            ("_whole.lara, fwd+bwd (Function)", timer(entry_grad_bwd))]
