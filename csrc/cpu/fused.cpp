@@ -7,8 +7,10 @@
 // The long passes are the bodies of the CPU passes (passes.h: landmarks.cpp, passes.cpp),
 // called directly, not through the dispatcher and without the ops' argument checks (setup
 // checks the call once); they write straight into the state (forward) and into one scratch
-// of the C-sized gradients (backward), so that a call allocates only y or dq, dk, dv, the
-// state, one scratch and a few long temporaries. Both layouts (padded with masks, packed with
+// of the C-sized gradients (backward). Besides y (or dq, dk, dv), the state and that
+// scratch, a call allocates the passes' own scratch (two buffers per pass: partials, tiles)
+// and, in the backward, the normalizer's dq (and the attend proposal's dk) before they are
+// added in. Both layouts (padded with masks, packed with
 // offsets), grouped-query attention, given landmarks, training noise, every proposal and
 // weighting. The forward returns y and one flat compute-type "state" tensor holding the
 // C-sized results the backward needs (no N x C or M x C tensor is kept):
