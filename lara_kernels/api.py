@@ -532,11 +532,11 @@ def lara_attention(
     eps = None
     if a.training:
         eps = torch.randn((B, H, a.num_samples, D), generator=a.generator, device=q.device, dtype=torch.float32)
-    with _no_autocast(q.device):
-        return run_lara(q, k, v, eps, a.backend, num_samples=a.num_samples, proposal=a.proposal,
-                        weighting=a.weighting, beta=a.beta, scale=a.scale, key_padding_mask=a.key_padding_mask,
-                        query_padding_mask=a.query_padding_mask, q_landmarks=a.q_landmarks,
-                        k_landmarks=a.k_landmarks)
+    options = dict(num_samples=a.num_samples, proposal=a.proposal, weighting=a.weighting, beta=a.beta,
+                   scale=a.scale, key_padding_mask=a.key_padding_mask, query_padding_mask=a.query_padding_mask,
+                   q_landmarks=a.q_landmarks, k_landmarks=a.k_landmarks)
+    with _no_autocast(q.device):   # (shapes checked non-degenerate above: run_lara's check is not repeated)
+        return dispatch.select("lara", a.backend, q, k, v, **options).lara(q, k, v, eps, **options)
 
 
 class LaraArgs(NamedTuple):
