@@ -157,20 +157,19 @@ def _key_fwd_kernel(
         tl.store(PART + prow[:, None] + 2 + dv[None, :], acc, mask=c_ok[:, None] & dv_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["S"])
-def _key_combine_kernel(
-    PART, Z, KAP, R, DV, S,
-    HAS_V: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr,
-):
-    # Z = mx + log(sum_s e_s l_s), kap = sum_s e_s acc_s / sum_s e_s l_s, e_s = exp(m_s - mx)
-    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    r_ok = r < R
+@triton.jit
+def combine_rows(PART, r, r_ok, R, DV, S, HAS_V: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """(Z, kap) of the rows r (int64, [BLOCK_R]) of a split-partials buffer (S, R, 2 + DV)
+    float32 written by ``_key_fwd_kernel``, combined in split order (deterministic):
+    Z = mx + log(sum_s e_s l_s), kap = sum_s e_s acc_s / sum_s e_s l_s, e_s = exp(m_s - mx);
+    a row with no key at all gets Z = -inf and kap = 0 (kap is a [BLOCK_R, BLOCK_DV] zero
+    tile without values). Shared by the combine kernel and triton_kernels/small.py."""
     dv = tl.arange(0, BLOCK_DV).to(tl.int64)
     dv_ok = dv < DV
     PW = 2 + DV
-    m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_R], tl.float32)
-    acc = tl.zeros([BLOCK_R, BLOCK_DV], tl.float32)
+    m_i = tl.full(r.shape, float("-inf"), tl.float32)
+    l_i = tl.zeros(r.shape, tl.float32)
+    acc = tl.zeros([r.shape[0], BLOCK_DV], tl.float32)
     for s in range(0, S):
         prow = (s * R + r) * PW
         m_s = tl.load(PART + prow, mask=r_ok, other=float("-inf"))
@@ -185,9 +184,24 @@ def _key_combine_kernel(
             acc = acc * a_old[:, None] + acc_s * a_s[:, None]
         m_i = m_new
     m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
-    tl.store(Z + r, m_use + tl.log(l_i), mask=r_ok)                   # no key at all: log(0) = -inf
+    z = m_use + tl.log(l_i)                                            # no key at all: log(0) = -inf
+    kap = tl.where(l_i[:, None] > 0.0, acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None], 0.0)   # no key: 0
+    return z, kap
+
+
+@triton.jit(do_not_specialize=["S"])
+def _key_combine_kernel(
+    PART, Z, KAP, R, DV, S,
+    HAS_V: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    # Z and kap of rows r from the split partials (combine_rows)
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = r < R
+    dv = tl.arange(0, BLOCK_DV).to(tl.int64)
+    dv_ok = dv < DV
+    z, kap = combine_rows(PART, r, r_ok, R, DV, S, HAS_V, BLOCK_DV)
+    tl.store(Z + r, z, mask=r_ok)
     if HAS_V:
-        kap = tl.where(l_i[:, None] > 0.0, acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None], 0.0)   # no key: 0
         tl.store(KAP + r[:, None] * DV + dv[None, :], kap, mask=r_ok[:, None] & dv_ok[None, :])
 
 
@@ -322,15 +336,11 @@ def _f32(x):
     return x.to(torch.float32).contiguous()   # C-sized; no copy when already so
 
 
-def key_pass_fwd(w, k, v, padding, ss, subtract_norm, cu_seqlens=None, max_seqlen=0, *, block_m=None, splits=None,
-                 block_c=None):
-    """Z (B, H, C) and kap (B, H, C, Dv) in float32 (kap is None when v is None).
-
-    w (B, H, C, D) float32, any C; k (B, H, M, D) and v (B, H, M, Dv) in one float dtype
-    and any strides; padding (B, M) bool (True = padding) or None. Packed layout:
-    k (T, H, D), v (T, H, Dv), cu_seqlens (B + 1) int32, max_seqlen >= every length,
-    padding None. A sequence without keys gets Z = -inf, kap = 0.
-    """
+def key_pass_split(w, k, v, padding, ss, subtract_norm, cu_seqlens=None, max_seqlen=0, *, block_m=None,
+                   splits=None, block_c=None):
+    """The first launch of ``key_pass_fwd``: (part, S), the per-split partials
+    (S, B*H*C, 2 + Dv) float32 (Dv = 1 without values: max, sum of exp, [accumulator]),
+    which ``combine_rows`` turns into Z and kap. Arguments as ``key_pass_fwd``."""
     B, H, C, D = w.shape
     varlen, M, cu = _common.layout(k, w, cu_seqlens, max_seqlen)
     has_v = v is not None
@@ -355,13 +365,31 @@ def key_pass_fwd(w, k, v, padding, ss, subtract_norm, cu_seqlens=None, max_seqle
         NCB=NCB, PREC=_common.dot_precision(k.dtype), EMU=_common.emulated(dev),
         num_warps=num_warps, num_stages=num_stages,
     )
+    return part, S
+
+
+def key_pass_fwd(w, k, v, padding, ss, subtract_norm, cu_seqlens=None, max_seqlen=0, *, block_m=None, splits=None,
+                 block_c=None):
+    """Z (B, H, C) and kap (B, H, C, Dv) in float32 (kap is None when v is None).
+
+    w (B, H, C, D) float32, any C; k (B, H, M, D) and v (B, H, M, Dv) in one float dtype
+    and any strides; padding (B, M) bool (True = padding) or None. Packed layout:
+    k (T, H, D), v (T, H, Dv), cu_seqlens (B + 1) int32, max_seqlen >= every length,
+    padding None. A sequence without keys gets Z = -inf, kap = 0.
+    """
+    B, H, C, D = w.shape
+    has_v = v is not None
+    DV = v.shape[-1] if has_v else 1
+    dev = k.device
+    part, S = key_pass_split(w, k, v, padding, ss, subtract_norm, cu_seqlens, max_seqlen, block_m=block_m,
+                             splits=splits, block_c=block_c)
     Z = _common.empty((B, H, C), torch.float32, dev)
     kap = _common.empty((B, H, C, DV), torch.float32, dev) if has_v else None
     R, BLOCK_R = B * H * C, 16
     _common.launch(
         _key_combine_kernel, (_common.cdiv(R, BLOCK_R),), dev,
         part, Z, kap if has_v else Z, R, DV, S,
-        HAS_V=has_v, BLOCK_R=BLOCK_R, BLOCK_DV=BLOCK_DV, num_warps=4,
+        HAS_V=has_v, BLOCK_R=BLOCK_R, BLOCK_DV=_common.pow2(DV), num_warps=4,
     )
     return Z, kap
 

@@ -1,0 +1,296 @@
+"""Landmarks: the segment means of q and of k in one launch (docs/math.md section 1), with
+C_eff derived on the device, and their backward (the lean path, lara_kernels/_whole_triton.py).
+
+    seg(p) = floor(p * C_eff / L)       (p: index among the L valid rows of a sequence)
+    qt_c   = ss * mean of q_n over the valid n with seg(n) = c          (0 for c >= C_eff)
+    kt_c   = ss * mean of k_m over the valid m with seg(m) = c
+
+C_eff of element b is min(C, N_valid, M_valid): padded layout, the valid counts of the
+(B, N) and (B, M) masks (N and M without masks); packed layout, the lengths
+cu[b + 1] - cu[b]. An element without a valid query or key gets C_eff = 0, and with it
+landmarks 0; the later kernels give it output 0 and gradients 0 (docs/design.md, packed
+layout: the same contract as an empty sequence).
+
+Forward, ``_landmarks_fwd_kernel``: program (side-head, D chunk j) on grid axis 0, the B*H
+query heads first and then the B*H_kv key/value heads (key landmarks once per key/value
+head: GQA shares them). Each program counts the valid rows of both sides of its element
+(to get C_eff; the masks are bytes, N + M per program), then walks the rows of its
+sequence in blocks of BLOCK_L: position p by a running count and ``tl.cumsum`` of the
+mask, membership as a one-hot [BLOCK_C, BLOCK_L] tile, and the sums as one product
+one-hot @ x per block (exact: the one-hot is 0/1 in any dtype, float32 accumulation; for
+float32 inputs in "ieee" precision). Reads q (B, H, N, D) / (T, H, D) and k in their
+dtype (any strides) and the masks or cu_seqlens; writes qt (B, H, C, D), kt
+(B, H_kv, C, D) float32 (scaled by ss) and c_eff (B,) int64 (by the programs of query
+head 0, D chunk 0). Traffic: q and k read once (the floor), the masks once per program.
+Work: C x L x D multiply-adds per head (the one-hot product), on tensor cores for half
+inputs; for C up to 256 still far below a key pass's.
+
+Backward, ``_landmarks_bwd_kernel``: the same grid; adds ss * dqt_seg(n) / |segment| to
+the other gradients of each valid row (0 at padded rows and at rows of elements with
+C_eff = 0): dq = dq_a [+ dq_b] + landmark part, dk = dk_a + landmark part (dkt already
+summed over the G query heads of a key/value head). Reads dq_a, dq_b (q's shape and
+dtype), dk_a (k's), dqt (B, H, C, D) and dkt (B, H_kv, C, D) float32, c_eff and the
+masks; writes dq and dk in their dtype, every row. Traffic: the floor (each gradient
+buffer read once, the result written once).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common
+from ._common import long_strides, mma
+
+
+@triton.jit
+def _valid_count(PAD, CU, b, L, sp_b, sp_l, HAS_PAD: tl.constexpr, VARLEN: tl.constexpr, BLOCK_L: tl.constexpr):
+    """Valid rows of element b (int64): its length (packed), the unpadded count of its mask
+    row, or L."""
+    if VARLEN:
+        return (tl.load(CU + b + 1) - tl.load(CU + b)).to(tl.int64)
+    elif HAS_PAD:
+        cnt = tl.zeros([BLOCK_L], tl.int64)
+        for l0 in range(0, L, BLOCK_L):
+            l = (l0 + tl.arange(0, BLOCK_L)).to(tl.int64)
+            padded = tl.load(PAD + b * sp_b + l * sp_l, mask=l < L, other=1)
+            cnt += (padded == 0).to(tl.int64)
+        return tl.sum(cnt, axis=0)
+    else:
+        return L.to(tl.int64)
+
+
+@triton.jit
+def _c_eff(QPAD, KPAD, CUQ, CUK, b, N, M, C, sqp_b, sqp_n, skp_b, skp_m,
+           HAS_QPAD: tl.constexpr, HAS_KPAD: tl.constexpr, VARLEN: tl.constexpr, BLOCK_L: tl.constexpr):
+    """(C_eff, valid queries, valid keys) of element b, int64."""
+    nq = _valid_count(QPAD, CUQ, b, N, sqp_b, sqp_n, HAS_QPAD, VARLEN, BLOCK_L)
+    mk = _valid_count(KPAD, CUK, b, M, skp_b, skp_m, HAS_KPAD, VARLEN, BLOCK_L)
+    return tl.minimum(tl.minimum(nq, mk), C), nq, mk
+
+
+@triton.jit
+def _rows_of(X, PAD, CU, b, h, L, sx_b, sx_h, sx_l, sp_b, sp_l, VARLEN: tl.constexpr):
+    """(row-0 pointer, row count to scan) of element b, head h: padded (B, H, L, D) rows
+    0 .. L - 1; packed rows CU[b] .. CU[b + 1] - 1 of (T, H, D) (sx_b = 0)."""
+    if VARLEN:
+        start = tl.load(CU + b).to(tl.int64)
+        return X + h * sx_h + start * sx_l, tl.load(CU + b + 1).to(tl.int64) - start
+    else:
+        return X + b * sx_b + h * sx_h, L.to(tl.int64)
+
+
+@triton.jit
+def _segments(l, lim, PAD, b, sp_b, sp_l, p0, nv, ce, HAS_PAD: tl.constexpr):
+    """(valid, seg, number of valid rows in the block) of rows l (int64) of element b:
+    p0 valid rows come before the block; seg = floor(p * ce / nv), -1 where not valid."""
+    valid = l < lim
+    if HAS_PAD:
+        padded = tl.load(PAD + b * sp_b + l * sp_l, mask=valid, other=1)
+        valid = valid & (padded == 0)
+        vi = valid.to(tl.int64)
+        pos = p0 + tl.cumsum(vi, axis=0) - 1
+        n_in = tl.sum(vi, axis=0)
+    else:
+        pos = l
+        n_in = tl.sum(valid.to(tl.int64), axis=0)
+    seg = tl.where(valid & (ce > 0), (pos * ce) // tl.maximum(nv, 1), -1)
+    return valid, seg, n_in
+
+
+@triton.jit
+def _means(X, PAD, CU, OUT, b, h, HX, L, nv, ce, C, D, sx_b, sx_h, sx_l, sx_d, sp_b, sp_l, ss, j,
+           HAS_PAD: tl.constexpr, VARLEN: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
+           BLOCK_DC: tl.constexpr, EMU: tl.constexpr):
+    """OUT[b, h, :, chunk j] = ss * segment means of the valid rows of X[b, h] (float32)."""
+    DT: tl.constexpr = X.dtype.element_ty
+    base, lim = _rows_of(X, PAD, CU, b, h, L, sx_b, sx_h, sx_l, sp_b, sp_l, VARLEN)
+    c = tl.arange(0, BLOCK_C)
+    d = (j * BLOCK_DC + tl.arange(0, BLOCK_DC)).to(tl.int64)
+    d_ok = d < D
+    acc = tl.zeros([BLOCK_C, BLOCK_DC], tl.float32)
+    cnt = tl.zeros([BLOCK_C], tl.float32)
+    p0 = (tl.zeros([1], tl.int64)).sum(axis=0)
+    for l0 in range(0, lim, BLOCK_L):
+        l = l0 + tl.arange(0, BLOCK_L).to(tl.int64)
+        valid, seg, n_in = _segments(l, lim, PAD, b, sp_b, sp_l, p0, nv, ce, HAS_PAD)
+        p0 += n_in
+        member = tl.where(seg[None, :] == c[:, None], 1.0, 0.0)       # [BLOCK_C, BLOCK_L]
+        # padded rows are never read: whatever they hold stays out
+        x = tl.load(base + l[:, None] * sx_l + d[None, :] * sx_d, mask=valid[:, None] & d_ok[None, :], other=0.0)
+        acc += mma(member, x, DT, "ieee", EMU)
+        cnt += tl.sum(member, axis=1)
+    out = acc / tl.maximum(cnt, 1.0)[:, None] * ss
+    rows = (b * HX + h) * C + c
+    tl.store(OUT + rows[:, None] * D + d[None, :], out, mask=(c < C)[:, None] & d_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["N", "M"])
+def _landmarks_fwd_kernel(
+    Q, K, QPAD, KPAD, CUQ, CUK, QT, KT, CEFF,
+    sq_b, sq_h, sq_n, sq_d,
+    sk_b, sk_h, sk_m, sk_d,
+    sqp_b, sqp_n, skp_b, skp_m,
+    H, HKV, N, M, C, D, ss,
+    HAS_QPAD: tl.constexpr, HAS_KPAD: tl.constexpr, VARLEN: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DC: tl.constexpr, N_DC: tl.constexpr,
+    EMU: tl.constexpr,
+):
+    pid = tl.program_id(0)                                             # (side-head, D chunk), chunk fastest
+    j = pid % N_DC
+    x = (pid // N_DC).to(tl.int64)
+    B = (tl.num_programs(0) // (N_DC * (H + HKV))).to(tl.int64)
+    is_k = x >= B * H
+    b = tl.where(is_k, (x - B * H) // HKV, x // H)
+    h = tl.where(is_k, (x - B * H) % HKV, x % H)
+    ce, nq, mk = _c_eff(QPAD, KPAD, CUQ, CUK, b, N, M, C, sqp_b, sqp_n, skp_b, skp_m,
+                        HAS_QPAD, HAS_KPAD, VARLEN, BLOCK_L)
+    if is_k:
+        _means(K, KPAD, CUK, KT, b, h, HKV, M, mk, ce, C, D, sk_b, sk_h, sk_m, sk_d, skp_b, skp_m, ss, j,
+               HAS_KPAD, VARLEN, BLOCK_L, BLOCK_C, BLOCK_DC, EMU)
+    else:
+        _means(Q, QPAD, CUQ, QT, b, h, H, N, nq, ce, C, D, sq_b, sq_h, sq_n, sq_d, sqp_b, sqp_n, ss, j,
+               HAS_QPAD, VARLEN, BLOCK_L, BLOCK_C, BLOCK_DC, EMU)
+        if (h == 0) & (j == 0):
+            tl.store(CEFF + b, ce)
+
+
+@triton.jit
+def _scatter(GA, GB, OUT, DXT, b, h, HX, L, nv, ce, C, D, sx_b, sx_h, sx_l, sx_d, so_b, so_h, so_l, so_d,
+             sp_b, sp_l, PAD, CU, ss, j, HAS_B: tl.constexpr, HAS_PAD: tl.constexpr, VARLEN: tl.constexpr,
+             BLOCK_L: tl.constexpr, BLOCK_DC: tl.constexpr):
+    """OUT[rows of b, h] = GA [+ GB] + ss * DXT[b, h, seg(n)] / |segment|, chunk j of D; GA,
+    GB share their strides (sx_*), OUT has its own (so_*)."""
+    a_base, lim = _rows_of(GA, PAD, CU, b, h, L, sx_b, sx_h, sx_l, sp_b, sp_l, VARLEN)
+    b_base, _ = _rows_of(GB, PAD, CU, b, h, L, sx_b, sx_h, sx_l, sp_b, sp_l, VARLEN)
+    o_base, _ = _rows_of(OUT, PAD, CU, b, h, L, so_b, so_h, so_l, sp_b, sp_l, VARLEN)
+    d = (j * BLOCK_DC + tl.arange(0, BLOCK_DC)).to(tl.int64)
+    d_ok = d < D
+    nv1 = tl.maximum(nv, 1)
+    ce1 = tl.maximum(ce, 1)
+    p0 = (tl.zeros([1], tl.int64)).sum(axis=0)
+    for l0 in range(0, lim, BLOCK_L):
+        l = l0 + tl.arange(0, BLOCK_L).to(tl.int64)
+        l_in = l < lim
+        valid, seg, n_in = _segments(l, lim, PAD, b, sp_b, sp_l, p0, nv, ce, HAS_PAD)
+        p0 += n_in
+        member = seg >= 0
+        size = (((seg + 1) * nv1 + ce1 - 1) // ce1 - (seg * nv1 + ce1 - 1) // ce1).to(tl.float32)
+        segc = tl.where(member, seg, 0)
+        g = tl.load(DXT + ((b * HX + h) * C + segc)[:, None] * D + d[None, :],
+                    mask=member[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_L, BLOCK_DC]
+        g = g * (ss / tl.where(member, size, 1.0))[:, None]
+        m2 = l_in[:, None] & d_ok[None, :]
+        g += tl.load(a_base + l[:, None] * sx_l + d[None, :] * sx_d, mask=m2, other=0.0).to(tl.float32)
+        if HAS_B:
+            g += tl.load(b_base + l[:, None] * sx_l + d[None, :] * sx_d, mask=m2, other=0.0).to(tl.float32)
+        tl.store(o_base + l[:, None] * so_l + d[None, :] * so_d, g.to(OUT.dtype.element_ty), mask=m2)
+
+
+@triton.jit(do_not_specialize=["N", "M"])
+def _landmarks_bwd_kernel(
+    DQA, DQB, DKA, DQT, DKT, CEFF, QPAD, KPAD, CUQ, CUK, DQ, DK,
+    sq_b, sq_h, sq_n, sq_d,
+    sk_b, sk_h, sk_m, sk_d,
+    sdq_b, sdq_h, sdq_n, sdq_d,
+    sdk_b, sdk_h, sdk_m, sdk_d,
+    sqp_b, sqp_n, skp_b, skp_m,
+    H, HKV, N, M, C, D, ss,
+    HAS_B: tl.constexpr, HAS_QPAD: tl.constexpr, HAS_KPAD: tl.constexpr, VARLEN: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_DC: tl.constexpr, N_DC: tl.constexpr,
+):
+    pid = tl.program_id(0)                                             # (side-head, D chunk), chunk fastest
+    j = pid % N_DC
+    x = (pid // N_DC).to(tl.int64)
+    B = (tl.num_programs(0) // (N_DC * (H + HKV))).to(tl.int64)
+    is_k = x >= B * H
+    b = tl.where(is_k, (x - B * H) // HKV, x // H)
+    h = tl.where(is_k, (x - B * H) % HKV, x % H)
+    ce = tl.load(CEFF + b)
+    if is_k:
+        mk = _valid_count(KPAD, CUK, b, M, skp_b, skp_m, HAS_KPAD, VARLEN, BLOCK_L)
+        _scatter(DKA, DKA, DK, DKT, b, h, HKV, M, mk, ce, C, D, sk_b, sk_h, sk_m, sk_d, sdk_b, sdk_h, sdk_m,
+                 sdk_d, skp_b, skp_m, KPAD, CUK, ss, j, False, HAS_KPAD, VARLEN, BLOCK_L, BLOCK_DC)
+    else:
+        nq = _valid_count(QPAD, CUQ, b, N, sqp_b, sqp_n, HAS_QPAD, VARLEN, BLOCK_L)
+        _scatter(DQA, DQB, DQ, DQT, b, h, H, N, nq, ce, C, D, sq_b, sq_h, sq_n, sq_d, sdq_b, sdq_h, sdq_n,
+                 sdq_d, sqp_b, sqp_n, QPAD, CUQ, ss, j, HAS_B, HAS_QPAD, VARLEN, BLOCK_L, BLOCK_DC)
+
+
+def blocks(C, D, bwd=False):
+    """(BLOCK_L, BLOCK_C, BLOCK_DC, N_DC, num_warps): the C x chunk accumulator of the
+    forward stays at 8192 float32 (C = 256: chunks of 32)."""
+    BLOCK_C = _common.pow2(C)
+    BLOCK_DC = min(_common.pow2(D), max(16, 8192 // BLOCK_C), 64)
+    BLOCK_L = 64 if bwd or BLOCK_C <= 64 else 32
+    num_warps = 4 if BLOCK_C * BLOCK_DC <= 4096 else 8
+    return BLOCK_L, BLOCK_C, BLOCK_DC, _common.cdiv(D, BLOCK_DC), num_warps
+
+
+def _mask(padding, ref):
+    """(tensor, stride_b, stride_l): bool viewed as uint8 (no copy); ``ref`` stands in."""
+    if padding is None:
+        return ref, 0, 0
+    p = padding.view(torch.uint8)
+    return p, p.stride(0), p.stride(1)
+
+
+def _layout(q, k, cu_q, cu_k, max_q, max_k):
+    if cu_q is None:
+        return False, q.shape[2], k.shape[2], q, q
+    return True, int(max_q), int(max_k), cu_q, cu_k
+
+
+def landmarks_fwd(q, k, qpad, kpad, C, ss, cu_q=None, cu_k=None, max_q=0, max_k=0):
+    """(qt (B, H, C, D), kt (B, H_kv, C, D) float32, scaled by ss; c_eff (B,) int64).
+    Padded layout: q (B, H, N, D), k (B, H_kv, M, D), masks (B, N), (B, M) bool or None;
+    packed: q (T_q, H, D), k (T_k, H_kv, D), cu_q, cu_k (B + 1) int32, masks None."""
+    varlen, N, M, cuq, cuk = _layout(q, k, cu_q, cu_k, max_q, max_k)
+    B = cu_q.shape[0] - 1 if varlen else q.shape[0]
+    H, HKV, D = q.shape[-2] if varlen else q.shape[1], k.shape[-2] if varlen else k.shape[1], q.shape[-1]
+    dev = q.device
+    qt = _common.empty((B, H, C, D), torch.float32, dev)
+    kt = _common.empty((B, HKV, C, D), torch.float32, dev)
+    c_eff = _common.empty((B,), torch.int64, dev)
+    BLOCK_L, BLOCK_C, BLOCK_DC, N_DC, num_warps = blocks(C, D)
+    qp, sqp_b, sqp_n = _mask(qpad, q)
+    kp, skp_b, skp_m = _mask(kpad, q)
+    _common.launch(
+        _landmarks_fwd_kernel, (B * (H + HKV) * N_DC,), dev,
+        q, k, qp, kp, cuq, cuk, qt, kt, c_eff,
+        *long_strides(q, varlen), *long_strides(k, varlen), sqp_b, sqp_n, skp_b, skp_m,
+        H, HKV, N, M, C, D, float(ss),
+        HAS_QPAD=qpad is not None, HAS_KPAD=kpad is not None, VARLEN=varlen,
+        BLOCK_L=BLOCK_L, BLOCK_C=BLOCK_C, BLOCK_DC=BLOCK_DC, N_DC=N_DC, EMU=_common.emulated(dev),
+        num_warps=num_warps,
+    )
+    return qt, kt, c_eff
+
+
+def landmarks_bwd(dq_a, dq_b, dk_a, dqt, dkt, c_eff, q, k, qpad, kpad, ss, cu_q=None, cu_k=None, max_q=0,
+                  max_k=0):
+    """(dq, dk) in q's and k's shape and dtype: dq_a [+ dq_b] and dk_a (gradients of q, k
+    from the passes, in q's and k's shape and dtype, dq_b may be None) plus the landmarks'
+    part from dqt (B, H, C, D), dkt (B, H_kv, C, D) float32 (gradients of qt, kt)."""
+    varlen, N, M, cuq, cuk = _layout(q, k, cu_q, cu_k, max_q, max_k)
+    B, H, C, D = dqt.shape
+    HKV = dkt.shape[1]
+    dev = q.device
+    dq = _common.empty(q.shape, q.dtype, dev)
+    dk = _common.empty(k.shape, k.dtype, dev)
+    BLOCK_L, _, BLOCK_DC, N_DC, num_warps = blocks(C, D, bwd=True)
+    qp, sqp_b, sqp_n = _mask(qpad, q)
+    kp, skp_b, skp_m = _mask(kpad, q)
+    if dq_b is not None:
+        assert dq_b.stride() == dq_a.stride(), (dq_a.stride(), dq_b.stride())
+    _common.launch(
+        _landmarks_bwd_kernel, (B * (H + HKV) * N_DC,), dev,
+        dq_a, dq_a if dq_b is None else dq_b, dk_a, dqt, dkt, c_eff, qp, kp, cuq, cuk, dq, dk,
+        *long_strides(dq_a, varlen), *long_strides(dk_a, varlen), *long_strides(dq, varlen),
+        *long_strides(dk, varlen), sqp_b, sqp_n, skp_b, skp_m,
+        H, HKV, N, M, C, D, float(ss),
+        HAS_B=dq_b is not None, HAS_QPAD=qpad is not None, HAS_KPAD=kpad is not None, VARLEN=varlen,
+        BLOCK_L=BLOCK_L, BLOCK_DC=BLOCK_DC, N_DC=N_DC, num_warps=num_warps,
+    )
+    return dq, dk

@@ -1,0 +1,209 @@
+"""The C x D and C x C steps of LARA as small kernels (docs/math.md sections 2, 3, 6; the
+lean path, lara_kernels/_whole_triton.py), forward and backward.
+
+Every kernel here works on float32 C-sized tensors, contiguous (B, H, C, ...), one
+program per (b, h, block of BLOCK_R = 16 sample rows) on grid axis 0 (row blocks
+fastest), each holding its rows against all C samples (BLOCK_C = C padded to a power of
+two) and walking the head dims in chunks of BLOCK_DC. Their products are of float32
+C-sized operands (no half input): ``tl.dot`` in "ieee" precision, as torch's float32
+matmul in the pipeline. Traffic: each program reads its rows and, for the C x C terms,
+all C rows of the other operand (C x D float32 per head, per row block, from L2): C x D x
+C / 16 reads per head, nothing next to the long passes.
+
+Active samples: c' < max(c_eff[b], 1) (c_eff = 0: sample 0 treated as active so that
+everything stays finite; the query pass gives such rows output 0), as ``_pipeline``.
+
+Forward:
+- ``_proposal_kernel``: reads qt (B, H, C, D), kt (B, H_kv, C, D) (the key landmarks of
+  query head h are those of key/value head h // G), eps (B, H, C', D) float32 (any
+  strides, optional), c_eff; writes mu and w = mu [+ eps] (B, H, C, D).
+  segment: mu = qt + kt; mixed: mu = qt + softmax_c'(kt kt^T) kt over active c'.
+- ``_stats_kernel``: reads the split partials of the key pass (S_k, B*H*C, 2 + Dv) and of
+  the query normalizer (S_n, B*H*C, 3), w, mu, c_eff; writes Z, Lam, rho, log_den, bias,
+  bh (B, H, C) and kap (B, H, C, Dv):
+  Z, kap, Lam by ``key_pass.combine_rows`` (the pipeline's combine, same order);
+  g_cc' = w_c . mu_c' - |mu_c'|^2 / 2, rho_c = g_cc, log_den_c = LSE_{active c'} g_cc';
+  optimal: bh = exp(rho - log_den), bias = Z - rho; balance: bias = Z - log_den.
+
+Backward (csrc/cpu/fused.cpp's header has the formulas; na = max(c_eff, 1)):
+- ``_small_bwd_rows_kernel`` (rows c): sums the query pass's split partials
+  (S_q, B*H*C, PW) into dw_q, dkap, dbias [, dqt_q, dbh, dLam]; dZ = dbias;
+  optimal: drho = -dbias + dbh bh, dlog_den = -dbh bh; balance: drho = 0,
+  dlog_den = -dbias; dg_cc' = dlog_den_c softmax_{c' < na}(g_c)_c' + [c = c'] drho_c;
+  writes dZ, dkap (the key pass backward's inputs), dLam (the normalizer's), drho,
+  dlog_den (B, H, C) and dw_r = dw_q + dg mu (B, H, C, D), dqt_q (B, H, C, D).
+- ``_small_bwd_cols_kernel`` (program per (b, key/value head, block of columns c'), the G
+  query heads of the group in a loop): sums the key pass's dw partials and the
+  normalizer's dqt partials, recomputes dg's columns (softmax from w, mu and the saved
+  log_den), and forms dw = dw_r + dw_key, dmu = dw + dg^T w - (sum_c dg_cc') mu_c',
+  dqt = dmu + dqt_q + dqt_norm, and dkt = sum over the group of dmu (segment); writes
+  dqt (B, H, C, D) and dkt (B, H_kv, C, D). For "mixed" it writes dmu (B, H, C, D)
+  instead of dkt, and ``_mixed_bwd_kernel`` (program per (b, key/value head, column
+  block j), every row c in blocks) forms dkt_j = sum_g [sum_c a_cj dmu_c
+  + sum_c (dA_cj + dA_jc) kt_c] with a = softmax_{c' < na}(kt kt^T),
+  da = dmu kt^T, dA_cc' = a_cc' (da_cc' - sum_c'' a_cc'' da_cc'').
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common
+from .key_pass import combine_rows
+
+BLOCK_R = 16
+
+
+@triton.jit
+def _gram(A, B_, ra, ra_ok, rb, rb_ok, D, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+          BLOCK_DC: tl.constexpr, N_DC: tl.constexpr):
+    """(A[ra] @ B[rb]^T [len(ra), len(rb)], |B[rb]|^2 [len(rb)]) over the D chunks; A, B rows
+    of D float32 at A + row * D."""
+    acc = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+    nrm = tl.zeros([BLOCK_C], tl.float32)
+    for i in tl.static_range(N_DC):
+        d = (i * BLOCK_DC + tl.arange(0, BLOCK_DC)).to(tl.int64)
+        d_ok = d < D
+        a = tl.load(A + ra[:, None] * D + d[None, :], mask=ra_ok[:, None] & d_ok[None, :], other=0.0)
+        bb = tl.load(B_ + rb[:, None] * D + d[None, :], mask=rb_ok[:, None] & d_ok[None, :], other=0.0)
+        acc += tl.dot(a, tl.trans(bb), input_precision="ieee")
+        nrm += tl.sum(bb * bb, axis=1)
+    return acc, nrm
+
+
+@triton.jit
+def _proposal_kernel(
+    QT, KT, EPS, CEFF, MU, W,
+    se_b, se_h, se_c, se_d,
+    H, G, C, D,
+    HAS_EPS: tl.constexpr, MIXED: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DC: tl.constexpr, N_DC: tl.constexpr,
+):
+    pid = tl.program_id(0)                                             # (bh, row block), rows fastest
+    NRB = tl.cdiv(C, BLOCK_R)
+    rb = pid % NRB
+    bh = (pid // NRB).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    bk = b * (H // G) + h // G                                         # key/value head of h
+    r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = r < C
+    rows = bh * C + r
+    krows0 = bk * C
+    if MIXED:
+        c = tl.arange(0, BLOCK_C)
+        na = tl.maximum(tl.load(CEFF + b), 1)
+        act = (c < C) & (c < na)
+        s, _ = _gram(KT, KT, krows0 + r, r_ok, krows0 + c, c < C, D, BLOCK_R, BLOCK_C, BLOCK_DC, N_DC)
+        s = tl.where(act[None, :], s, float("-inf"))
+        a = tl.exp(s - tl.max(s, axis=1)[:, None])
+        a = a / tl.sum(a, axis=1)[:, None]                             # [BLOCK_R, BLOCK_C]
+    for i in tl.static_range(N_DC):
+        d = (i * BLOCK_DC + tl.arange(0, BLOCK_DC)).to(tl.int64)
+        d_ok = d < D
+        m2 = r_ok[:, None] & d_ok[None, :]
+        qt = tl.load(QT + rows[:, None] * D + d[None, :], mask=m2, other=0.0)
+        if MIXED:
+            ktc = tl.load(KT + (krows0 + c)[:, None] * D + d[None, :], mask=(c < C)[:, None] & d_ok[None, :],
+                          other=0.0)
+            mu = qt + tl.dot(a, ktc, input_precision="ieee")
+        else:
+            mu = qt + tl.load(KT + (krows0 + r)[:, None] * D + d[None, :], mask=m2, other=0.0)
+        tl.store(MU + rows[:, None] * D + d[None, :], mu, mask=m2)
+        if HAS_EPS:
+            e = tl.load(EPS + b * se_b + h * se_h + r.to(tl.int64)[:, None] * se_c + d[None, :] * se_d, mask=m2,
+                        other=0.0)
+            mu = mu + e
+        tl.store(W + rows[:, None] * D + d[None, :], mu, mask=m2)
+
+
+@triton.jit(do_not_specialize=["SK", "SN"])
+def _stats_kernel(
+    KPART, NPART, W, MU, CEFF, Z, KAP, LAM, RHO, LOGDEN, BIAS, BHW,
+    H, C, D, DV, SK, SN,
+    OPTIMAL: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DC: tl.constexpr, N_DC: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
+    pid = tl.program_id(0)                                             # (bh, row block), rows fastest
+    NRB = tl.cdiv(C, BLOCK_R)
+    rb = pid % NRB
+    bh = (pid // NRB).to(tl.int64)
+    b = bh // H
+    BH = (tl.num_programs(0) // NRB).to(tl.int64)
+    R = BH * C
+    r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = r < C
+    rows = bh * C + r
+    z, kap = combine_rows(KPART, rows, r_ok, R, DV, SK, True, BLOCK_DV)
+    dv = tl.arange(0, BLOCK_DV).to(tl.int64)
+    tl.store(Z + rows, z, mask=r_ok)
+    tl.store(KAP + rows[:, None] * DV + dv[None, :], kap, mask=r_ok[:, None] & (dv < DV)[None, :])
+
+    c = tl.arange(0, BLOCK_C)
+    na = tl.maximum(tl.load(CEFF + b), 1)
+    act = (c < C) & (c < na)
+    g, nrm = _gram(W, MU, rows, r_ok, bh * C + c, c < C, D, BLOCK_R, BLOCK_C, BLOCK_DC, N_DC)
+    g = g - 0.5 * nrm[None, :]
+    rho = tl.sum(tl.where(r[:, None] == c[None, :], g, 0.0), axis=1)
+    gm = tl.where(act[None, :], g, float("-inf"))
+    mx = tl.max(gm, axis=1)
+    log_den = mx + tl.log(tl.sum(tl.exp(gm - mx[:, None]), axis=1))
+    tl.store(RHO + rows, rho, mask=r_ok)
+    tl.store(LOGDEN + rows, log_den, mask=r_ok)
+    if OPTIMAL:
+        lam, _ = combine_rows(NPART, rows, r_ok, R, 1, SN, False, 16)
+        tl.store(LAM + rows, lam, mask=r_ok)
+        tl.store(BHW + rows, tl.exp(rho - log_den), mask=r_ok)
+        tl.store(BIAS + rows, z - rho, mask=r_ok)
+    else:
+        tl.store(BIAS + rows, z - log_den, mask=r_ok)
+
+
+def blocks(C, D):
+    """(BLOCK_R, BLOCK_C, BLOCK_DC, N_DC, num_warps): a [BLOCK_C, BLOCK_DC] float32 tile
+    of all samples per D chunk stays at 8192 elements or fewer."""
+    BLOCK_C = _common.pow2(C)
+    BLOCK_DC = min(_common.pow2(D), max(16, 8192 // BLOCK_C), 64)
+    num_warps = 4 if BLOCK_C <= 64 else 8
+    return BLOCK_R, BLOCK_C, BLOCK_DC, _common.cdiv(D, BLOCK_DC), num_warps
+
+
+def proposal_fwd(qt, kt, eps, c_eff, mixed):
+    """(mu, w) (B, H, C, D) float32 from qt (B, H, C, D), kt (B, H_kv, C, D) float32,
+    eps (B, H, >= C, D) float32 or None, c_eff (B,) int64."""
+    B, H, C, D = qt.shape
+    G = H // kt.shape[1]
+    dev = qt.device
+    mu = _common.empty((B, H, C, D), torch.float32, dev)
+    w = _common.empty((B, H, C, D), torch.float32, dev) if eps is not None else mu
+    BR, BLOCK_C, BLOCK_DC, N_DC, num_warps = blocks(C, D)
+    es = eps.stride() if eps is not None else (0, 0, 0, 0)
+    _common.launch(
+        _proposal_kernel, (B * H * _common.cdiv(C, BR),), dev,
+        qt, kt, eps if eps is not None else qt, c_eff, mu, w, *es, H, G, C, D,
+        HAS_EPS=eps is not None, MIXED=bool(mixed),
+        BLOCK_R=BR, BLOCK_C=BLOCK_C, BLOCK_DC=BLOCK_DC, N_DC=N_DC, num_warps=num_warps,
+    )
+    return mu, w
+
+
+def stats_fwd(kpart, SK, npart, SN, w, mu, c_eff, DV, optimal):
+    """(Z, kap, Lam, rho, log_den, bias, bh) from the split partials (Lam, bh None for
+    balance); shapes (B, H, C) and kap (B, H, C, Dv), float32."""
+    B, H, C, D = w.shape
+    dev = w.device
+    e = lambda *s: _common.empty(s, torch.float32, dev)  # noqa: E731
+    Z, kap, rho, log_den, bias = e(B, H, C), e(B, H, C, DV), e(B, H, C), e(B, H, C), e(B, H, C)
+    lam, bhw = (e(B, H, C), e(B, H, C)) if optimal else (None, None)
+    BR, BLOCK_C, BLOCK_DC, N_DC, num_warps = blocks(C, D)
+    _common.launch(
+        _stats_kernel, (B * H * _common.cdiv(C, BR),), dev,
+        kpart, npart if optimal else kpart, w, mu, c_eff, Z, kap, lam if optimal else Z, rho, log_den, bias,
+        bhw if optimal else Z, H, C, D, DV, SK, SN if optimal else 1,
+        OPTIMAL=bool(optimal), BLOCK_R=BR, BLOCK_C=BLOCK_C, BLOCK_DC=BLOCK_DC, N_DC=N_DC,
+        BLOCK_DV=_common.pow2(DV), num_warps=num_warps,
+    )
+    return Z, kap, lam, rho, log_den, bias, bhw
