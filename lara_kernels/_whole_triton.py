@@ -149,4 +149,25 @@ class _WholeTriton(torch.autograd.Function):
 
 
 def _backward(dy, q, k, v, qpm, kpm, cu_q, cu_k, max_q, max_k, mixed, optimal, beta, ss, state):
-    raise NotImplementedError
+    """(dq, dk, dv): six launches ("mixed": seven; "balance": one fewer)."""
+    key_pass, landmarks, query_pass, small = _kernels()
+    qt, kt, mu, w, c_eff, Z, kap, lam, log_den, bias, bh = state
+    B, H, C, D = w.shape
+    Hkv, Dv = kt.shape[1], kap.shape[-1]
+    G = H // Hkv
+    if dy.dtype != q.dtype:
+        dy = dy.to(q.dtype)
+    dq_a, qpart, SQ = query_pass.query_pass_bwd_split(q, w, bias, kap, c_eff, qpm, ss, qt if optimal else None, lam,
+                                                      bh, beta, dy, cu_q, max_q)
+    dZ, dkap, dlam, drho, dld, dwr, dqtq = small.rows_bwd(qpart, SQ, w, mu, bh, log_den, c_eff, Dv, optimal)
+    kdw, SK, dk_a, dv = key_pass.key_pass_bwd_split(w.view(B, Hkv, G * C, D), k, v, kpm, ss, True, Z, kap, dZ, dkap,
+                                                    cu_k, max_k)
+    ndqt, SN, dq_b = None, 0, None
+    if optimal:
+        ndqt, SN, dq_b, _ = key_pass.key_pass_bwd_split(qt, q, None, qpm, ss, False, lam, None, dlam, None, cu_q,
+                                                        max_q)
+    dqt, dmus = small.cols_bwd(w, mu, log_den, drho, dld, c_eff, dwr, kdw, SK, dqtq, ndqt, SN, Hkv, optimal)
+    dkt = small.mixed_bwd(kt, dmus, c_eff) if mixed else dmus
+    dq, dk = landmarks.landmarks_bwd(dq_a, dq_b, dk_a, dqt, dkt, c_eff, q, k, qpm, kpm, ss, cu_q, cu_k, max_q,
+                                     max_k)
+    return dq, dk, dv

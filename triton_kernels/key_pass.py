@@ -394,10 +394,11 @@ def key_pass_fwd(w, k, v, padding, ss, subtract_norm, cu_seqlens=None, max_seqle
     return Z, kap
 
 
-def key_pass_bwd(w, k, v, padding, ss, subtract_norm, Z, kap, dZ, dkap, cu_seqlens=None, max_seqlen=0, *,
-                 block_m=None, splits=None, block_c=None):
-    """Gradients (dw float32, dk in k's dtype, dv in v's dtype or None) of key_pass_fwd,
-    dk and dv of k's and v's shape (packed: (T, H, D), (T, H, Dv)), every row written."""
+def key_pass_bwd_split(w, k, v, padding, ss, subtract_norm, Z, kap, dZ, dkap, cu_seqlens=None, max_seqlen=0, *,
+                       block_m=None, splits=None, block_c=None):
+    """The launch of ``key_pass_bwd``: (dw_part, S, dk, dv or None), dw_part the per-split
+    partials (S, B*H*C, D) float32 of dw (summed by the caller), dk and dv as
+    ``key_pass_bwd``. Arguments as ``key_pass_bwd``."""
     B, H, C, D = w.shape
     varlen, M, cu = _common.layout(k, w, cu_seqlens, max_seqlen)
     has_v = v is not None
@@ -439,5 +440,15 @@ def key_pass_bwd(w, k, v, padding, ss, subtract_norm, Z, kap, dZ, dkap, cu_seqle
     if NCB > 1:
         dk = dk.sum(0).to(k.dtype)
         dv = dv.sum(0).to(v.dtype) if has_v else dv
+    return dw_part, S, dk, (dv if has_v else None)
+
+
+def key_pass_bwd(w, k, v, padding, ss, subtract_norm, Z, kap, dZ, dkap, cu_seqlens=None, max_seqlen=0, *,
+                 block_m=None, splits=None, block_c=None):
+    """Gradients (dw float32, dk in k's dtype, dv in v's dtype or None) of key_pass_fwd,
+    dk and dv of k's and v's shape (packed: (T, H, D), (T, H, Dv)), every row written."""
+    B, H, C, D = w.shape
+    dw_part, S, dk, dv = key_pass_bwd_split(w, k, v, padding, ss, subtract_norm, Z, kap, dZ, dkap, cu_seqlens,
+                                            max_seqlen, block_m=block_m, splits=splits, block_c=block_c)
     dw = dw_part.sum(0).view(B, H, C, D)
-    return dw, dk, (dv if has_v else None)
+    return dw, dk, dv

@@ -364,11 +364,12 @@ def query_pass_fwd(q, w, bias, kap, c_eff, padding, ss, qt=None, lam=None, bh=No
     return y
 
 
-def query_pass_bwd(q, w, bias, kap, c_eff, padding, ss, qt, lam, bh, beta, dy, cu_seqlens=None, max_seqlen=0, *,
-                   block_n=None, d_chunk=None, splits=None):
-    """Returns (dq in q's dtype, dw, dbias, dkap, dqt, dlam, dbh) (float32; the last three
-    None without the MIS term); dq of q's shape, every row written (0 on rows of a
-    sequence with c_eff = 0, which add nothing to the C-sized gradients)."""
+def query_pass_bwd_split(q, w, bias, kap, c_eff, padding, ss, qt, lam, bh, beta, dy, cu_seqlens=None, max_seqlen=0,
+                         *, block_n=None, d_chunk=None, splits=None):
+    """The launch of ``query_pass_bwd``: (dq, part, S), dq in q's dtype and shape (every
+    row written) and the per-split partials (S, B*H*C, PW) float32, rows
+    [dw (D) | dkap (Dv) | dbias | dqt (D) | dbh | dLam] (the last three with the MIS term,
+    PW = 2 D + Dv + 3; else PW = D + Dv + 1). Arguments as ``query_pass_bwd``."""
     B, H, C, D = w.shape
     varlen, N, cu = _common.layout(q, w, cu_seqlens, max_seqlen)
     DV, dev, mis = kap.shape[3], q.device, qt is not None
@@ -392,6 +393,19 @@ def query_pass_bwd(q, w, bias, kap, c_eff, padding, ss, qt, lam, bh, beta, dy, c
         NJ=NJ, PREC=_common.dot_precision(q.dtype), EMU=_common.emulated(dev),
         num_warps=num_warps, num_stages=bwd_stages(BLOCK_C, N_DC, N_VC),
     )
+    return dq, part, S
+
+
+def query_pass_bwd(q, w, bias, kap, c_eff, padding, ss, qt, lam, bh, beta, dy, cu_seqlens=None, max_seqlen=0, *,
+                   block_n=None, d_chunk=None, splits=None):
+    """Returns (dq in q's dtype, dw, dbias, dkap, dqt, dlam, dbh) (float32; the last three
+    None without the MIS term); dq of q's shape, every row written (0 on rows of a
+    sequence with c_eff = 0, which add nothing to the C-sized gradients)."""
+    B, H, C, D = w.shape
+    DV, mis = kap.shape[3], qt is not None
+    dq, part, S = query_pass_bwd_split(q, w, bias, kap, c_eff, padding, ss, qt, lam, bh, beta, dy, cu_seqlens,
+                                       max_seqlen, block_n=block_n, d_chunk=d_chunk, splits=splits)
+    PW = part.shape[-1]
     tot = part.sum(0).view(B, H, C, PW)                                # one reduction for all partials
     dw, dkap, dbias = tot[..., :D], tot[..., D:D + DV], tot[..., D + DV]
     if not mis:

@@ -57,12 +57,12 @@ BLOCK_R = 16
 
 
 @triton.jit
-def _gram(A, B_, ra, ra_ok, rb, rb_ok, D, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+def _gram(A, B_, ra, ra_ok, rb, rb_ok, D, BA: tl.constexpr, BB: tl.constexpr,
           BLOCK_DC: tl.constexpr, N_DC: tl.constexpr):
-    """(A[ra] @ B[rb]^T [len(ra), len(rb)], |B[rb]|^2 [len(rb)]) over the D chunks; A, B rows
-    of D float32 at A + row * D."""
-    acc = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
-    nrm = tl.zeros([BLOCK_C], tl.float32)
+    """(A[ra] @ B[rb]^T [BA, BB], |B[rb]|^2 [BB]) over the D chunks in order; A, B rows of D
+    float32 at A + row * D (int64 rows)."""
+    acc = tl.zeros([BA, BB], tl.float32)
+    nrm = tl.zeros([BB], tl.float32)
     for i in tl.static_range(N_DC):
         d = (i * BLOCK_DC + tl.arange(0, BLOCK_DC)).to(tl.int64)
         d_ok = d < D
@@ -162,6 +162,191 @@ def _stats_kernel(
         tl.store(BIAS + rows, z - log_den, mask=r_ok)
 
 
+@triton.jit(do_not_specialize=["SQ"])
+def _small_bwd_rows_kernel(
+    QPART, W, MU, BHW, LOGDEN, CEFF, DZ, DKAP, DLAM, DRHO, DLOGDEN, DWR, DQTQ,
+    H, C, D, DV, SQ,
+    OPTIMAL: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DC: tl.constexpr, N_DC: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
+    pid = tl.program_id(0)                                             # (bh, row block), rows fastest
+    NRB = tl.cdiv(C, BLOCK_R)
+    rb = pid % NRB
+    bh = (pid // NRB).to(tl.int64)
+    b = bh // H
+    R = (tl.num_programs(0) // NRB).to(tl.int64) * C
+    r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = r < C
+    rows = bh * C + r
+    PW = (2 * D + DV + 3) if OPTIMAL else (D + DV + 1)
+    dv = tl.arange(0, BLOCK_DV).to(tl.int64)
+    mv = r_ok[:, None] & (dv < DV)[None, :]
+    # the query pass's partials, summed in split order: [dw | dkap | dbias | dqt | dbh | dLam]
+    dbias = tl.zeros([BLOCK_R], tl.float32)
+    dbh = tl.zeros([BLOCK_R], tl.float32)
+    dlam = tl.zeros([BLOCK_R], tl.float32)
+    dkap = tl.zeros([BLOCK_R, BLOCK_DV], tl.float32)
+    for s in range(0, SQ):
+        prow = (s * R + rows) * PW
+        dbias += tl.load(QPART + prow + D + DV, mask=r_ok, other=0.0)
+        dkap += tl.load(QPART + prow[:, None] + D + dv[None, :], mask=mv, other=0.0)
+        if OPTIMAL:
+            dbh += tl.load(QPART + prow + 2 * D + DV + 1, mask=r_ok, other=0.0)
+            dlam += tl.load(QPART + prow + 2 * D + DV + 2, mask=r_ok, other=0.0)
+    tl.store(DZ + rows, dbias, mask=r_ok)
+    tl.store(DKAP + rows[:, None] * DV + dv[None, :], dkap, mask=mv)
+    if OPTIMAL:
+        tl.store(DLAM + rows, dlam, mask=r_ok)
+        bhw = tl.load(BHW + rows, mask=r_ok, other=0.0)
+        drho = dbh * bhw - dbias
+        dld = -dbh * bhw
+    else:
+        drho = tl.zeros([BLOCK_R], tl.float32)
+        dld = -dbias
+    tl.store(DRHO + rows, drho, mask=r_ok)
+    tl.store(DLOGDEN + rows, dld, mask=r_ok)
+
+    # dg_cc' = dlog_den_c softmax_{active c'}(g_c)_c' + [c = c'] drho_c;  dw_r = dw_q + dg mu
+    c = tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    na = tl.maximum(tl.load(CEFF + b), 1)
+    act = c_ok & (c < na)
+    crow = bh * C + c
+    g, nrm = _gram(W, MU, rows, r_ok, crow, c_ok, D, BLOCK_R, BLOCK_C, BLOCK_DC, N_DC)
+    g = g - 0.5 * nrm[None, :]
+    ld = tl.load(LOGDEN + rows, mask=r_ok, other=0.0)
+    sm = tl.where(act[None, :] & r_ok[:, None], tl.exp(g - ld[:, None]), 0.0)
+    dg = dld[:, None] * sm + tl.where(r[:, None] == c[None, :], drho[:, None], 0.0)
+    for i in tl.static_range(N_DC):
+        d = (i * BLOCK_DC + tl.arange(0, BLOCK_DC)).to(tl.int64)
+        d_ok = d < D
+        m2 = r_ok[:, None] & d_ok[None, :]
+        dw = tl.zeros([BLOCK_R, BLOCK_DC], tl.float32)
+        dqt = tl.zeros([BLOCK_R, BLOCK_DC], tl.float32)
+        for s in range(0, SQ):
+            prow = (s * R + rows) * PW
+            dw += tl.load(QPART + prow[:, None] + d[None, :], mask=m2, other=0.0)
+            if OPTIMAL:
+                dqt += tl.load(QPART + prow[:, None] + (D + DV + 1) + d[None, :], mask=m2, other=0.0)
+        muc = tl.load(MU + crow[:, None] * D + d[None, :], mask=c_ok[:, None] & d_ok[None, :], other=0.0)
+        dw += tl.dot(dg, muc, input_precision="ieee")
+        tl.store(DWR + rows[:, None] * D + d[None, :], dw, mask=m2)
+        if OPTIMAL:
+            tl.store(DQTQ + rows[:, None] * D + d[None, :], dqt, mask=m2)
+
+
+@triton.jit(do_not_specialize=["SK", "SN"])
+def _small_bwd_cols_kernel(
+    W, MU, LOGDEN, DRHO, DLOGDEN, CEFF, DWR, KDW, DQTQ, NDQT, DQT, DMUS,
+    H, G, C, D, SK, SN,
+    OPTIMAL: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DC: tl.constexpr, N_DC: tl.constexpr,
+):
+    pid = tl.program_id(0)                                             # (b, kv head, column block, D chunk)
+    NRB = tl.cdiv(C, BLOCK_R)
+    dc = pid % N_DC
+    jb = (pid // N_DC) % NRB
+    bk = (pid // (N_DC * NRB)).to(tl.int64)
+    HKV = H // G
+    b = bk // HKV
+    hk = bk % HKV
+    R = (tl.num_programs(0) // (N_DC * NRB)).to(tl.int64) * G * C    # B * H * C
+    j = jb * BLOCK_R + tl.arange(0, BLOCK_R)
+    j_ok = j < C
+    c = tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    na = tl.maximum(tl.load(CEFF + b), 1)
+    act_j = j_ok & (j < na)
+    d = (dc * BLOCK_DC + tl.arange(0, BLOCK_DC)).to(tl.int64)
+    d_ok = d < D
+    m2 = j_ok[:, None] & d_ok[None, :]
+    acc = tl.zeros([BLOCK_R, BLOCK_DC], tl.float32)
+    for gi in range(0, G):                                             # the query heads of the group
+        bh = b * H + hk * G + gi
+        crow = bh * C + c
+        jrow = bh * C + j
+        gt, nrm = _gram(W, MU, crow, c_ok, jrow, j_ok, D, BLOCK_C, BLOCK_R, BLOCK_DC, N_DC)   # g[:, j]
+        gt = gt - 0.5 * nrm[None, :]
+        ld = tl.load(LOGDEN + crow, mask=c_ok, other=0.0)
+        dld = tl.load(DLOGDEN + crow, mask=c_ok, other=0.0)
+        drho = tl.load(DRHO + crow, mask=c_ok, other=0.0)
+        sm = tl.where(c_ok[:, None] & act_j[None, :], tl.exp(gt - ld[:, None]), 0.0)
+        dg = dld[:, None] * sm + tl.where(c[:, None] == j[None, :], drho[:, None], 0.0)   # [BLOCK_C, BLOCK_R]
+        colsum = tl.sum(dg, axis=0)
+        dw = tl.load(DWR + jrow[:, None] * D + d[None, :], mask=m2, other=0.0)
+        for s in range(0, SK):
+            dw += tl.load(KDW + (s * R + jrow)[:, None] * D + d[None, :], mask=m2, other=0.0)
+        wc = tl.load(W + crow[:, None] * D + d[None, :], mask=c_ok[:, None] & d_ok[None, :], other=0.0)
+        muj = tl.load(MU + jrow[:, None] * D + d[None, :], mask=m2, other=0.0)
+        dmu = dw + tl.dot(tl.trans(dg), wc, input_precision="ieee") - colsum[:, None] * muj
+        dqt = dmu
+        if OPTIMAL:
+            dqt += tl.load(DQTQ + jrow[:, None] * D + d[None, :], mask=m2, other=0.0)
+            for s in range(0, SN):
+                dqt += tl.load(NDQT + (s * R + jrow)[:, None] * D + d[None, :], mask=m2, other=0.0)
+        tl.store(DQT + jrow[:, None] * D + d[None, :], dqt, mask=m2)
+        acc += dmu
+    tl.store(DMUS + (bk * C + j)[:, None] * D + d[None, :], acc, mask=m2)
+
+
+@triton.jit
+def _mixed_bwd_kernel(
+    KT, DMUS, CEFF, DKT,
+    HKV, C, D,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DC: tl.constexpr, N_DC: tl.constexpr,
+):
+    # mu = qt + a kt, a = softmax_{active c'}(kt kt^T), shared by the G heads: with
+    # dmuS = sum over the group of dmu, da = dmuS kt^T, dA = a (da - rowsum(a da)),
+    # dkt = a^T dmuS + dA kt + dA^T kt.
+    pid = tl.program_id(0)                                             # (b, kv head, column block, D chunk)
+    NRB = tl.cdiv(C, BLOCK_R)
+    dc = pid % N_DC
+    jb = (pid // N_DC) % NRB
+    bk = (pid // (N_DC * NRB)).to(tl.int64)
+    b = bk // HKV
+    base = bk * C
+    j = jb * BLOCK_R + tl.arange(0, BLOCK_R)
+    j_ok = j < C
+    c = tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    na = tl.maximum(tl.load(CEFF + b), 1)
+    act_c = c_ok & (c < na)
+    act_j = j_ok & (j < na)
+    d = (dc * BLOCK_DC + tl.arange(0, BLOCK_DC)).to(tl.int64)
+    d_ok = d < D
+    # rows j: dA[j, :] kt
+    s_j, _ = _gram(KT, KT, base + j, j_ok, base + c, c_ok, D, BLOCK_R, BLOCK_C, BLOCK_DC, N_DC)
+    s_j = tl.where(act_c[None, :], s_j, float("-inf"))
+    a_j = tl.exp(s_j - tl.max(s_j, axis=1)[:, None])
+    a_j = a_j / tl.sum(a_j, axis=1)[:, None]
+    da_j, _ = _gram(DMUS, KT, base + j, j_ok, base + c, c_ok, D, BLOCK_R, BLOCK_C, BLOCK_DC, N_DC)
+    dA_j = a_j * (da_j - tl.sum(a_j * da_j, axis=1)[:, None])
+    ktc = tl.load(KT + (base + c)[:, None] * D + d[None, :], mask=c_ok[:, None] & d_ok[None, :], other=0.0)
+    out = tl.dot(dA_j, ktc, input_precision="ieee")
+    # columns j: sum_c a_cj dmuS_c + dA_cj kt_c, over the rows c in blocks
+    for rb in range(0, NRB):
+        r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+        r_ok = r < C
+        s_r, _ = _gram(KT, KT, base + r, r_ok, base + c, c_ok, D, BLOCK_R, BLOCK_C, BLOCK_DC, N_DC)
+        s_r = tl.where(act_c[None, :], s_r, float("-inf"))
+        mx = tl.max(s_r, axis=1)
+        lse = mx + tl.log(tl.sum(tl.exp(s_r - mx[:, None]), axis=1))
+        a_r = tl.exp(s_r - lse[:, None])
+        da_r, _ = _gram(DMUS, KT, base + r, r_ok, base + c, c_ok, D, BLOCK_R, BLOCK_C, BLOCK_DC, N_DC)
+        rs = tl.sum(a_r * da_r, axis=1)
+        s_rj, _ = _gram(KT, KT, base + r, r_ok, base + j, j_ok, D, BLOCK_R, BLOCK_R, BLOCK_DC, N_DC)
+        a_rj = tl.where(r_ok[:, None] & act_j[None, :], tl.exp(s_rj - lse[:, None]), 0.0)
+        da_rj, _ = _gram(DMUS, KT, base + r, r_ok, base + j, j_ok, D, BLOCK_R, BLOCK_R, BLOCK_DC, N_DC)
+        dA_rj = a_rj * (da_rj - rs[:, None])
+        m_r = r_ok[:, None] & d_ok[None, :]
+        dmu_r = tl.load(DMUS + (base + r)[:, None] * D + d[None, :], mask=m_r, other=0.0)
+        kt_r = tl.load(KT + (base + r)[:, None] * D + d[None, :], mask=m_r, other=0.0)
+        out += tl.dot(tl.trans(a_rj), dmu_r, input_precision="ieee")
+        out += tl.dot(tl.trans(dA_rj), kt_r, input_precision="ieee")
+    tl.store(DKT + (base + j)[:, None] * D + d[None, :], out, mask=j_ok[:, None] & d_ok[None, :])
+
+
 def blocks(C, D):
     """(BLOCK_R, BLOCK_C, BLOCK_DC, N_DC, num_warps): a [BLOCK_C, BLOCK_DC] float32 tile
     of all samples per D chunk stays at 8192 elements or fewer."""
@@ -207,3 +392,53 @@ def stats_fwd(kpart, SK, npart, SN, w, mu, c_eff, DV, optimal):
         BLOCK_DV=_common.pow2(DV), num_warps=num_warps,
     )
     return Z, kap, lam, rho, log_den, bias, bhw
+
+
+def rows_bwd(qpart, SQ, w, mu, bhw, log_den, c_eff, DV, optimal):
+    """(dZ, dkap, dLam, drho, dlog_den, dw_r, dqt_q) float32 from the query pass's split
+    partials (dLam, dqt_q None for balance); see ``_small_bwd_rows_kernel``."""
+    B, H, C, D = w.shape
+    dev = w.device
+    e = lambda *s: _common.empty(s, torch.float32, dev)  # noqa: E731
+    dZ, dkap, drho, dld, dwr = e(B, H, C), e(B, H, C, DV), e(B, H, C), e(B, H, C), e(B, H, C, D)
+    dlam, dqtq = (e(B, H, C), e(B, H, C, D)) if optimal else (None, None)
+    BR, BLOCK_C, BLOCK_DC, N_DC, num_warps = blocks(C, D)
+    _common.launch(
+        _small_bwd_rows_kernel, (B * H * _common.cdiv(C, BR),), dev,
+        qpart, w, mu, bhw if optimal else w, log_den, c_eff, dZ, dkap, dlam if optimal else dZ, drho, dld, dwr,
+        dqtq if optimal else dwr, H, C, D, DV, SQ,
+        OPTIMAL=bool(optimal), BLOCK_R=BR, BLOCK_C=BLOCK_C, BLOCK_DC=BLOCK_DC, N_DC=N_DC,
+        BLOCK_DV=_common.pow2(DV), num_warps=num_warps,
+    )
+    return dZ, dkap, dlam, drho, dld, dwr, dqtq
+
+
+def cols_bwd(w, mu, log_den, drho, dld, c_eff, dwr, kdw, SK, dqtq, ndqt, SN, Hkv, optimal):
+    """(dqt (B, H, C, D), dmuS (B, H_kv, C, D)) float32: dmuS = sum over the group of dmu
+    (= dkt for "segment"); see ``_small_bwd_cols_kernel``."""
+    B, H, C, D = w.shape
+    dev = w.device
+    dqt = _common.empty((B, H, C, D), torch.float32, dev)
+    dmus = _common.empty((B, Hkv, C, D), torch.float32, dev)
+    BR, BLOCK_C, BLOCK_DC, N_DC, num_warps = blocks(C, D)
+    _common.launch(
+        _small_bwd_cols_kernel, (B * Hkv * _common.cdiv(C, BR) * N_DC,), dev,
+        w, mu, log_den, drho, dld, c_eff, dwr, kdw, dqtq if optimal else dwr, ndqt if optimal else kdw, dqt, dmus,
+        H, H // Hkv, C, D, SK, SN if optimal else 0,
+        OPTIMAL=bool(optimal), BLOCK_R=BR, BLOCK_C=BLOCK_C, BLOCK_DC=BLOCK_DC, N_DC=N_DC, num_warps=num_warps,
+    )
+    return dqt, dmus
+
+
+def mixed_bwd(kt, dmus, c_eff):
+    """dkt (B, H_kv, C, D) float32 of the "mixed" proposal; see ``_mixed_bwd_kernel``."""
+    B, Hkv, C, D = kt.shape
+    dev = kt.device
+    dkt = _common.empty((B, Hkv, C, D), torch.float32, dev)
+    BR, BLOCK_C, BLOCK_DC, N_DC, num_warps = blocks(C, D)
+    _common.launch(
+        _mixed_bwd_kernel, (B * Hkv * _common.cdiv(C, BR) * N_DC,), dev,
+        kt, dmus, c_eff, dkt, Hkv, C, D,
+        BLOCK_R=BR, BLOCK_C=BLOCK_C, BLOCK_DC=BLOCK_DC, N_DC=N_DC, num_warps=num_warps,
+    )
+    return dkt
