@@ -1,5 +1,9 @@
-"""The ``triton`` backend: the Triton kernel set (triton_kernels/) under the shared
-autograd of ``_fused`` (one Function per long pass, N x C tiles recomputed in backward).
+"""The ``triton`` backend: LARA by the lean path of ``_whole_triton`` where it applies (one
+sequence of Triton launches per direction under one Function: "segment" and "mixed"
+proposals without given landmarks, outside forward AD, torch.func and torch.compile), and
+otherwise by the Triton kernel set (triton_kernels/) under the shared autograd of
+``_fused`` (one Function per long pass, N x C tiles recomputed in backward); RFA always
+by the latter.
 
 The module imports without Triton installed; the backend then reports
 "triton not installed" as its reason.
@@ -12,7 +16,7 @@ from typing import List
 
 import torch
 
-from . import _pipeline, dispatch
+from . import _pipeline, _whole_triton, dispatch
 from ._fused import FusedPasses
 
 try:
@@ -60,6 +64,8 @@ class TritonBackend(dispatch.Backend):
         return reasons
 
     def lara(self, q, k, v, eps, **options):
+        if _whole_triton.applies(q, options):
+            return _whole_triton.lara(q, k, v, eps, **options)
         return _pipeline.lara_forward(TritonPasses, q, k, v, eps, **options)
 
     def rfa(self, q, k, v, w, **options):
