@@ -77,21 +77,22 @@ def _sizes(q, k, v, cu_q, max_q, max_k, num_samples):
 
 def _forward(q, k, v, eps, qpm, kpm, cu_q, cu_k, max_q, max_k, num_samples, mixed, optimal, beta, ss):
     """(y, state): the six launches; state = (qt, kt, mu, w, c_eff, Z, kap, lam, log_den,
-    bias, bh), the C-sized float32 results the backward reads."""
+    bias, bh, kmix, lse), the C-sized float32 results the backward reads (lam, bh None
+    for "balance", kmix, lse None for "segment")."""
     key_pass, landmarks, query_pass, small = _kernels()
     B, H, Hkv, N, M, C, D, Dv = _sizes(q, k, v, cu_q, max_q, max_k, num_samples)
     G = H // Hkv
     if eps is not None and eps.shape[2] != C:
         eps = eps[:, :, :C]
     qt, kt, c_eff = landmarks.landmarks_fwd(q, k, qpm, kpm, C, ss, cu_q, cu_k, max_q, max_k)        # 1
-    mu, w = small.proposal_fwd(qt, kt, eps, c_eff, mixed)                                            # 2
+    mu, w, kmix, lse = small.proposal_fwd(qt, kt, eps, c_eff, mixed)                                # 2
     kpart, SK = key_pass.key_pass_split(w.view(B, Hkv, G * C, D), k, v, kpm, ss, True, cu_k, max_k)   # 3
     npart, SN = (key_pass.key_pass_split(qt, q, None, qpm, ss, False, cu_q, max_q)                  # 4
                  if optimal else (None, 0))
     Z, kap, lam, rho, log_den, bias, bh = small.stats_fwd(kpart, SK, npart, SN, w, mu, c_eff, Dv, optimal)  # 5
     y = query_pass.query_pass_fwd(q, w, bias, kap, c_eff, qpm, ss, qt if optimal else None, lam, bh, beta,  # 6
                                   cu_q, max_q)
-    return y, (qt, kt, mu, w, c_eff, Z, kap, lam, log_den, bias, bh)
+    return y, (qt, kt, mu, w, c_eff, Z, kap, lam, log_den, bias, bh, kmix, lse)
 
 
 def lara(q, k, v, eps, *, num_samples, proposal, weighting, beta, scale, key_padding_mask=None,
@@ -151,7 +152,7 @@ class _WholeTriton(torch.autograd.Function):
 def _backward(dy, q, k, v, qpm, kpm, cu_q, cu_k, max_q, max_k, mixed, optimal, beta, ss, state):
     """(dq, dk, dv): six launches ("mixed": seven; "balance": one fewer)."""
     key_pass, landmarks, query_pass, small = _kernels()
-    qt, kt, mu, w, c_eff, Z, kap, lam, log_den, bias, bh = state
+    qt, kt, mu, w, c_eff, Z, kap, lam, log_den, bias, bh, kmix, lse = state
     B, H, C, D = w.shape
     Hkv, Dv = kt.shape[1], kap.shape[-1]
     G = H // Hkv
@@ -167,7 +168,7 @@ def _backward(dy, q, k, v, qpm, kpm, cu_q, cu_k, max_q, max_k, mixed, optimal, b
         ndqt, SN, dq_b, _ = key_pass.key_pass_bwd_split(qt, q, None, qpm, ss, False, lam, None, dlam, None, cu_q,
                                                         max_q)
     dqt, dmus = small.cols_bwd(w, mu, log_den, drho, dld, c_eff, dwr, kdw, SK, dqtq, ndqt, SN, Hkv, optimal)
-    dkt = small.mixed_bwd(kt, dmus, c_eff) if mixed else dmus
+    dkt = small.mixed_bwd(kt, dmus, kmix, lse, c_eff) if mixed else dmus
     dq, dk = landmarks.landmarks_bwd(dq_a, dq_b, dk_a, dqt, dkt, c_eff, q, k, qpm, kpm, ss, cu_q, cu_k, max_q,
                                      max_k)
     return dq, dk, dv

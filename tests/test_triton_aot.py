@@ -84,6 +84,11 @@ GQA_KEY = [(D, 512, dt) for D in (64, 128) for dt in DTYPES]   # key pass of G =
 PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.uint8: "*u8",
        torch.int32: "*i32", torch.int64: "*i64", torch.bool: "*i1"}
 LAYOUTS = ("padded", "packed")
+# kernels without a product of half inputs (no tensor-core instruction expected): the
+# split combine; the lean path's small kernels (products of float32 C-sized tensors in
+# "ieee" precision, as torch's float32 matmul) and its landmarks backward (no product)
+NO_HALF_PRODUCTS = {"_key_combine_kernel", "_proposal_kernel", "_stats_kernel", "_small_bwd_rows_kernel",
+                    "_small_bwd_cols_kernel", "_mixed_bwd_kernel", "_landmarks_bwd_kernel"}
 
 
 # ----------------------------------------------------------------------------- capture
@@ -98,7 +103,10 @@ def capture(C, D, DV, dtype, *, B=B_, H=H_, L=L_, full=True, sms=H100_SMS, arch=
     layout ((B, H, L, D) with or without a padding mask) and the packed one ((T, H, D)
     with cu_seqlens, T = B * L, max_seqlen = L: the VARLEN specializations). ``passes``:
     ("key",) alone for the key pass of grouped-query attention (G * C rows, past the query
-    pass's limit of C)."""
+    pass's limit of C); "lean" adds the forward and backward of the triton backend's lean
+    path (lara_kernels/_whole_triton.py: landmarks, the small C x D / C x C kernels and
+    the split launches of the passes), "mixed" proposal with "optimal" weighting (the
+    most kernels), and with ``full`` also "segment" with "balance"."""
     rec = []
 
     def record(kernel, grid, device, *args, **kwargs):
@@ -126,6 +134,17 @@ def capture(C, D, DV, dtype, *, B=B_, H=H_, L=L_, full=True, sms=H100_SMS, arch=
             mock.patch.object(_common, "sm_count", lambda dev: sms), \
             mock.patch.object(_common, "arch", lambda dev: arch):
         for q_, k_, v_, pad, cu, max_len in cases:
+            if "lean" in passes:
+                from lara_kernels import _whole_triton as wt
+
+                eps = torch.empty(B, H, C, D, dtype=f32, **meta)
+                for mixed, optimal in [(True, True)] + ([(False, False)] if full else []):
+                    y, state = wt._forward(q_, k_, v_, eps, pad, pad, cu, cu, max_len, max_len, C, mixed, optimal,
+                                           0.5, 0.3)
+                    wt._backward(torch.empty_like(y), q_, k_, v_, pad, pad, cu, cu, max_len, max_len, mixed,
+                                 optimal, 0.5, 0.3, state)
+            if "key" not in passes:
+                continue
             key_variants = [(v_, True)] + ([(k_, False), (None, False)] if full else [])
             for vv, sub in key_variants:
                 Z, kp_ = kp.key_pass_fwd(w, k_, vv, pad, 0.3, sub, cu, max_len)
@@ -216,11 +235,13 @@ def compile_one(job):
     )
 
 
-def jobs_for(configs, archs, full, key_configs=()):
+def jobs_for(configs, archs, full, key_configs=(), lean_configs=()):
     """Deduplicated compile jobs: {key: (job, [(D, C, dtype), ...])}; ``key_configs``:
-    configurations of the key pass alone (grouped-query attention's G * C rows)."""
+    configurations of the key pass alone (grouped-query attention's G * C rows);
+    ``lean_configs``: of the lean path's kernels (``capture``'s "lean")."""
     out = {}
-    todo = [(cfg, ("key", "query")) for cfg in configs] + [(cfg, ("key",)) for cfg in key_configs]
+    todo = ([(cfg, ("key", "query")) for cfg in configs] + [(cfg, ("key",)) for cfg in key_configs]
+            + [(cfg, ("lean",)) for cfg in lean_configs])
     for (D, C, dt), passes in todo:
         for arch in archs:   # the launch parameters depend on the target (_common.arch)
             for kernel, grid, args, kwargs in capture(C, D, D, DTYPES[dt], full=full, arch=arch, passes=passes):
@@ -269,7 +290,7 @@ def problems(results, main_only=False):
         if r["shared"] > SMEM_LIMIT[r["arch"]]:
             bad.append(f"{where}: shared memory {r['shared']} > {SMEM_LIMIT[r['arch']]}")
         half = any(dt != "fp32" for _, _, dt in cfgs)
-        if half and r["kernel"] != "_key_combine_kernel" and not r["mma"]:
+        if half and r["kernel"] not in NO_HALF_PRODUCTS and not r["mma"]:
             bad.append(f"{where}: no mma/wgmma instruction")
         main = all(D <= 128 and C <= 128 for D, C, _ in cfgs)
         if main and r["arch"] in SPILL_ARCHS and (r["stack"] or 0) > MAX_STACK:
@@ -307,10 +328,14 @@ def _has_nvidia_backend():
 
 @pytest.mark.skipif(not _has_nvidia_backend(), reason="Triton without its NVIDIA backend (ptxas, cuobjdump)")
 def test_main_configs_compile_within_budget():
-    results = run_jobs(jobs_for(CI, (80, 90), full=False))
+    results = run_jobs(jobs_for(CI, (80, 90), full=False, lean_configs=CI))
     print("\n" + table(results))
-    # five kernels padded, the four with a long axis packed too, two architectures at least
-    assert len(results) >= 9 * 2
+    # five kernels padded, the four with a long axis packed too, two architectures at least;
+    # the lean path's seven kernels (landmarks forward and backward in both layouts)
+    assert len(results) >= (9 + 9) * 2
+    lean = {"_landmarks_fwd_kernel", "_landmarks_bwd_kernel", "_proposal_kernel", "_stats_kernel",
+            "_small_bwd_rows_kernel", "_small_bwd_cols_kernel", "_mixed_bwd_kernel"}
+    assert lean <= {r["kernel"] for r, _, _ in results}
     assert {layout_of(consts) for _, _, consts in results} == set(LAYOUTS)
     bad = problems(results)
     assert not bad, "\n".join(bad)
@@ -325,6 +350,11 @@ def test_grids_use_axis_0_only():
             assert len(grid) == 1 and 1 <= grid[0] < 2 ** 31, (kernel, grid)
             least = -(-7000 * 10 * C // 16) if kernel.__name__ == "_key_combine_kernel" else 7000 * 10
             assert grid[0] >= least, (kernel, grid)   # every (b, h) has its programs, on axis 0
+        # the lean path's launches (its landmarks, small kernels and split passes)
+        rec = capture(C, D, D, torch.bfloat16, B=7000, H=10, L=300, passes=("lean",))
+        assert len(rec) == 3 * ((6 + 7) + (5 + 5))   # mixed-optimal and segment-balance, per layout
+        for kernel, grid, _, _ in rec:
+            assert len(grid) == 1 and 7000 * 10 <= grid[0] < 2 ** 31, (kernel, grid)
 
 
 def test_packed_launches_cover_max_seqlen():

@@ -220,10 +220,12 @@ def _landmarks_bwd_kernel(
 
 def blocks(C, D, bwd=False):
     """(BLOCK_L, BLOCK_C, BLOCK_DC, N_DC, num_warps): the C x chunk accumulator of the
-    forward stays at 8192 float32 (C = 256: chunks of 32)."""
+    forward stays at 8192 float32 (C = 256: chunks of 32); rows in blocks of 32 once it
+    passes 2048 (sm_90, C = D = 64, bf16: 64 rows spill 536 bytes, 32 rows none; AOT
+    check)."""
     BLOCK_C = _common.pow2(C)
     BLOCK_DC = min(_common.pow2(D), max(16, 8192 // BLOCK_C), 64)
-    BLOCK_L = 64 if bwd or BLOCK_C <= 64 else 32
+    BLOCK_L = 64 if bwd or BLOCK_C * BLOCK_DC <= 2048 else 32
     num_warps = 4 if BLOCK_C * BLOCK_DC <= 4096 else 8
     return BLOCK_L, BLOCK_C, BLOCK_DC, _common.cdiv(D, BLOCK_DC), num_warps
 
