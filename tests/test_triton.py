@@ -60,12 +60,10 @@ interp = pytest.mark.skipif(
 
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
-    """Every kernel-written buffer starts as NaN (integer ones, such as the lean path's
-    c_eff, as the most negative value, which no kernel could take for a count)."""
+    """Every kernel-written buffer starts as NaN."""
 
     def nan_empty(shape, dtype, device):
-        fill = float("nan") if dtype.is_floating_point else torch.iinfo(dtype).min
-        return torch.full(tuple(shape), fill, dtype=dtype, device=device)
+        return torch.full(tuple(shape), float("nan"), dtype=dtype, device=device)
 
     monkeypatch.setattr(_common, "empty", nan_empty)
 
