@@ -57,10 +57,17 @@ def applies(q, options) -> bool:
             and not torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling())
 
 
-def _kernels():
-    from .triton_kernels import key_pass, landmarks, query_pass, small
+_KERNELS = None
 
-    return key_pass, landmarks, query_pass, small
+
+def _kernels():
+    """(key_pass, landmarks, query_pass, small), imported on first use (Triton optional)."""
+    global _KERNELS
+    if _KERNELS is None:
+        from .triton_kernels import key_pass, landmarks, query_pass, small
+
+        _KERNELS = key_pass, landmarks, query_pass, small
+    return _KERNELS
 
 
 def _sizes(q, k, v, cu_q, max_q, max_k, num_samples):

@@ -48,6 +48,9 @@ Backward (docs/design.md, "Backward"): the same grid recomputes the C x M tiles 
 w, k, v and Z and writes dk, dv of every key block directly in the input dtype (each key
 block belongs to one program: no per-sample-block partials) and dw per split
 ((S, B*H*C, D) float32, summed by one torch op; deterministic, no atomics).
+``key_pass_split`` and ``key_pass_bwd_split`` are the launches alone, partials not
+combined or summed: the lean path (lara_kernels/_whole_triton.py) combines and sums
+them inside its small kernels (triton_kernels/small.py, ``combine_rows``).
 E_c = dZ_c - dkap_c . kap_c is formed in the kernel. Traffic: k, v read once, dk, dv
 written once (the floor); w, dkap, kap, Z, dZ (C-sized) once per program.
 """
@@ -333,7 +336,9 @@ def _pad_arg(padding, ref):
 
 
 def _f32(x):
-    return x.to(torch.float32).contiguous()   # C-sized; no copy when already so
+    if x.dtype == torch.float32 and x.is_contiguous():   # C-sized; no copy (nor op call) when already so
+        return x
+    return x.to(torch.float32).contiguous()
 
 
 def key_pass_split(w, k, v, padding, ss, subtract_norm, cu_seqlens=None, max_seqlen=0, *, block_m=None,

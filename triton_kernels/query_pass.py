@@ -36,7 +36,8 @@ Backward (docs/design.md, "Backward"): program (bh, j, s) recomputes the N x C t
 blocks of split s and produces chunk j of the head dims: dq[:, chunk j], and the
 per-split partials of dw, dqt (D chunk j), dkap (Dv chunk j) and, for j = 0, the
 C-sized ones (dbias, dbh, dLam), all in one (S, B*H*C, width) float32 buffer summed by
-one torch op (deterministic). With one chunk (D, Dv <= the chunk size: 64 for C <= 64)
+one torch op (deterministic; ``query_pass_bwd_split`` is the launch alone, whose
+partials the lean path sums in triton_kernels/small.py). With one chunk (D, Dv <= the chunk size: 64 for C <= 64)
 q and dy are read once and dq written once (the floor); with NJ chunks the N x C logits
 are recomputed once per chunk and q, dy read NJ times, which keeps the register
 accumulators at C x chunk. S comes from the occupancy (BWD_PER_SM programs per SM).
@@ -327,7 +328,9 @@ def _pad_arg(padding, ref):
 
 
 def _small(x):
-    return x.to(torch.float32).contiguous()   # C-sized; no copy when already so
+    if x.dtype == torch.float32 and x.is_contiguous():   # C-sized; no copy (nor op call) when already so
+        return x
+    return x.to(torch.float32).contiguous()
 
 
 def _prepare(w, bias, kap, c_eff, qt, lam, bh, dev):
@@ -335,7 +338,9 @@ def _prepare(w, bias, kap, c_eff, qt, lam, bh, dev):
     qt, lam, bh are stand-in pointers the kernel never reads."""
     w, bias, kap = _small(w), _small(bias), _small(kap)
     qt, lam, bh = (_small(qt), _small(lam), _small(bh)) if qt is not None else (w, bias, bias)
-    return w, bias, kap, c_eff.to(device=dev, dtype=torch.int64).contiguous(), qt, lam, bh
+    if not (c_eff.dtype == torch.int64 and c_eff.device == dev and c_eff.is_contiguous()):
+        c_eff = c_eff.to(device=dev, dtype=torch.int64).contiguous()
+    return w, bias, kap, c_eff, qt, lam, bh
 
 
 def query_pass_fwd(q, w, bias, kap, c_eff, padding, ss, qt=None, lam=None, bh=None, beta=0.0, cu_seqlens=None,
