@@ -176,6 +176,19 @@ def test_equals_pipeline_float32(case, monkeypatch):
         _check(name, a, b, PIPE_TOL[torch.float32])
 
 
+def test_strided_inputs():
+    """q, k, v as (B, N, H, D) tensors seen as (B, H, N, D) (no copy): the kernels take the
+    strides; the gradients come back in the inputs' shape."""
+    q, k, v, eps, opts = _inputs(CASES[1], torch.float32)
+    q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
+    assert not q.is_contiguous()
+    y, grads, fn = _grads(_whole_triton.lara, q, k, v, eps, opts)
+    assert type(fn).__name__ == "_WholeTritonBackward"
+    y0, grads0, _ = _grads(_pipeline_call, q, k, v, eps, opts)
+    for name, a, b in zip(("y", "dq", "dk", "dv"), (y,) + grads, (y0,) + grads0):
+        _check(name, a, b, PIPE_TOL[torch.float32])
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
 @pytest.mark.parametrize("case", CASES[:2], ids=[c[0] for c in CASES[:2]])
 def test_equals_pipeline_half(case, dtype):
