@@ -122,3 +122,11 @@ def runs_with_padded_fill(backend, fills, N=30, M=26, C=5, H=2):
         y = lara_attention(*ls, num_samples=C, backend=backend, **masks)
         outs.append((y, torch.autograd.grad(y, ls, dy)))
     return outs, qpm
+
+
+def poisoned_empty(shape, dtype, device):
+    """A stand-in for ``triton_kernels._common.empty`` in tests: floating buffers full of
+    NaN, integer ones (c_eff) of the most negative value, so that any element a kernel
+    leaves unwritten shows up in the result."""
+    fill = float("nan") if dtype.is_floating_point else torch.iinfo(dtype).min
+    return torch.full(tuple(shape), fill, dtype=dtype, device=device)

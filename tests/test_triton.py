@@ -40,7 +40,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 import rounding  # noqa: E402
-from helpers import compare_to_reference, make_case, padding_mask, rel_rms, run, runs_with_padded_fill  # noqa: E402,E501
+from helpers import poisoned_empty, compare_to_reference, make_case, padding_mask, rel_rms, run, runs_with_padded_fill  # noqa: E402,E501
 from lara_kernels import _passes_torch, _pipeline, dispatch, lara_attention, rfa_attention  # noqa: E402
 from lara_kernels import _triton_backend as tb  # noqa: E402
 from lara_kernels.triton_kernels import _common  # noqa: E402
@@ -62,10 +62,7 @@ interp = pytest.mark.skipif(
 def poison(monkeypatch):
     """Every kernel-written buffer starts as NaN."""
 
-    def nan_empty(shape, dtype, device):
-        return torch.full(tuple(shape), float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(_common, "empty", nan_empty)
+    monkeypatch.setattr(_common, "empty", poisoned_empty)
 
 
 def test_poison_is_active():

@@ -41,7 +41,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 import rounding  # noqa: E402
-from helpers import rel_rms  # noqa: E402
+from helpers import poisoned_empty, rel_rms  # noqa: E402
 from test_triton import EMULATION_FLOOR, FWD_TOL, GRAD_TOL, K_EMULATION  # noqa: E402
 from lara_kernels import _passes_torch  # noqa: E402
 from lara_kernels.triton_kernels import _common  # noqa: E402
@@ -67,10 +67,7 @@ LENGTHS = {
 def poison(monkeypatch):
     """Every kernel-written buffer starts as NaN."""
 
-    def nan_empty(shape, dtype, device):
-        return torch.full(tuple(shape), float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(_common, "empty", nan_empty)
+    monkeypatch.setattr(_common, "empty", poisoned_empty)
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -25,7 +25,7 @@ import os
 import pytest
 import torch
 
-from helpers import rel_rms
+from helpers import poisoned_empty, rel_rms
 from lara_kernels import api, dispatch, lara_attention, lara_attention_varlen, rfa_attention, rfa_attention_varlen
 from lara_kernels import _ops
 
@@ -68,8 +68,7 @@ def poison_outputs(monkeypatch):
     try:
         from lara_kernels.triton_kernels import _common
 
-        monkeypatch.setattr(_common, "empty", lambda shape, dtype, device: torch.full(
-            shape, float("nan"), dtype=dtype, device=device))
+        monkeypatch.setattr(_common, "empty", poisoned_empty)
     except ImportError:
         pass
     yield
