@@ -268,5 +268,7 @@ TORCH_LIBRARY_IMPL(lara_kernels, CUDA, m) {
   m.impl("key_pass_bwd", &lara::key_pass_bwd_cuda);
   m.impl("query_pass_fwd", &lara::query_pass_fwd_cuda);
   m.impl("query_pass_bwd", &lara::query_pass_bwd_cuda);
+  m.impl("lara_fwd", &lara::lara_fwd_cuda);
+  m.impl("lara_bwd", &lara::lara_bwd_cuda);
 }
 #endif

@@ -130,7 +130,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> query_pass_bw
 #endif
 
 // ---------------------------------------------------------------------------------
-// The whole LARA computation in one op per direction, CPU only (csrc/cpu/fused.cpp): what
+// The whole LARA computation in one op per direction (CPU: csrc/cpu/fused.cpp; CUDA below): what
 // lara_kernels/_pipeline.py's lara_forward computes from q, k, v (either layout, masks,
 // grouped-query k and v with H_kv dividing H), eps (B, H, num_samples, D) or none, given
 // landmarks (B, H, num_samples, D) or none; proposal 0 segment, 1 mixed, 2 attend;
@@ -150,6 +150,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lara_bwd_cpu(
     const OptTensor& q_landmarks, const OptTensor& k_landmarks, const OptTensor& query_padding,
     const OptTensor& key_padding, int64_t num_samples, int64_t proposal, int64_t weighting, double beta, double ss,
     const OptTensor& cu_seqlens_q, const OptTensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k);
+
+#ifdef LARA_WITH_CUDA
+// The same two ops for CUDA tensors (csrc/cuda/fused_cuda.cpp): same schema, outputs and
+// state layout, no host-device synchronization (every count that depends on the masks or
+// offsets is found on the device), all work in the library's own kernels.
+std::tuple<Tensor, Tensor> lara_fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& eps,
+                                         const OptTensor& q_landmarks, const OptTensor& k_landmarks,
+                                         const OptTensor& query_padding, const OptTensor& key_padding,
+                                         int64_t num_samples, int64_t proposal, int64_t weighting, double beta,
+                                         double ss, const OptTensor& cu_seqlens_q, const OptTensor& cu_seqlens_k,
+                                         int64_t max_seqlen_q, int64_t max_seqlen_k);
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lara_bwd_cuda(
+    const Tensor& dy, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& state,
+    const OptTensor& q_landmarks, const OptTensor& k_landmarks, const OptTensor& query_padding,
+    const OptTensor& key_padding, int64_t num_samples, int64_t proposal, int64_t weighting, double beta, double ss,
+    const OptTensor& cu_seqlens_q, const OptTensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k);
+#endif
 
 // Shared argument checks of the passes (csrc/lara_ops.cpp): shapes, dtypes, devices, and
 // D, Dv, C in [1, max_pass_dim(device of the inputs)]. Each names the op, the argument and

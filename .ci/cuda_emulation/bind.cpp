@@ -25,6 +25,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("num_segments"), cu, ml);
   m.def("landmarks_backward", &lara::landmarks_backward_cuda, py::arg("grad"), py::arg("padding"), py::arg("c_eff"),
         py::arg("length"), py::arg("dtype"), cu, ml);
+  // the whole-op path (csrc/cuda/fused_cuda.cpp), positional like the schema
+  m.def("lara_fwd", &lara::lara_fwd_cuda);
+  m.def("lara_bwd", &lara::lara_bwd_cuda);
   // test mode of the emulated ops (lara_ops.h, new_output): outputs and scratch start as NaN
   m.def("set_poison_outputs", &lara::set_poison_outputs);
   m.def("set_device", [](int sms, int optin) { emu::sms = sms; emu::optin = optin; });

@@ -27,7 +27,8 @@ def build(repo: pathlib.Path, build_dir: pathlib.Path):
     return load(
         name="lara_cuda_emu",
         sources=[str(gen / "cuda/key_pass_kernel_emu.cpp"), str(gen / "cuda/query_pass_kernel_emu.cpp"),
-                 str(gen / "cuda/landmarks_kernel_emu.cpp"), str(gen / "cuda/passes_cuda.cpp"),
+                 str(gen / "cuda/landmarks_kernel_emu.cpp"), str(gen / "cuda/fused_kernel_emu.cpp"),
+                 str(gen / "cuda/passes_cuda.cpp"), str(gen / "cuda/fused_cuda.cpp"),
                  str(gen / "cuda/landmarks_cuda.cpp"), str(gen / "lara_ops_checks.cpp"),
                  str(HERE / "emu_runtime.cpp"), str(HERE / "bind.cpp")],
         extra_include_paths=[str(HERE / "stubs"), str(HERE), str(gen), cuda_include()],

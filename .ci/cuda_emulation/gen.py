@@ -22,7 +22,8 @@ def generate(repo: pathlib.Path, out: pathlib.Path) -> None:
     assert "#if defined(__CUDACC__)" in h, "passes_kernel.h: device branch marker not found"
     write("cuda/passes_kernel.h", '#include "emu.h"\n' + h.replace("#if defined(__CUDACC__)", "#if 1"))
     write("cuda/landmarks_kernel.h", (src / "cuda/landmarks_kernel.h").read_text())
-    for f in ["key_pass_kernel.cu", "query_pass_kernel.cu", "landmarks_kernel.cu"]:
+    write("cuda/fused_kernel.h", (src / "cuda/fused_kernel.h").read_text())
+    for f in ["key_pass_kernel.cu", "query_pass_kernel.cu", "landmarks_kernel.cu", "fused_kernel.cu"]:
         s = (src / "cuda" / f).read_text()
         s, n = re.subn(r"(\w+)<<<", r"emu_launch(\1, ", s)
         assert n > 0, f"{f}: no kernel launch found"
@@ -36,6 +37,9 @@ def generate(repo: pathlib.Path, out: pathlib.Path) -> None:
         assert f"TORCH_CHECK({t}.is_cuda()" in b, f"landmarks_cuda.cpp: {t}.is_cuda() check not found"
         b = b.replace(f"TORCH_CHECK({t}.is_cuda()", f"TORCH_CHECK(true || {t}.is_cuda()")
     write("cuda/landmarks_cuda.cpp", b)
+    b = (src / "cuda/fused_cuda.cpp").read_text()
+    assert "TORCH_CHECK(t.is_cuda()" in b, "fused_cuda.cpp: is_cuda() check not found"
+    write("cuda/fused_cuda.cpp", b.replace("TORCH_CHECK(t.is_cuda()", "TORCH_CHECK(true || t.is_cuda()"))
     ops = (src / "lara_ops.cpp").read_text()
     write("lara_ops_checks.cpp", ops[: ops.index("TORCH_LIBRARY(lara_kernels")])
     write("lara_ops.h", (src / "lara_ops.h").read_text())

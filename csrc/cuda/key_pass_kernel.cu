@@ -95,7 +95,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t n_tiles = cdiv(M, kKeyTile);
   const int64_t t0 = s * plan.tiles_per_split;
   const int64_t t1 = t0 + plan.tiles_per_split < n_tiles ? t0 + plan.tiles_per_split : n_tiles;
-  if (t0 >= t1) {  // no key of b in this split (packed layout; M = 0): the neutral partial, nothing read
+  const bool dead = p.live != nullptr && p.live[b] == 0;  // b taken as having no key
+  if (t0 >= t1 || dead) {  // no key of b in this split (packed layout; M = 0): the neutral partial, nothing read
     const int rows = C - c0 < CB ? static_cast<int>(C - c0) : CB;
     const int64_t row0 = (s * BH + bh) * C + c0;
     for (int r = threadIdx.x; r < rows; r += kThreads) {
@@ -266,7 +267,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t n_tiles = cdiv(M, kKeyTile);
   const int64_t t0 = s * plan.tiles_per_split;
   const int64_t t1 = t0 + plan.tiles_per_split < n_tiles ? t0 + plan.tiles_per_split : n_tiles;
-  if (t0 >= t1) {  // no key of b in this split (packed layout; M = 0): a zero partial, nothing read
+  const bool dead = p.live != nullptr && p.live[b] == 0;  // b taken as having no key
+  if (t0 >= t1 || dead) {  // no key of b in this split (packed layout; M = 0): a zero partial, nothing read
     const int rows = C - c0 < CB ? static_cast<int>(C - c0) : CB;
     A* out = dw_part + ((s * BH + bh) * C + c0) * D;
     for (int64_t i = threadIdx.x; i < static_cast<int64_t>(rows) * D; i += kThreads) out[i] = A(0);
@@ -421,6 +423,7 @@ __global__ void __launch_bounds__(kThreads)
   const SeqRows seq = seq_rows(p.cu, b, p.M);  // the keys of b
   const int64_t M = seq.len;
   if (m0 >= M) return;  // past the sequence's end (packed layout): the whole block, before any barrier
+  const bool dead = p.live != nullptr && p.live[b] == 0;  // b taken as having no key: zero dk, dv
 
   A* ks = smem_base<A>();              // [BM][KS] kh of the tile
   A* vs = ks + BM * KS;                // [BM][VS] v of the tile (when has_v)
@@ -447,7 +450,7 @@ __global__ void __launch_bounds__(kThreads)
     if (lane == 0) {
       const int64_t m = m0 + r;
       knorm[r] = part;
-      kval[r] = (m < M && !padded(p.pad, p.sp[0], p.sp[1], b, m)) ? A(1) : A(0);
+      kval[r] = (m < M && !dead && !padded(p.pad, p.sp[0], p.sp[1], b, m)) ? A(1) : A(0);
     }
   }
 

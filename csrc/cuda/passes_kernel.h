@@ -48,6 +48,10 @@ struct KeyPassProblem {
   int64_t B = 0, H = 0, C = 0, M = 0, D = 0, Dv = 0;
   double ss = 1.0;
   bool subtract_norm = false;
+  // (B,) or null: an element b with live[b] == 0 is treated as having no valid key (its
+  // rows get the neutral partial (-inf, 0, 0), dk = dv = 0 and dw = 0, nothing is read);
+  // the whole-op path (fused_cuda.cpp) passes it for elements dropped by their masks.
+  const int64_t* live = nullptr;
 };
 
 // Splits of the long axis for the forward (backward = false) or the dw kernel of the
@@ -118,12 +122,15 @@ struct QueryPassProblem {
   const void* bias = nullptr;     // (B, H, C) acc
   const void* kap = nullptr;      // (B, H, C, Dv) acc
   const int64_t* c_eff = nullptr; // (B,), clamped to [0, C] by the kernels; 0: the rows of b give
-                                  // y = 0, dq = 0 and add nothing to the sums (no key to attend)
+                                  // y = 0, dq = 0 and add nothing to the sums (no key to attend).
+                                  // null: C in the padded layout, min(C, queries, keys of b) in
+                                  // the packed one (from cu and cu_k; active_samples)
   const void* qt = nullptr;       // (B, H, C, D) acc; null: no MIS term (lam, bh unused)
   const void* lam = nullptr;      // (B, H, C) acc
   const void* bh = nullptr;       // (B, H, C) acc
   const bool* pad = nullptr;      // (B, N), strides sp, true = padding; null: none
   const int32_t* cu = nullptr;    // packed layout: (B + 1) offsets; N is then max_seqlen. null: padded
+  const int32_t* cu_k = nullptr;  // packed layout without c_eff: the keys' offsets (B + 1)
   int64_t sq[4] = {0, 0, 0, 0};
   int64_t sp[2] = {0, 0};
   int64_t B = 0, H = 0, N = 0, C = 0, D = 0, Dv = 0;
@@ -224,6 +231,20 @@ __device__ __forceinline__ SeqRows seq_rows(const int32_t* cu, int64_t b, int64_
   if (cu == nullptr) return {0, L};
   const int64_t first = cu[b];
   return {first, static_cast<int64_t>(cu[b + 1]) - first};
+}
+
+// The active samples of batch element b in the query pass: c_eff[b] clamped to [0, C];
+// without c_eff, C in the padded layout and min(C, queries, keys of b) in the packed one.
+__device__ __forceinline__ int64_t active_samples(const QueryPassProblem& p, int64_t b) {
+  int64_t ce = p.C;
+  if (p.c_eff != nullptr) {
+    ce = p.c_eff[b];
+  } else if (p.cu != nullptr && p.cu_k != nullptr) {
+    const int64_t n = static_cast<int64_t>(p.cu[b + 1]) - p.cu[b], m = static_cast<int64_t>(p.cu_k[b + 1]) - p.cu_k[b];
+    ce = n < m ? n : m;
+    ce = ce < p.C ? ce : p.C;
+  }
+  return ce < 0 ? 0 : (ce > p.C ? p.C : ce);
 }
 
 // The block's dynamic shared memory (one declaration for every kernel of a file).

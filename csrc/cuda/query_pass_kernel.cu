@@ -239,8 +239,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t N = seq.len;
   if (n0 >= N) return;  // past the sequence's end (packed layout): the whole block, before any barrier
   T* yg = y + b * sy.s[0] + h * sy.s[1] + seq.first * sy.s[2];
-  int64_t ce64 = p.c_eff[b];
-  ce64 = ce64 < 0 ? 0 : (ce64 > p.C ? p.C : ce64);
+  const int64_t ce64 = active_samples(p, b);
   if (ce64 == 0) {  // no active sample (b has no key): y = 0 on the tile's rows, nothing else read
     for (int r = warp; r < BN; r += kWarps) {
       const int64_t n = n0 + r;
@@ -401,8 +400,7 @@ __global__ void __launch_bounds__(kThreads)
   A* dkaps = dqts + (mis ? group * D : 0);                        // [group][Dv] of dkap, over all tiles
   for (int i = threadIdx.x; i < group * (D * (mis ? 2 : 1) + Dv); i += kThreads) dws[i] = A(0);
 
-  int64_t ce64 = p.c_eff[b];
-  ce64 = ce64 < 0 ? 0 : (ce64 > C ? C : ce64);
+  const int64_t ce64 = active_samples(p, b);
   const int ce = static_cast<int>(ce64);
   SampleConsts<A, NC> k;
   k.load(p, bh);
