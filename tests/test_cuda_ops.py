@@ -836,3 +836,172 @@ def test_cuda_ops_packed_capture_in_cuda_graph():
     eager = all_ops_packed(fresh, 64)
     for i, (a, b) in enumerate(zip(outs, eager)):
         assert torch.equal(a, b), f"result {i}: the replay differs from the eager call"
+
+
+# ----------------------------------------------------------------------------- the whole op
+#
+# lara_fwd / lara_bwd on CUDA tensors (csrc/cuda/fused_cuda.cpp) against the CPU ops of the
+# same schema (csrc/cpu/fused.cpp) on the same inputs: y, the state (every C-sized result the
+# backward keeps, in the CPU op's layout) and every gradient (dq, dk, dv, and the given
+# landmarks'). The CPU op is run in float64 on the inputs rounded to the tested dtype (the
+# reference) and in float32 (its error sets the bound, ``bound`` above): float64 cases are
+# held to TOL64 against the CPU op itself; float32 to 4 x the CPU op's own float32 error +
+# 1e-5; float16/bfloat16 results (y, dq, dk, dv, the landmarks' gradients) to that plus
+# twice the rounding of the float64 result to the dtype (one rounding of each output, and
+# dq, dk are sums of two or three pass results rounded each, as in the CPU op). Entries of
+# the state that are -inf in the reference (Z of a sequence without keys, lam of one
+# without queries, and the biases made from them) must be -inf. Padded rows of q, k, v and
+# dy hold NaN (never read); outputs are NaN-poisoned (the emulation's test mode), so an
+# element no kernel writes fails the finiteness check.
+
+WHOLE = [
+    # name, dims (B, H, H_kv, N, M, D, Dv, num_samples), proposal, weighting, eps,
+    # masks ("" none, "q", "k", "qk"; "drop": element 1 has every key padded), given landmarks,
+    # packed (query lengths, key lengths, extra max_seqlen) or None, strided
+    ("default", (2, 2, 2, 13, 11, 8, 5, 4), 0, 0, True, "", False, None, False),
+    ("masks-drop", (3, 2, 2, 12, 10, 8, 6, 4), 0, 0, True, "qk-drop", False, None, True),
+    ("mixed-balance-kmask", (2, 2, 2, 9, 14, 16, 8, 5), 1, 1, False, "k", False, None, False),
+    ("attend-gqa-qmask", (2, 4, 2, 11, 9, 8, 8, 3), 2, 0, True, "q", False, None, True),
+    ("given-mixed-gqa-drop", (3, 4, 2, 10, 12, 8, 4, 4), 1, 0, True, "qk-drop", True, None, False),
+    ("C>N", (2, 2, 1, 5, 9, 8, 4, 20), 0, 1, True, "", False, None, True),
+    ("attend-balance-C>M-drop", (3, 2, 2, 9, 6, 8, 8, 8), 2, 1, False, "k-drop", False, None, False),
+    ("packed", (4, 2, 2, 0, 0, 8, 6, 4), 0, 0, True, "", False, ((0, 7, 9, 3), (5, 6, 0, 8), 2), True),
+    ("packed-mixed-gqa-given", (4, 4, 2, 0, 0, 8, 4, 6), 1, 0, False, "", True, ((6, 0, 11, 4), (9, 3, 0, 7), 0), False),
+    ("packed-attend-gqa", (3, 4, 1, 0, 0, 16, 8, 5), 2, 0, True, "", False, ((9, 0, 12), (0, 7, 10), 1), True),
+]
+WHOLE_DTYPES = {  # float64 everywhere; float32 and one half dtype where named
+    "default": DTYPES, "masks-drop": (torch.float64, torch.float32, torch.float16),
+    "given-mixed-gqa-drop": (torch.float64, torch.float32), "packed": (torch.float64, torch.float32, torch.bfloat16),
+    "packed-attend-gqa": (torch.float64, torch.float32),
+}
+WHOLE_CASES = [(c, dt) for c in WHOLE for dt in WHOLE_DTYPES.get(c[0], (torch.float64,))]
+
+
+def whole_case(case, dtype, seed):
+    """The op's arguments (CPU tensors, inputs rounded to dtype) and dy."""
+    name, (B, H, Hkv, N, M, D, Dv, NS), prop, wt, with_eps, masks, given, packed, strided = case
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    qpm = kpm = cu_q = cu_k = None
+    max_q = max_k = 0
+    if packed is None:
+        q = long_input(g, B, H, N, D, dtype, strided, 0)
+        k = long_input(g, B, Hkv, M, D, dtype, strided, 1)
+        v = long_input(g, B, Hkv, M, Dv, dtype, strided, 2)
+        dy = long_input(g, B, H, N, Dv, dtype, strided, 1)
+        if "q" in masks:
+            qpm = make_padding(g, B, N)
+        if "k" in masks:
+            kpm = make_padding(g, B, M)
+        if "drop" in masks:
+            if kpm is None:
+                kpm = torch.zeros(B, M, dtype=torch.bool)
+            kpm[1] = True                         # element 1: no valid key, output and gradients 0
+        q, dy = fill_padded(q, qpm), fill_padded(dy, qpm)
+        k, v = fill_padded(k, kpm), fill_padded(v, kpm)
+    else:
+        lq, lk, extra = packed
+        q = packed_input(g, lq, H, D, dtype, strided, 0)
+        k = packed_input(g, lk, Hkv, D, dtype, strided, 1)
+        v = packed_input(g, lk, Hkv, Dv, dtype, strided, 2)
+        dy = packed_input(g, lq, H, Dv, dtype, strided, 0)
+        cu_q, cu_k, max_q, max_k = offsets(lq), offsets(lk), max(lq) + extra, max(lk) + extra
+    eps = r(B, H, NS, D).float() if with_eps else None
+    qlm = (0.7 * r(B, H, NS, D)).to(dtype) if given else None
+    klm = (0.7 * r(B, H, NS, D)).to(dtype) if given else None
+    args = [q, k, v, eps, qlm, klm, qpm, kpm, NS, prop, wt, 1.3, D ** -0.25, cu_q, cu_k, max_q, max_k]
+    return args, dy
+
+
+def run_whole(device, args, dy, dtype=None):
+    """(y, state, dq, dk, dv, dqlm, dklm) of lara_fwd / lara_bwd on device, the floating inputs
+    (q, k, v, landmarks, dy) in dtype if given; results on the CPU."""
+    def mv(i, t):
+        if t is None or not torch.is_tensor(t):
+            return t
+        if dtype is not None and t.is_floating_point() and i != 3:   # eps stays float32
+            t = t.to(dtype)
+        return to_dev(t, device)
+    a = [mv(i, t) for i, t in enumerate(args)]
+    dyd = mv(0, dy)
+    if device == "cuda":
+        poison_cache()
+    y, state = OPS.lara_fwd(*a)
+    if device == "cuda":
+        poison_cache()
+    grads = OPS.lara_bwd(dyd, a[0], a[1], a[2], state, *a[4:])
+    return [t.cpu() for t in (y, state, *grads)]
+
+
+def assert_state(out, ref64, ref32, ct):
+    """The state: -inf exactly where the reference has it, the rest as assert_close."""
+    assert out.dtype == ct and out.shape == ref64.shape, (out.dtype, out.shape, ref64.shape)
+    inf = torch.isinf(ref64)
+    assert bool((out[inf] == ref64[inf]).all()), "state: -inf entries differ"
+    assert_close("state", out[~inf], ref64[~inf], ref32[~inf], ct)
+
+
+WHOLE_NAMES = ("y", "state", "dq", "dk", "dv", "dq_landmarks", "dk_landmarks")
+
+
+@pytest.mark.parametrize("case,dtype", WHOLE_CASES, ids=lambda x: x[0] if isinstance(x, tuple) else str(x))
+def test_lara_whole_cuda(case, dtype):
+    i = WHOLE.index(case)
+    args, dy = whole_case(case, dtype, seed=70 + i)
+    out = run_whole("cuda", args, dy)
+    ref64 = run_whole("cpu", args, dy, torch.float64)
+    ref32 = ref64 if dtype == torch.float64 else run_whole("cpu", args, dy, torch.float32)
+    ct = ct_of(dtype)
+    assert_state(out[1], ref64[1], ref32[1], ct)
+    for name, o, r64, r32 in zip(WHOLE_NAMES, out, ref64, ref32):
+        if name == "state":
+            continue
+        if r64.numel() == 0:
+            assert o.numel() == 0, f"{name}: expected an empty tensor, got {tuple(o.shape)}"
+            continue
+        assert_close(name, o, r64, r32, dtype)
+    if dtype != torch.float64:  # the CPU op at dtype keeps the same bound (a check of the bound)
+        cpu = run_whole("cpu", args, dy)
+        for name, o, r64, r32 in zip(WHOLE_NAMES, cpu, ref64, ref32):
+            if r64.numel() and name != "state":
+                assert_close(f"cpu {name}", o, r64, r32, dtype)
+    masks = case[5]
+    if "drop" in masks:   # element 1: output and gradients exactly 0
+        for name, o in zip(WHOLE_NAMES, out):
+            if name != "state" and o.numel():
+                assert bool((o[1] == 0).all()), f"{name}: not 0 for the element without a valid key"
+
+
+def test_lara_whole_cuda_capture_in_cuda_graph():
+    # lara_fwd and lara_bwd read no value on the host (c_eff, the dropped elements and the
+    # packed lengths are found on the device): both are captured in one CUDA graph, and a
+    # replay on new inputs (new masks, one element newly without keys) gives the bits of an
+    # eager call
+    case = WHOLE[1]
+    args, dy = whole_case(case, torch.float32, seed=90)
+    args2, dy2 = whole_case(case, torch.float32, seed=91)
+    args2[7] = args2[7].clone()
+    args2[7][2] = True
+    def dev(a, d):
+        return [to_dev(t, "cuda") if torch.is_tensor(t) else t for t in a], to_dev(d, "cuda")
+    static, sdy = dev(args, dy)
+    def both(a, d):
+        y, state = OPS.lara_fwd(*a)
+        return [y, state, *OPS.lara_bwd(d, a[0], a[1], a[2], state, *a[4:])]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        both(static, sdy)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = both(static, sdy)
+    fresh, fdy = dev(args2, dy2)
+    for s, f in zip(static + [sdy], fresh + [fdy]):
+        if torch.is_tensor(s):
+            s.copy_(f)
+    graph.replay()
+    torch.cuda.synchronize()
+    eager = both(fresh, fdy)
+    for i, (a, b) in enumerate(zip(outs, eager)):
+        assert torch.equal(a.nan_to_num(), b.nan_to_num()), f"result {i}: the replay differs from the eager call"

@@ -261,8 +261,10 @@ MaskScratch prepare_masks(const char* op, Setup& s, const OptTensor& qpm, const 
   MaskScratch ms;
   if (!s.masked) return ms;
   const int64_t B = s.B, nq = qpm.has_value() ? B * s.N : 0, nk = kpm.has_value() ? B * s.M : 0;
-  ms.counts = new_output({4 * B}, q.options().dtype(at::kLong));
-  ms.tables = new_output({2 * (nq + nk)}, q.options().dtype(at::kInt));
+  // integer scratch: at::empty (the test mode's NaN fill is for floating outputs); every
+  // entry the kernels read is written by the prep kernel
+  ms.counts = at::empty({4 * B}, q.options().dtype(at::kLong));
+  ms.tables = at::empty({2 * (nq + nk)}, q.options().dtype(at::kInt));
   int32_t* t = ms.tables.data_ptr<int32_t>();
   cuda::Elements& e = s.fp.e;
   e.counts = ms.counts.data_ptr<int64_t>();
