@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs the CUDA kernels (csrc/cuda/*.cu: passes and segment means, with their bindings) on the
+# Runs the CUDA kernels (csrc/cuda/*.cu: passes, segment means and the whole op's kernels, with
+# their bindings) on the
 # CPU, without a GPU, through tests/test_cuda_ops.py. CI runs the smoke subset (.ci/run);
 # --all by hand. Fails if any case fails.
 #
@@ -19,13 +20,15 @@
 # geometry and the math, against the float64 oracle and the CPU ops, for float32/float64/float16/bfloat16;
 # in the packed (varlen) layout, against the same emulated ops in the padded layout on each sequence
 # and the float64 eager passes (empty sequences, sequences without keys, key passes of 256 and 512
-# rows), with every output of the emulated ops NaN-filled before the kernels run (test mode).
+# rows), with every output of the emulated ops NaN-filled before the kernels run (test mode); the
+# whole op (lara_fwd / lara_bwd) against the CPU ops, its launch count per configuration, and
+# that it calls nothing of ATen but allocations (no compute op, no host synchronization).
 # What it does not: real GPU behaviour: warp scheduling and independent thread scheduling
 # within a warp, the GPU memory model and races the barrier emulation hides, performance,
 # register/shared-memory limits of a real device, and fast-math intrinsics (the emulation
 # uses exact libm; nvcc's --use_fast_math exp/log/division differ by a few ulp).
 #
-# Usage: .ci/cuda_emulation.sh            smoke subset (29 cases, ~8-11 minutes on 2 cores, plus the build)
+# Usage: .ci/cuda_emulation.sh            smoke subset (37 cases, ~9-12 minutes on 2 cores, plus the build)
 #        .ci/cuda_emulation.sh --all      every case (~15-20 minutes on 2 cores, plus the build)
 #        .ci/cuda_emulation.sh FILTER     cases whose name contains FILTER (e.g. key_pass, float64)
 #        .ci/cuda_emulation.sh --list     the case names (the smoke ones marked)

@@ -5,7 +5,7 @@ Usage (from .ci/cuda_emulation.sh): run_tests.py [--all | --list | FILTER]
   --all    every case of test_key_pass_cuda, test_query_pass_cuda, test_query_pass_cuda_dy_in_float32,
            test_landmarks_cuda, test_landmarks_cuda_clamps_c_eff, the packed-layout tests
            (test_key_pass_cuda_packed, test_query_pass_cuda_packed, test_landmarks_cuda_packed),
-           and the launch-limit cases below
+           test_lara_whole_cuda, and the cases of the emulation itself below
   --list   print the case names and exit
   FILTER   the cases whose name contains FILTER, e.g. "key_pass", "float64", "(2, 2, 1, 16"
 
@@ -23,6 +23,14 @@ y and z <= 65535):
   launch limits: grid x <= 3    the emulated device reports a grid x limit of 3 blocks, so
                                 the launchers split every grid into several launches; the
                                 results must still equal the oracle (three test cases)
+The whole op (lara_fwd / lara_bwd, csrc/cuda/fused_cuda.cpp): test_lara_whole_cuda against
+the CPU ops on every configuration of test_cuda_ops.WHOLE (smoke: SMOKE_WHOLE), and three
+cases of its own:
+  whole op: launches per configuration   the emulated launches of forward and backward, per
+                                         configuration (WHOLE_LAUNCHES; default forward <= 6)
+  whole op: allocations only             under a TorchDispatchMode, the op calls nothing of
+                                         ATen but allocations (no compute op, no sync)
+  whole op: no synchronizing call        a grep of its sources for .item(), .cpu(), .to(), ...
 And "query backward in sample groups": a device with little shared memory makes the query
 backward split C into groups (see query_pass_kernel.cu, bwd_group); "key pass in c blocks":
 the same makes the key forward and dw kernels fall back to several c blocks (key_pass_kernel.cu,
@@ -144,8 +152,11 @@ def whole_launches(T):
 # What the emulated whole op may call through the ATen dispatcher: allocations and the
 # metadata calls of the binding (no compute op, which would be a kernel launch of its own on
 # a GPU; no .item() / _local_scalar_dense, .cpu(), .to(), copy_, nonzero or anything else
-# that synchronizes with the host). Every configuration of WHOLE, forward and backward,
-# with the outputs not poisoned (the test mode fills them with at::full).
+# that synchronizes with the host). Forward and backward of four configurations that
+# between them take every branch of the binding (masks with a dropped element, given
+# landmarks, GQA, each proposal and weighting, the packed layout), with the outputs not
+# poisoned (the test mode fills them with at::full).
+WHOLE_ALLOC_CASES = ("masks-drop", "given-mixed-gqa-drop", "attend-balance-C>M-drop", "packed-attend-gqa")
 WHOLE_ALLOWED = {"aten.empty.memory_format", "aten.empty_strided.default", "aten.empty.default"}
 
 
@@ -164,7 +175,7 @@ def whole_op_allocates_only(T):
     E.set_poison_outputs(False)
     try:
         seen = set()
-        for case in T.WHOLE:
+        for case in (c for c in T.WHOLE if c[0] in WHOLE_ALLOC_CASES):
             args, dy = T.whole_case(case, torch.float32, seed=6)
             a = [T.to_dev(t, "cuda") if torch.is_tensor(t) else t for t in args]
             d = T.to_dev(dy, "cuda")
