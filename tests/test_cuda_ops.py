@@ -865,6 +865,7 @@ WHOLE = [
     ("attend-gqa-qmask", (2, 4, 2, 11, 9, 8, 8, 3), 2, 0, True, "q", False, None, True),
     ("given-mixed-gqa-drop", (3, 4, 2, 10, 12, 8, 4, 4), 1, 0, True, "qk-drop", True, None, False),
     ("C>N", (2, 2, 1, 5, 9, 8, 4, 20), 0, 1, True, "", False, None, True),
+    ("given-segment-gqa", (2, 4, 2, 9, 10, 8, 4, 3), 0, 0, True, "", True, None, True),
     ("attend-balance-C>M-drop", (3, 2, 2, 9, 6, 8, 8, 8), 2, 1, False, "k-drop", False, None, False),
     ("packed", (4, 2, 2, 0, 0, 8, 6, 4), 0, 0, True, "", False, ((0, 7, 9, 3), (5, 6, 0, 8), 2), True),
     ("packed-mixed-gqa-given", (4, 4, 2, 0, 0, 8, 4, 6), 1, 0, False, "", True, ((6, 0, 11, 4), (9, 3, 0, 7), 0), False),

@@ -125,11 +125,12 @@ SMOKE_WHOLE = {("default", torch.float64), ("masks-drop", torch.float32), ("give
 # change shows up here.
 WHOLE_LAUNCHES = {
     # case name: (forward, backward)
-    "default": (6, 8),               # segment, optimal, eps, padded, no mask
-    "masks-drop": (7, 9),            # + the mask prep kernel in each direction
-    "mixed-balance-kmask": (6, 7),   # balance: no normalizer (fwd 1, bwd 2 fewer); + prep
-    "attend-gqa-qmask": (8, 12),     # attend: its key pass (fwd 1, bwd 2 + 1 sum); + prep
-    "packed": (6, 8),
+    "default": (5, 8),               # segment, optimal, eps, padded, no mask (landmarks + proposal fused)
+    "masks-drop": (6, 9),            # + the mask prep kernel in each direction
+    "mixed-balance-kmask": (6, 7),   # mixed: its proposal kernel; balance: no normalizer (bwd 2 fewer); + prep
+    "attend-gqa-qmask": (8, 12),     # attend: its key pass and proposal kernel (bwd 2 + 1 sum); + prep
+    "packed": (5, 8),
+    "packed-attend-gqa": (7, 11),
 }
 
 

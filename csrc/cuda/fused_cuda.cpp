@@ -7,13 +7,14 @@
 //
 // Launches (fused_kernel.cu for the small kernels, the passes of key_pass_kernel.cu and
 // query_pass_kernel.cu called through their launchers, not the dispatcher), in order:
-//   forward:  [prep] landmarks(q, k) [attend key pass] proposal key-pass [normalizer]
+//   forward:  [prep] landmarks(q, k) [attend key pass] [proposal] key-pass [normalizer]
 //             weights query-pass
 //   backward: [prep] query-pass-bwd sums key-pass-bwd (2) [normalizer-bwd (2)] small-bwd
 //             [attend key-pass-bwd (2), attend-sum] final
 // ([prep]: padded layout with a mask; [normalizer]: optimal weighting; [attend ...]: the
-// attend proposal). The default call (segment, optimal, padded, no mask) is 6 launches
-// forward and 8 backward.
+// attend proposal; [proposal]: not for "segment" with H_kv = H or given k landmarks, whose
+// mu and w the landmarks launch writes). The default call (segment, optimal, padded, no
+// mask) is 5 launches forward and 8 backward.
 //
 // No host-device synchronization anywhere: nothing reads a tensor's values on the host.
 // Everything that depends on data (c_eff, the valid counts, the elements a mask drops) is
@@ -431,14 +432,16 @@ std::tuple<Tensor, Tensor> lara_fwd_cuda(const Tensor& q, const Tensor& k, const
   at::Tensor state = new_output({f.so.total}, opts);
 
   // 1. landmarks of q and k (scaled), or the given ones
+  // (segment with H_kv = H or given k landmarks: mu and w too, in the same launch)
   check_launch(op, cuda::fused_landmarks(f, long_of(q), long_of(k), small4_of(q_landmarks), small4_of(k_landmarks),
-                                         state.data_ptr(), stream));
+                                         small4_of(eps), state.data_ptr(), stream));
   // 2. proposal means ("attend": after its key pass, values k, no norm term), 3. samples
   KeyParts att;
   if (proposal == kAttend)
     att = key_forward(op, key_problem(s, field(state, f.so.qt), s.H, k, &k, key_padding, false, true), opts, stream);
-  check_launch(op, cuda::fused_proposal(f, small4_of(eps), parts(att.m, att.S), parts(att.l, att.S),
-                                        parts(att.acc, att.S), state.data_ptr(), stream));
+  if (!cuda::landmarks_fuse_proposal(f, k_landmarks.has_value()))
+    check_launch(op, cuda::fused_proposal(f, small4_of(eps), parts(att.m, att.S), parts(att.l, att.S),
+                                          parts(att.acc, att.S), state.data_ptr(), stream));
   // 4. key statistics, 5. query normalizer (split partials, combined by the weights kernel)
   const KeyParts kp =
       key_forward(op, key_problem(s, field(state, f.so.w), s.H, k, &v, key_padding, true, true), opts, stream);

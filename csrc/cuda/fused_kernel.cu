@@ -8,10 +8,12 @@
 //                     active samples) and the rank / order tables of the masked sides.
 //  landmarks_kernel   one warp per landmark row (b, h, c) of q and of k: reads the segment's
 //                     rows of q or k once (or row c of the given landmarks), writes qt / kt of
-//                     the state (kt to the G query heads of its key/value head).
-//  proposal_kernel    one warp per sample row: reads qt, kt (mixed: all C rows of kt; attend:
-//                     the attend key pass's partials of the row) and eps; writes mu, w (mixed:
-//                     the row of a; attend: Z_att, mean_k).
+//                     the state (kt to the G query heads of its key/value head). For the
+//                     segment proposal with H_kv = H (or given k landmarks) one warp computes
+//                     both rows c and writes mu and w too, and the proposal kernel is skipped.
+//  proposal_kernel    (unless fused above) one warp per sample row: reads qt, kt (mixed:
+//                     all C rows of kt; attend: the attend key pass's partials of the row)
+//                     and eps; writes mu, w (mixed: the row of a; attend: Z_att, mean_k).
 //  weights_kernel     one warp per sample row: reads the key pass's and the normalizer's
 //                     partials of the row, w_c and all C rows of mu; writes Z, kap, lam, rho,
 //                     log_den, bh and the bias.
@@ -210,31 +212,25 @@ __global__ void __launch_bounds__(kThreads)
 
 // ----------------------------------------------------------------------------- landmarks
 
+// Row c of the landmarks of element b, head h of one side (x = q or k, heads of x), scaled by
+// ss, into lanes' columns lane + 32 i: row c of the given landmarks lm, or the mean of the
+// positions of segment c (0 for c >= c_eff, and for a dropped element).
 template <typename T, typename A>
-__global__ void __launch_bounds__(kThreads)
-    landmarks_kernel(const FusedProblem p, const Long q, const Long k, const Small4 qlm, const Small4 klm, A* st,
-                     const int64_t block0) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+__device__ __forceinline__ void landmark_row(const FusedProblem& p, const Elem& el, bool side_k, const Long& x,
+                                             const Small4& lm, int64_t b, int64_t h, int64_t c, A (&out)[8]) {
   const Elements& e = p.e;
-  const int64_t C = e.C, H = p.H, D = p.D;
-  const int64_t task = (block0 + blockIdx.x) * kWarps + warp;
-  const int64_t rq = e.B * H * C, rk = e.B * (klm.p != nullptr ? H : p.Hkv) * C;
-  if (task >= rq + rk) return;  // no barrier in this kernel
-  const bool side_k = task >= rq;
-  const int64_t t = side_k ? task - rq : task;
-  const Small4& lm = side_k ? klm : qlm;
-  const int64_t heads = (side_k && lm.p == nullptr) ? p.Hkv : H;
-  const int64_t c = t % C, bh = t / C, b = bh / heads, h = bh % heads;
-  const Elem el = elem_of(e, b);
-  A* out = st + (side_k ? p.so.kt : p.so.qt);
+  const int lane = threadIdx.x & 31;
+  const int64_t D = p.D;
   const A ss = static_cast<A>(p.ss);
   if (lm.p != nullptr) {  // given: ss * row c; 0 for a dropped element (its inputs are zeroed)
-    A* o = out + ((b * H + h) * C + c) * D;
     const int64_t base = b * lm.s[0] + h * lm.s[1] + c * lm.s[2];
-    for (int64_t d = lane; d < D; d += 32) o[d] = el.dropped ? A(0) : ss * load_any<A>(lm.p, lm.dtype, base + d * lm.s[3]);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int64_t d = lane + 32 * i;
+      out[i] = (d < D && !el.dropped) ? ss * load_any<A>(lm.p, lm.dtype, base + d * lm.s[3]) : A(0);
+    }
     return;
   }
-  const Long& x = side_k ? k : q;
   const int64_t n = side_k ? el.nk : el.nq, L = side_k ? e.M : e.N, ce = el.ce;
   const int32_t* cu = side_k ? e.cu_k : e.cu_q;
   const int32_t* order = side_k ? e.order_k : e.order_q;
@@ -245,13 +241,64 @@ __global__ void __launch_bounds__(kThreads)
   }
   const A inv = p1 > p0 ? A(1) / static_cast<A>(p1 - p0) : A(0);
   const T* xb = static_cast<const T*>(x.p) + b * x.s[0] + h * x.s[1] + (cu != nullptr ? cu[b] : 0) * x.s[2];
-  const int64_t reps = side_k ? p.G : 1;
-  for (int64_t d = lane; d < D; d += 32) {
-    A s = A(0);
-    const T* xd = xb + d * x.s[3];
-    for (int64_t r = p0; r < p1; ++r) s += to_acc<A>(xd[(order != nullptr ? order[b * L + r] : r) * x.s[2]]);
-    const A v = s * inv * ss;
-    for (int64_t g = 0; g < reps; ++g) out[((b * H + h * reps + g) * C + c) * D + d] = v;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const int64_t d = lane + 32 * i;
+    A sum = A(0);
+    if (d < D) {
+      const T* xd = xb + d * x.s[3];
+      for (int64_t r = p0; r < p1; ++r) sum += to_acc<A>(xd[(order != nullptr ? order[b * L + r] : r) * x.s[2]]);
+    }
+    out[i] = sum * inv * ss;
+  }
+}
+
+// Separate landmarks (fuse = false): one warp per row of qt (B x H x C tasks) and of kt (B x
+// H_kv x C, each written to the G query heads of its key/value head; B x H x C when given).
+// Fused with the segment proposal (fuse = true: "segment" with H_kv = H or given k
+// landmarks): one warp per sample row computes qt_c and kt_c and writes qt, kt, mu = qt + kt
+// and w = mu + eps, so the proposal kernel does not run.
+template <typename T, typename A>
+__global__ void __launch_bounds__(kThreads)
+    landmarks_kernel(const FusedProblem p, const Long q, const Long k, const Small4 qlm, const Small4 klm,
+                     const Small4 eps, const bool fuse, A* st, const int64_t block0) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const Elements& e = p.e;
+  const int64_t C = e.C, H = p.H, D = p.D;
+  const int64_t task = (block0 + blockIdx.x) * kWarps + warp;
+  const int64_t rq = e.B * H * C, rk = fuse ? 0 : e.B * (klm.p != nullptr ? H : p.Hkv) * C;
+  if (task >= rq + rk) return;  // no barrier in this kernel
+  const bool side_k = task >= rq;
+  const int64_t t = side_k ? task - rq : task;
+  const int64_t heads = (side_k && klm.p == nullptr) ? p.Hkv : H;
+  const int64_t c = t % C, bh = t / C, b = bh / heads, h = bh % heads;
+  const Elem el = elem_of(e, b);
+  A x[8];
+  landmark_row<T, A>(p, el, side_k, side_k ? k : q, side_k ? klm : qlm, b, h, c, x);
+  if (!fuse) {
+    const int64_t reps = (side_k && klm.p == nullptr) ? p.G : 1;
+    A* out = st + (side_k ? p.so.kt : p.so.qt);
+    for (int64_t g = 0; g < reps; ++g) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const int64_t d = lane + 32 * i;
+        if (d < D) out[((b * H + h * reps + g) * C + c) * D + d] = x[i];
+      }
+    }
+    return;
+  }
+  A y[8];
+  landmark_row<T, A>(p, el, true, k, klm, b, h, c, y);  // H_kv = H here, or given
+  const int64_t row = t, eb = b * eps.s[0] + h * eps.s[1] + c * eps.s[2];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const int64_t d = lane + 32 * i;
+    if (d >= D) continue;
+    const A m = x[i] + y[i];
+    st[p.so.qt + row * D + d] = x[i];
+    st[p.so.kt + row * D + d] = y[i];
+    st[p.so.mu + row * D + d] = m;
+    st[p.so.w + row * D + d] = eps.p != nullptr ? m + load_any<A>(eps.p, eps.dtype, eb + d * eps.s[3]) : m;
   }
 }
 
@@ -718,11 +765,13 @@ cudaError_t run(Kernel kernel, int64_t blocks, size_t smem, cudaStream_t stream,
 bool is64(const FusedProblem& p) { return p.dtype == DType::kFloat64; }
 
 template <typename T>
-cudaError_t landmarks_t(const FusedProblem& p, Long q, Long k, Small4 qlm, Small4 klm, void* state,
+cudaError_t landmarks_t(const FusedProblem& p, Long q, Long k, Small4 qlm, Small4 klm, Small4 eps, void* state,
                         cudaStream_t stream) {
   using A = typename Acc<T>::type;
-  const int64_t tasks = p.e.B * p.e.C * (p.H + (klm.p != nullptr ? p.H : p.Hkv));
-  return run(landmarks_kernel<T, A>, cdiv(tasks, kWarps), 0, stream, p, q, k, qlm, klm, static_cast<A*>(state));
+  const bool fuse = landmarks_fuse_proposal(p, klm.p != nullptr);
+  const int64_t tasks = p.e.B * p.e.C * (p.H + (fuse ? 0 : (klm.p != nullptr ? p.H : p.Hkv)));
+  return run(landmarks_kernel<T, A>, cdiv(tasks, kWarps), 0, stream, p, q, k, qlm, klm, eps, fuse,
+             static_cast<A*>(state));
 }
 
 template <typename T>
@@ -749,14 +798,14 @@ cudaError_t fused_prep(const FusedProblem& p, Mask qm, Mask km, int64_t* counts,
              order_k);
 }
 
-cudaError_t fused_landmarks(const FusedProblem& p, Long q, Long k, Small4 qlm, Small4 klm, void* state,
+cudaError_t fused_landmarks(const FusedProblem& p, Long q, Long k, Small4 qlm, Small4 klm, Small4 eps, void* state,
                             cudaStream_t stream) {
   if (p.D > kMaxWidth) return cudaErrorInvalidValue;
   switch (p.dtype) {
-    case DType::kFloat64: return landmarks_t<double>(p, q, k, qlm, klm, state, stream);
-    case DType::kFloat32: return landmarks_t<float>(p, q, k, qlm, klm, state, stream);
-    case DType::kFloat16: return landmarks_t<__half>(p, q, k, qlm, klm, state, stream);
-    case DType::kBFloat16: return landmarks_t<__nv_bfloat16>(p, q, k, qlm, klm, state, stream);
+    case DType::kFloat64: return landmarks_t<double>(p, q, k, qlm, klm, eps, state, stream);
+    case DType::kFloat32: return landmarks_t<float>(p, q, k, qlm, klm, eps, state, stream);
+    case DType::kFloat16: return landmarks_t<__half>(p, q, k, qlm, klm, eps, state, stream);
+    case DType::kBFloat16: return landmarks_t<__nv_bfloat16>(p, q, k, qlm, klm, eps, state, stream);
   }
   return cudaErrorInvalidValue;
 }

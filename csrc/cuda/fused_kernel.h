@@ -90,8 +90,13 @@ cudaError_t fused_prep(const FusedProblem& p, Mask qm, Mask km, int64_t* counts,
 
 // qt and kt of the state (scaled by ss): segment means of q (H heads) and of k (H_kv heads,
 // written to the G query heads of each), or the given landmarks' first C rows; 0 for a
-// dropped element. One launch, one warp per output row.
-cudaError_t fused_landmarks(const FusedProblem& p, Long q, Long k, Small4 qlm, Small4 klm, void* state,
+// dropped element. One launch, one warp per output row. When landmarks_fuse_proposal, the
+// same launch writes mu = qt + kt and w = mu + eps (eps: (B, H, NS, D) or none) and
+// fused_proposal is not called.
+inline bool landmarks_fuse_proposal(const FusedProblem& p, bool k_landmarks_given) {
+  return p.proposal == kSegment && (p.G == 1 || k_landmarks_given);
+}
+cudaError_t fused_landmarks(const FusedProblem& p, Long q, Long k, Small4 qlm, Small4 klm, Small4 eps, void* state,
                             cudaStream_t stream);
 
 // mu and w of the state (and a for "mixed"; Z_att, mean_k for "attend", combined from the
