@@ -43,6 +43,10 @@
 // dk/dv block past the end exits (the rows it would cover belong to the next sequence,
 // whose own blocks write them). A sequence without keys so gets Z = -inf, kap = 0, dw = 0.
 //
+// An element with live[b] == 0 (KeyPassProblem::live; the whole op's elements dropped by
+// their masks) is taken as having no key: the forward and dw blocks write their neutral
+// partial, the dk/dv blocks write zero rows, and nothing of its rows enters any sum.
+//
 // Any number of rows C: grouped-query attention sends the G x C rows of the query heads
 // sharing a key/value head. The forward and dw kernels take them in groups and c blocks
 // (plan_rows: as many groups per block as the shared memory holds, the rest in further c
@@ -91,12 +95,11 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t s = blk % plan.splits, bh = blk / plan.splits;
   const int64_t b = bh / H, h = bh % H;
   const SeqRows seq = seq_rows(p.cu, b, p.M);  // the keys of b
-  const int64_t M = seq.len;
+  const int64_t M = (p.live != nullptr && p.live[b] == 0) ? 0 : seq.len;  // live[b] = 0: taken as no key
   const int64_t n_tiles = cdiv(M, kKeyTile);
   const int64_t t0 = s * plan.tiles_per_split;
   const int64_t t1 = t0 + plan.tiles_per_split < n_tiles ? t0 + plan.tiles_per_split : n_tiles;
-  const bool dead = p.live != nullptr && p.live[b] == 0;  // b taken as having no key
-  if (t0 >= t1 || dead) {  // no key of b in this split (packed layout; M = 0): the neutral partial, nothing read
+  if (t0 >= t1) {  // no key of b in this split (packed layout; M = 0): the neutral partial, nothing read
     const int rows = C - c0 < CB ? static_cast<int>(C - c0) : CB;
     const int64_t row0 = (s * BH + bh) * C + c0;
     for (int r = threadIdx.x; r < rows; r += kThreads) {
@@ -263,12 +266,11 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t s = blk % plan.splits, bh = blk / plan.splits;
   const int64_t b = bh / H, h = bh % H;
   const SeqRows seq = seq_rows(p.cu, b, p.M);  // the keys of b
-  const int64_t M = seq.len;
+  const int64_t M = (p.live != nullptr && p.live[b] == 0) ? 0 : seq.len;  // live[b] = 0: taken as no key
   const int64_t n_tiles = cdiv(M, kKeyTile);
   const int64_t t0 = s * plan.tiles_per_split;
   const int64_t t1 = t0 + plan.tiles_per_split < n_tiles ? t0 + plan.tiles_per_split : n_tiles;
-  const bool dead = p.live != nullptr && p.live[b] == 0;  // b taken as having no key
-  if (t0 >= t1 || dead) {  // no key of b in this split (packed layout; M = 0): a zero partial, nothing read
+  if (t0 >= t1) {  // no key of b in this split (packed layout; M = 0): a zero partial, nothing read
     const int rows = C - c0 < CB ? static_cast<int>(C - c0) : CB;
     A* out = dw_part + ((s * BH + bh) * C + c0) * D;
     for (int64_t i = threadIdx.x; i < static_cast<int64_t>(rows) * D; i += kThreads) out[i] = A(0);

@@ -31,7 +31,9 @@
 // A forward block past the end exits; a backward block walks only the tiles of its split
 // below the length (none: it writes zero partials). c_eff[b] = 0 (a sequence without keys,
 // either layout): y = 0 and dq = 0 on its rows, zero partials; its C-sized inputs (Z =
-// -inf in the bias) are never read.
+// -inf in the bias) are never read. Without c_eff (the whole op's padded layout without masks,
+// and its packed layout) the kernels take C, or min(C, queries, keys) of the sequence from
+// the two offsets (active_samples in passes_kernel.h).
 #include "passes_kernel.h"
 
 namespace lara {
