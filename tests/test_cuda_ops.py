@@ -866,6 +866,8 @@ WHOLE = [
     ("given-mixed-gqa-drop", (3, 4, 2, 10, 12, 8, 4, 4), 1, 0, True, "qk-drop", True, None, False),
     ("C>N", (2, 2, 1, 5, 9, 8, 4, 20), 0, 1, True, "", False, None, True),
     ("given-segment-gqa", (2, 4, 2, 9, 10, 8, 4, 3), 0, 0, True, "", True, None, True),
+    ("many-samples-wide", (2, 2, 1, 40, 37, 40, 36, 20), 0, 0, True, "qk", False, None, True),  # C, D, Dv > 32
+    ("mixed-wide-drop", (2, 2, 2, 35, 40, 40, 33, 12), 1, 0, True, "qk-drop", False, None, False),
     ("attend-balance-C>M-drop", (3, 2, 2, 9, 6, 8, 8, 8), 2, 1, False, "k-drop", False, None, False),
     ("packed", (4, 2, 2, 0, 0, 8, 6, 4), 0, 0, True, "", False, ((0, 7, 9, 3), (5, 6, 0, 8), 2), True),
     ("packed-mixed-gqa-given", (4, 4, 2, 0, 0, 8, 4, 6), 1, 0, False, "", True, ((6, 0, 11, 4), (9, 3, 0, 7), 0), False),
@@ -874,7 +876,7 @@ WHOLE = [
 WHOLE_DTYPES = {  # float64 everywhere; float32 and one half dtype where named
     "default": DTYPES, "masks-drop": (torch.float64, torch.float32, torch.float16),
     "given-mixed-gqa-drop": (torch.float64, torch.float32), "packed": (torch.float64, torch.float32, torch.bfloat16),
-    "packed-attend-gqa": (torch.float64, torch.float32),
+    "packed-attend-gqa": (torch.float64, torch.float32), "many-samples-wide": (torch.float64, torch.float32),
 }
 WHOLE_CASES = [(c, dt) for c in WHOLE for dt in WHOLE_DTYPES.get(c[0], (torch.float64,))]
 

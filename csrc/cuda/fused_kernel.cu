@@ -20,11 +20,12 @@
 // Backward:
 //  bwd_sums_kernel    one warp per sample row: sums the query pass's partials of the row
 //                     (dbias, dkap, dlam, dbh), writes them and E = dbias - dkap . kap.
-//  small_bwd_kernel   one block per (b, h): the backward of densities, weights, samples and
-//                     proposal means (fused.cpp's header has the formulas), recomputing g
-//                     from w and mu; reads the sums and the dw / dqt partials of the three
-//                     passes; writes gq, gk (and the attend key pass's dkap and E; for mixed
-//                     dmu and dA, scratch it reads back after a barrier).
+//  small_bwd_kernel   one block per (b, h, 8 sample rows), per (b, h) for mixed (whose
+//                     last two phases need all rows of dmu): the backward of densities,
+//                     weights, samples and proposal means (fused.cpp's header has the
+//                     formulas), recomputing g from w and mu; reads the sums and the dw / dqt
+//                     partials of the three passes; writes gq, gk (and the attend key pass's
+//                     dkap and E; for mixed dmu and dA, scratch it reads back after a barrier).
 //  bwd_attend_kernel  (attend only) one warp per sample row: gq += ss * dqt of the attend pass.
 //  final_kernel       one thread per element of dq, dk and the given landmarks' gradients:
 //                     adds the passes' second and third dq / dk and the landmarks' backward
@@ -506,7 +507,10 @@ __global__ void __launch_bounds__(kThreads)
                      const Parts kdw, const Parts ndw, A* gq, A* gk, A* att, A* dmu_s, A* dA_s, const int64_t block0) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t C = p.e.C, H = p.H, D = p.D, rows = p.e.B * H * C;
-  const int64_t bh = block0 + blockIdx.x, b = bh / H;
+  // block (b, h, chunk of rows): nblk = 1 for mixed (its later phases need every row of
+  // dmu), else one row per warp and cdiv(C, 8) blocks per (b, h)
+  const int64_t nblk = p.proposal == kMixed ? 1 : cdiv(C, kWarps);
+  const int64_t blk = block0 + blockIdx.x, bh = blk / nblk, chunk = blk % nblk, b = bh / H;
   const Elem el = elem_of(p.e, b);
   const int64_t na = el.nact;
   const A ss = static_cast<A>(p.ss);
@@ -536,7 +540,7 @@ __global__ void __launch_bounds__(kThreads)
 
   // per row j: dg_jc = [c < na] dld_j softmax(g_j)_c + [c = j] drho_j (softmax = exp(g - log_den));
   // dw_j = dw1_j + dw3_j + sum_c dg_jc mu_c; dmu_j = dw_j + sum_c dg_cj w_c - (sum_c dg_cj) mu_j
-  for (int64_t j = warp; j < C; j += kWarps) {
+  for (int64_t j = chunk * kWarps + warp; j < C; j += kWarps * nblk) {
     A dw[8], wa[8];
 #pragma unroll
     for (int i = 0; i < 8; ++i) dw[i] = wa[i] = A(0);
@@ -840,7 +844,7 @@ cudaError_t fused_bwd_small(const FusedProblem& p, const void* state, const void
                             Parts kdw, Parts ndw, void* gq, void* gk, void* att, void* dmu, void* dA,
                             cudaStream_t stream) {
   if (p.D > kMaxWidth || p.e.C > kMaxWidth) return cudaErrorInvalidValue;
-  const int64_t blocks = p.e.B * p.H;
+  const int64_t blocks = p.e.B * p.H * (p.proposal == kMixed ? 1 : cdiv(p.e.C, kWarps));
   if (is64(p))
     return run(small_bwd_kernel<double>, blocks, 4 * p.e.C * sizeof(double), stream, p,
                static_cast<const double*>(state), static_cast<const double*>(sums), qdw, qdqt, kdw, ndw,

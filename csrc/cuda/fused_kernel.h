@@ -114,7 +114,8 @@ cudaError_t fused_weights(const FusedProblem& p, Parts km, Parts kl, Parts kacc,
 cudaError_t fused_bwd_sums(const FusedProblem& p, const void* state, Parts db, Parts dkap, Parts dlam, Parts dbh,
                            void* sums, cudaStream_t stream);
 
-// Backward of the C x D and C x C steps, one block per (b, h): writes gq = ss dqt (without
+// Backward of the C x D and C x C steps, one block per (b, h, 8 rows) (per (b, h) for
+// "mixed"): writes gq = ss dqt (without
 // the attend key pass's part) and gk = ss dkt (B, H, C, D), for "attend" dka = ss dmu and
 // E_att = -dka . mean_k (att: B*H*C x (D + 1)), for "mixed" the scratch dmu (B, H, C, D) and
 // dA (B, H, C, C). qdw, qdqt: the query pass's dw, dqt partials; kdw: the key pass's dw;
