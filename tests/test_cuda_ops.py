@@ -80,11 +80,12 @@ def bound(out, ref64, ref32):
     return b
 
 
-def assert_close(name, out, ref64, ref32, dtype):
+def assert_close(name, out, ref64, ref32, dtype, at_least=0.0):
+    """``at_least``: a bound of the caller's that the tolerance does not go below."""
     assert out.dtype == dtype, f"{name}: dtype {out.dtype}, expected {dtype}"
     assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)}, expected {tuple(ref64.shape)}"
     assert torch.isfinite(out).all(), f"{name}: non-finite elements (unwritten or NaN leaked)"
-    err, tol = rel_rms(out, ref64), bound(out, ref64, ref32)
+    err, tol = rel_rms(out, ref64), max(bound(out, ref64, ref32), at_least)
     assert err <= tol, f"{name}: rel RMS {err:.3g} > {tol:.3g}"
 
 
@@ -848,8 +849,12 @@ def test_cuda_ops_packed_capture_in_cuda_graph():
 # reference) and in float32 (its error sets the bound, ``bound`` above): float64 cases are
 # held to TOL64 against the CPU op itself; float32 to 4 x the CPU op's own float32 error +
 # 1e-5; float16/bfloat16 results (y, dq, dk, dv, the landmarks' gradients) to that plus
-# twice the rounding of the float64 result to the dtype (one rounding of each output, and
-# dq, dk are sums of two or three pass results rounded each, as in the CPU op). Entries of
+# twice the rounding of the float64 result to the dtype, or, where larger, twice the error
+# of the CPU op run at that dtype (flash-attention's criterion: dq and dk are sums of two or
+# three pass results each rounded to the dtype, in both ops, which one rounding of the
+# result does not cover: dk of the packed bfloat16 case is 2.6e-3 here and 2.7e-3 for the
+# CPU op at bfloat16, above the one-rounding bound of 2.5e-3; in the half cases measured the
+# errors here were at most those of the CPU op at the dtype). Entries of
 # the state that are -inf in the reference (Z of a sequence without keys, lam of one
 # without queries, and the biases made from them) must be -inf. Padded rows of q, k, v and
 # dy hold NaN (never read); outputs are NaN-poisoned (the emulation's test mode), so an
@@ -955,20 +960,19 @@ def test_lara_whole_cuda(case, dtype):
     out = run_whole("cuda", args, dy)
     ref64 = run_whole("cpu", args, dy, torch.float64)
     ref32 = ref64 if dtype == torch.float64 else run_whole("cpu", args, dy, torch.float32)
+    cpu = None if dtype == torch.float64 else run_whole("cpu", args, dy)   # the CPU op at dtype
+    half = dtype in (torch.float16, torch.bfloat16)
     ct = ct_of(dtype)
     assert_state(out[1], ref64[1], ref32[1], ct)
-    for name, o, r64, r32 in zip(WHOLE_NAMES, out, ref64, ref32):
+    for i, (name, o, r64, r32) in enumerate(zip(WHOLE_NAMES, out, ref64, ref32)):
         if name == "state":
             continue
         if r64.numel() == 0:
             assert o.numel() == 0, f"{name}: expected an empty tensor, got {tuple(o.shape)}"
             continue
-        assert_close(name, o, r64, r32, dtype)
-    if dtype != torch.float64:  # the CPU op at dtype keeps the same bound (a check of the bound)
-        cpu = run_whole("cpu", args, dy)
-        for name, o, r64, r32 in zip(WHOLE_NAMES, cpu, ref64, ref32):
-            if r64.numel() and name != "state":
-                assert_close(f"cpu {name}", o, r64, r32, dtype)
+        assert_close(name, o, r64, r32, dtype, 2.0 * rel_rms(cpu[i], r64) if half else 0.0)
+        if cpu is not None and not half:  # the CPU op at float32 keeps the same bound (a check of the bound)
+            assert_close(f"cpu {name}", cpu[i], r64, r32, dtype)
     masks = case[5]
     if "drop" in masks:   # element 1: output and gradients exactly 0
         for name, o in zip(WHOLE_NAMES, out):
