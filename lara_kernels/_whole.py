@@ -1,5 +1,7 @@
-"""The cpu backend's LARA as one compiled op per direction (``lara_kernels::lara_fwd`` and
-``lara_kernels::lara_bwd``, csrc/cpu/fused.cpp) under one autograd Function.
+"""The cpu and cuda backends' LARA as one compiled op per direction
+(``lara_kernels::lara_fwd`` and ``lara_kernels::lara_bwd``: csrc/cpu/fused.cpp for CPU
+tensors, csrc/cuda/fused_cuda.cpp and fused_kernel.cu for CUDA tensors, one schema, one
+state layout) under one autograd Function.
 
 It computes what ``_pipeline.lara_forward`` computes with the compiled passes (the same
 passes, called from C++, and the C x D / C x C steps between them as loops there instead
@@ -9,8 +11,8 @@ of C-sized results. At small shapes a call costs one op dispatch per direction a
 Function application instead of the pipeline's ~25 torch ops, 5 op calls and 4-5 Function
 applications.
 
-``CpuBackend.lara`` takes it when :func:`applies`: CPU tensors, the compiled library
-built, no forward-mode AD level open (the op has no forward derivative: the pipeline's
+``CpuBackend.lara`` and ``CudaBackend.lara`` take it when :func:`applies`: CPU tensors
+with the compiled library built, or CUDA tensors with it built with CUDA, no forward-mode AD level open (the op has no forward derivative: the pipeline's
 eager fallback handles it), no torch.func transform active (the pipeline's Functions have
 the vmap rules and the differentiable backward those need) and not while torch.compile
 traces (there the pipeline's Functions and passes are traced, as before; the opaque custom
@@ -32,7 +34,7 @@ import torch
 
 from . import _pipeline
 from ._fused import _FUNCTION_APPLY, _differentiable_vjp, _forward_ad_active
-from ._ops import built
+from ._ops import built, built_with_cuda
 
 ENABLED = True
 
@@ -41,9 +43,11 @@ WEIGHTINGS = {"optimal": 0, "balance": 1}
 
 
 def applies(q) -> bool:
-    """Whether the cpu backend's call takes the whole-op path (see the module doc)."""
-    return (ENABLED and q.device.type == "cpu" and built() and not _forward_ad_active()
-            and not torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling())
+    """Whether the cpu or cuda backend's call takes the whole-op path (see the module doc)."""
+    dev = q.device.type
+    return (ENABLED and ((dev == "cpu" and built()) or (dev == "cuda" and built_with_cuda()))
+            and not _forward_ad_active() and not torch._C._are_functorch_transforms_active()
+            and not torch.compiler.is_compiling())
 
 
 def _op_args(q, k, v, eps, num_samples, proposal, weighting, beta, scale, key_padding_mask, query_padding_mask,

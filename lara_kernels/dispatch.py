@@ -124,9 +124,9 @@ class CpuBackend(Backend):
         return [] if built() else [f"lara_kernels._C not built ({C_ERROR})"]
 
     def lara(self, q, k, v, eps, **options):
-        # one compiled op per direction where it applies (lara_kernels/_whole.py); the
-        # pipeline of passes elsewhere (and always for the cuda backend, which inherits this)
-        if self.name == "cpu" and _whole.applies(q):
+        # one compiled op per direction where it applies (lara_kernels/_whole.py, CPU and
+        # CUDA tensors; the cuda backend inherits this); the pipeline of passes elsewhere
+        if _whole.applies(q):
             return _whole.lara(q, k, v, eps, **options)
         return _pipeline.lara_forward(_COMPILED_PASSES, q, k, v, eps, **options)
 

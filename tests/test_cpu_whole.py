@@ -328,31 +328,30 @@ def test_transforms_and_forward_ad_take_the_pipeline():
     assert torch.isfinite(t).all()
 
 
-def test_cuda_backend_keeps_the_pipeline():
-    # CudaBackend inherits CpuBackend.lara: the whole-op path is the cpu backend's only
-    assert dispatch.backends()["cuda"].name == "cuda"
-    B, H, N, D, C = 1, 1, 4, 4, 2
-    q = torch.randn(B, H, N, D)
+def test_whole_op_path_by_device(monkeypatch):
+    # the cpu and cuda backends take the whole op where it is built for the tensors' device:
+    # CPU tensors with _C, CUDA tensors with _C built with CUDA (csrc/cuda/fused_cuda.cpp);
+    # other devices, and the states listed in _whole's doc, keep the pipeline
+    class On:   # a stand-in with only a device (no CUDA tensor can be made here)
+        def __init__(self, dev):
+            self.device = torch.device(dev)
+
+    assert _whole.applies(On("cpu")) is _ops.built()
+    assert _whole.applies(On("cuda")) is _ops.built_with_cuda()
+    assert not _whole.applies(On("meta"))
+    monkeypatch.setattr(_whole, "ENABLED", False)
+    assert not _whole.applies(On("cpu")) and not _whole.applies(On("cuda"))
+    monkeypatch.setattr(_whole, "ENABLED", True)
+
+    q = torch.randn(1, 1, 4, 4)
     calls = []
     real = _whole.lara
-
-    def spy(*a, **kw):
-        calls.append(1)
-        return real(*a, **kw)
-
-    try:
-        _whole.lara = spy
-        dispatch.backends()["cpu"].lara(q, q, q, None, num_samples=C, proposal="segment", weighting="optimal",
-                                        beta=1.0, scale=0.5)
-        assert calls == [1]
-        try:    # the cuda backend's lara on CPU tensors: the pipeline (its passes refuse CPU tensors if built)
-            dispatch.backends()["cuda"].lara(q, q, q, None, num_samples=C, proposal="segment", weighting="optimal",
-                                             beta=1.0, scale=0.5)
-        except RuntimeError:
-            pass
-        assert calls == [1]
-    finally:
-        _whole.lara = real
+    monkeypatch.setattr(_whole, "lara", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    for name in ("cpu", "cuda"):   # the cuda backend inherits CpuBackend.lara
+        y = dispatch.backends()[name].lara(q, q, q, None, num_samples=2, proposal="segment", weighting="optimal",
+                                           beta=1.0, scale=0.5)
+        assert y.shape == (1, 1, 4, 4)
+    assert calls == [1, 1]
 
 
 def test_opcheck_schema_and_fakes():
