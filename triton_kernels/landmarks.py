@@ -139,21 +139,35 @@ def _block_rows(PAD, b, lim, sp_b, sp_l, nv, ce, s, HAS_PAD: tl.constexpr, BLOCK
 
 
 @triton.jit
-def _segments(l, lim, PAD, b, sp_b, sp_l, p0, nv, ce, HAS_PAD: tl.constexpr):
-    """(valid, seg, number of valid rows in the block) of rows l (int64) of element b:
-    p0 valid rows come before the block; seg = floor(p * ce / nv), -1 where not valid."""
+def _bounds(nv, ce, c0, BLOCK_C: tl.constexpr):
+    """(first, end) positions (int32 [BLOCK_C]) of segments c0 .. c0 + BLOCK_C - 1 of a
+    side with nv valid rows: segment c holds the positions ceil(c * nv / ce) <= p <
+    ceil((c + 1) * nv / ce) (those with seg(p) = c), both clipped to nv, so segments
+    c >= ce and every segment of an element with ce = 0 are empty. The only divisions of
+    the kernels (BLOCK_C per program, int64); rows then compare their position."""
+    c = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
+    ce1 = tl.maximum(ce, 1)
+    lo = tl.where(ce > 0, tl.minimum((c * nv + ce1 - 1) // ce1, nv), nv)
+    hi = tl.where(ce > 0, tl.minimum(((c + 1) * nv + ce1 - 1) // ce1, nv), nv)
+    return lo.to(tl.int32), hi.to(tl.int32)
+
+
+@triton.jit
+def _positions(l, lim, PAD, b, sp_b, sp_l, p0, HAS_PAD: tl.constexpr):
+    """(valid, position (int32), number of valid rows in the block) of rows l (int64) of
+    element b, below lim; p0 valid rows come before the block (positions of rows that are
+    not valid are meaningless)."""
     valid = l < lim
     if HAS_PAD:
         padded = tl.load(PAD + b * sp_b + l * sp_l, mask=valid, other=1)
         valid = valid & (padded == 0)
-        vi = valid.to(tl.int64)
-        pos = p0 + tl.cumsum(vi, axis=0) - 1
-        n_in = tl.sum(vi, axis=0)
+        vi = valid.to(tl.int32)
+        pos = p0.to(tl.int32) + tl.cumsum(vi, axis=0) - 1
+        n_in = tl.sum(vi, axis=0).to(tl.int64)
     else:
-        pos = l
-        n_in = tl.sum(valid.to(tl.int64), axis=0)
-    seg = tl.where(valid & (ce > 0), (pos * ce) // tl.maximum(nv, 1), -1)
-    return valid, seg, n_in
+        pos = l.to(tl.int32)
+        n_in = tl.sum(valid.to(tl.int32), axis=0).to(tl.int64)
+    return valid, pos, n_in
 
 
 @triton.jit
@@ -166,23 +180,22 @@ def _means(X, PAD, CU, OUT, b, h, HX, L, nv, ce, C, D, sx_b, sx_h, sx_l, sx_d, s
     base, lim = _rows_of(X, PAD, CU, b, h, L, sx_b, sx_h, sx_l, sp_b, sp_l, VARLEN)
     r0, r1, p0 = _block_rows(PAD, b, lim, sp_b, sp_l, nv, ce, s, HAS_PAD, BLOCK_C, BLOCK_P)
     c0 = s.to(tl.int64) * BLOCK_C
-    c = tl.arange(0, BLOCK_C)
+    lo, hi = _bounds(nv, ce, c0, BLOCK_C)
     d = (j * BLOCK_DC + tl.arange(0, BLOCK_DC)).to(tl.int64)
     d_ok = d < D
     acc = tl.zeros([BLOCK_C, BLOCK_DC], tl.float32)
-    cnt = tl.zeros([BLOCK_C], tl.float32)
     for l0 in range(r0, r1, BLOCK_L):
         l = l0 + tl.arange(0, BLOCK_L).to(tl.int64)
-        valid, seg, n_in = _segments(l, r1, PAD, b, sp_b, sp_l, p0, nv, ce, HAS_PAD)
+        valid, pos, n_in = _positions(l, r1, PAD, b, sp_b, sp_l, p0, HAS_PAD)
         p0 += n_in
-        member = tl.where((seg - c0)[None, :] == c[:, None], 1.0, 0.0)   # [BLOCK_C, BLOCK_L]
-        # padded rows and rows of an element with C_eff = 0 are never read
-        x = tl.load(base + l[:, None] * sx_l + d[None, :] * sx_d, mask=(seg >= 0)[:, None] & d_ok[None, :],
+        member = valid[None, :] & (pos[None, :] >= lo[:, None]) & (pos[None, :] < hi[:, None])
+        # the valid rows of the block are its members (ce > 0); padded rows and rows of an
+        # element with C_eff = 0 are never read
+        x = tl.load(base + l[:, None] * sx_l + d[None, :] * sx_d, mask=tl.where(ce > 0, valid, False)[:, None] & d_ok[None, :],
                     other=0.0)
-        acc += mma(member, x, DT, "ieee", EMU)
-        cnt += tl.sum(member, axis=1)
-    out = acc / tl.maximum(cnt, 1.0)[:, None] * ss
-    cs = c0 + c
+        acc += mma(tl.where(member, 1.0, 0.0), x, DT, "ieee", EMU)      # one-hot [BLOCK_C, BLOCK_L] @ rows
+    out = acc / tl.maximum(hi - lo, 1).to(tl.float32)[:, None] * ss
+    cs = c0 + tl.arange(0, BLOCK_C)
     rows = (b * HX + h) * C + cs
     tl.store(OUT + rows[:, None] * D + d[None, :], out, mask=(cs < C)[:, None] & d_ok[None, :])
 
@@ -226,27 +239,30 @@ def _scatter(GA, GB, OUT, DXT, b, h, HX, L, nv, ce, C, D, sx_b, sx_h, sx_l, sx_d
              EMU: tl.constexpr):
     """OUT[rows of segment block s of b, h] = GA [+ GB] + ss * DXT[b, h, seg(n)] / |segment|,
     chunk j of D, every row of the block (padded ones included); GA, GB share their
-    strides (sx_*), OUT has its own (so_*); the float32 sum rounded once to OUT's dtype
-    (to nearest even, also under the interpreter)."""
+    strides (sx_*), OUT has its own (so_*). The landmarks' part as one-hot @ W, W the
+    block's BLOCK_C rows of DXT scaled by ss / |segment| (read once; exact: one term per
+    row, float32 "ieee"); the float32 sum rounded once to OUT's dtype (to nearest even,
+    also under the interpreter)."""
     a_base, lim = _rows_of(GA, PAD, CU, b, h, L, sx_b, sx_h, sx_l, sp_b, sp_l, VARLEN)
     b_base, _ = _rows_of(GB, PAD, CU, b, h, L, sx_b, sx_h, sx_l, sp_b, sp_l, VARLEN)
     o_base, _ = _rows_of(OUT, PAD, CU, b, h, L, so_b, so_h, so_l, sp_b, sp_l, VARLEN)
     r0, r1, p0 = _block_rows(PAD, b, lim, sp_b, sp_l, nv, ce, s, HAS_PAD, BLOCK_C, BLOCK_P)
+    c0 = s.to(tl.int64) * BLOCK_C
+    lo, hi = _bounds(nv, ce, c0, BLOCK_C)
     d = (j * BLOCK_DC + tl.arange(0, BLOCK_DC)).to(tl.int64)
     d_ok = d < D
-    nv1 = tl.maximum(nv, 1)
-    ce1 = tl.maximum(ce, 1)
+    cs = c0 + tl.arange(0, BLOCK_C)
+    live = hi > lo                                                      # segments with rows (c < ce)
+    w = tl.load(DXT + ((b * HX + h) * C + cs)[:, None] * D + d[None, :], mask=live[:, None] & d_ok[None, :],
+                other=0.0)
+    w = w * (ss / tl.maximum(hi - lo, 1).to(tl.float32))[:, None]      # [BLOCK_C, BLOCK_DC]
     for l0 in range(r0, r1, BLOCK_L):
         l = l0 + tl.arange(0, BLOCK_L).to(tl.int64)
         l_in = l < r1
-        valid, seg, n_in = _segments(l, r1, PAD, b, sp_b, sp_l, p0, nv, ce, HAS_PAD)
+        valid, pos, n_in = _positions(l, r1, PAD, b, sp_b, sp_l, p0, HAS_PAD)
         p0 += n_in
-        member = seg >= 0
-        size = (((seg + 1) * nv1 + ce1 - 1) // ce1 - (seg * nv1 + ce1 - 1) // ce1).to(tl.float32)
-        segc = tl.where(member, seg, 0)
-        g = tl.load(DXT + ((b * HX + h) * C + segc)[:, None] * D + d[None, :],
-                    mask=member[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_L, BLOCK_DC]
-        g = g * (ss / tl.where(member, size, 1.0))[:, None]
+        member = valid[:, None] & (pos[:, None] >= lo[None, :]) & (pos[:, None] < hi[None, :])
+        g = mma(tl.where(member, 1.0, 0.0), w, tl.float32, "ieee", EMU)  # [BLOCK_L, BLOCK_DC]
         m2 = l_in[:, None] & d_ok[None, :]
         g += tl.load(a_base + l[:, None] * sx_l + d[None, :] * sx_d, mask=m2, other=0.0).to(tl.float32)
         if HAS_B:
@@ -308,8 +324,12 @@ def blocks(C, D, L, heads, device, bwd=False):
     BLOCK_DC = min(_common.pow2(D), max(16, 8192 // BLOCK_C), 64)
     while BLOCK_DC > 16 and heads * N_S * _common.cdiv(D, BLOCK_DC) < 2 * _common.sm_count(device):
         BLOCK_DC //= 2
-    BLOCK_L = 64 if bwd or BLOCK_C * BLOCK_DC <= 2048 else 32
-    num_warps = 4 if BLOCK_C * BLOCK_DC <= 4096 else 8
+    if bwd:
+        BLOCK_L = 64
+        num_warps = 8 if BLOCK_L * BLOCK_DC >= 4096 else 4
+    else:
+        BLOCK_L = 64 if BLOCK_C * BLOCK_DC <= 2048 else 32
+        num_warps = 4 if BLOCK_C * BLOCK_DC <= 4096 else 8
     return BLOCK_L, BLOCK_C, BLOCK_DC, _common.cdiv(D, BLOCK_DC), N_S, num_warps
 
 
