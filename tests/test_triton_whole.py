@@ -113,7 +113,8 @@ CASES = [
     ("packed-mixed-balance-gqa2", 4, 4, 2, 0, 0, 16, 8, 6, "mixed", "balance", True, "packed"),
     ("packed-segment", 3, 2, 2, 0, 0, 24, 16, 12, "segment", "optimal", True, "packed2"),
 ]
-PACKED_LENGTHS = {"packed": ([7, 0, 12, 5], [9, 0, 0, 6]), "packed2": ([13, 4, 20], [8, 30, 3])}
+PACKED_LENGTHS = {"packed": ([7, 0, 12, 5], [9, 0, 0, 6]), "packed2": ([13, 4, 20], [8, 30, 3]),
+                  "packed3": ([3, 200, 0, 57, 130], [150, 180, 20, 0, 66])}
 
 
 def _inputs(case, dtype, seed=0):
@@ -140,6 +141,11 @@ def _inputs(case, dtype, seed=0):
             opts.update(query_padding_mask=qpm, key_padding_mask=kpm)
         elif layout == "kmask":
             opts.update(key_padding_mask=kpm)
+        elif layout == "masks-split":   # element 1 without a valid key, element 2 with 25 valid queries
+            kpm[1] = True
+            qpm[2] = True
+            qpm[2, torch.randperm(N, generator=g)[:25]] = False
+            opts.update(query_padding_mask=qpm, key_padding_mask=kpm)
     eps = torch.randn(B, H, C, D, generator=g) if with_eps else None
     return q.to(dtype), k.to(dtype), v.to(dtype), eps, opts
 
@@ -303,3 +309,191 @@ def test_applies():
     with torch.autograd.forward_ad.dual_level():
         assert not _whole_triton.applies(q, dict(proposal="segment"))
     assert math.isfinite(float(y.sum()))
+
+
+# ----------------------------------------------------------------------------- landmarks split along the sequence
+#
+# The landmarks kernels run programs per (side-head, block of BLOCK_C segments, D chunk)
+# (triton_kernels/landmarks.py). At these sizes the launcher's own choice keeps one block
+# (a program reads >= ROWS = 1024 rows), so the tests set ROWS = 16: C = 40 segments then
+# come in blocks of 16 (N_S = 3 programs per side-head), and the launch is checked to be so.
+#
+# LM_TOL = 1e-6 (relative RMS against float64, forward and the float32 backward): qt, kt
+# are float32 sums of at most ~10 rows here (the one-hot product is exact: 0/1 times the
+# inputs, "ieee" float32 accumulation), then a division and the scale; dq, dk are sums of
+# three float32 terms. float32's unit roundoff is 6e-8, so errors are a few 1e-8 .. 1e-7;
+# a row in the wrong segment or program, or a missed or doubly counted row, gives 1e-2
+# or more. bfloat16 inputs: the forward is held to the same LM_TOL (bfloat16 values are
+# exact in float32, nothing is rounded to the input dtype); the backward's results are
+# bfloat16, rounded once from float32 to nearest even, so their error is at most one unit
+# roundoff (2**-8) and they equal the float64 result rounded to bfloat16 except where the
+# float32 sum lies within its own rounding error of a tie: LM_MISMATCH = 1% of elements
+# may differ (measured 0 .. 7e-5; a truncating conversion differs at about half).
+# Measured: float32 and the bfloat16 forward 3e-8 .. 5e-8, the bfloat16 backward 1.7e-3.
+
+from lara_kernels import _passes_torch, _varlen  # noqa: E402
+from lara_kernels.triton_kernels import landmarks as lm  # noqa: E402
+
+LM_TOL = 1e-6
+LM_MISMATCH = 0.01
+LM_C = 40
+LM_PACKED = ([3, 200, 0, 57, 130], [150, 180, 20, 0, 66])   # lengths of very different sizes, two empty
+
+
+def _lm_inputs(kind, dtype, seed=5):
+    """(q, k, qpm, kpm, packed kwargs, (B, H, H_kv)) of a direct landmarks case. "masks":
+    B = 3, H = 2, H_kv = 1 (GQA), N = 100, M = 75 (not multiples of C), element 0 with runs
+    of padding (leading, between runs of valid rows and trailing) right before the blocks'
+    first rows,
+    element 1 with 25 valid queries (C_eff = 25 < C), element 2 without a valid key
+    (C_eff = 0); "nomask": the same shapes unpadded; "packed": LM_PACKED."""
+    g = torch.Generator().manual_seed(seed)
+    B, H, Hkv, D = (5 if kind == "packed" else 3), 2, 1, 24
+    if kind == "packed":
+        nq, nk = LM_PACKED
+        cu = lambda ls: torch.tensor([0] + list(torch.tensor(ls).cumsum(0)), dtype=torch.int32)  # noqa: E731
+        q = torch.randn(sum(nq), H, D, generator=g).to(dtype)
+        k = torch.randn(sum(nk), Hkv, D, generator=g).to(dtype)
+        return q, k, None, None, dict(cu_q=cu(nq), cu_k=cu(nk), max_q=max(nq), max_k=max(nk)), (B, H, Hkv)
+    N, M = 100, 75
+    q = torch.randn(B, H, N, D, generator=g).to(dtype)
+    k = torch.randn(B, Hkv, M, D, generator=g).to(dtype)
+    if kind == "nomask":
+        return q, k, None, None, {}, (B, H, Hkv)
+    qpm = torch.rand(B, N, generator=g) < 0.3
+    kpm = torch.rand(B, M, generator=g) < 0.3
+    # element 0: 40 valid queries in 5 runs of 8 (rows 4 + 12 i ..), 55 valid keys in 5 runs of
+    # 11 (rows 15 i ..): with C_eff = 40 the blocks of 16 segments start at positions 16, 32
+    # (queries) and 22, 44 (keys), the first rows of runs, right after padded rows
+    n, m = torch.arange(N), torch.arange(M)
+    qpm[0] = ~((n >= 4) & (n < 64) & ((n - 4) % 12 < 8))
+    kpm[0] = (m % 15) >= 11
+    qpm[1] = True
+    qpm[1, torch.randperm(N, generator=g)[:25]] = False
+    kpm[2] = True
+    return q, k, qpm, kpm, {}, (B, H, Hkv)
+
+
+def _lm_reference(q, k, qpm, kpm, packed, C, ss):
+    """(qt, kt, c_eff) by the float64 eager landmarks (_passes_torch), and the layouts."""
+    if packed:
+        qpad = _varlen.Packed(packed["cu_q"], packed["max_q"])
+        kpad = _varlen.Packed(packed["cu_k"], packed["max_k"])
+        nq, nk = qpad.lengths(), kpad.lengths()
+    else:
+        qpad, kpad = qpm, kpm
+        nq = torch.full((q.shape[0],), q.shape[2]) if qpm is None else (~qpm).sum(1)
+        nk = torch.full((k.shape[0],), k.shape[2]) if kpm is None else (~kpm).sum(1)
+    c_eff = torch.minimum(torch.minimum(nq, nk), torch.tensor(C)).long()
+    qt = ss * _passes_torch.landmarks(q.double(), qpad, c_eff, C)
+    kt = ss * _passes_torch.landmarks(k.double(), kpad, c_eff, C)
+    return qt, kt, c_eff, qpad, kpad
+
+
+def _block_starts(pad_row, ce, block):
+    """First rows of the segment blocks s >= 1 of one mask row that have rows."""
+    rows = (~pad_row).nonzero().flatten()
+    nv = rows.numel()
+    return [int(rows[-(-s * block * nv // ce)]) for s in range(1, -(-ce // block))]
+
+
+def _recorded(monkeypatch):
+    """Grids and constexprs of the landmarks launches."""
+    seen = []
+    launch = _common.launch
+
+    def recording(kernel, grid, device, *args, **kwargs):
+        seen.append((kernel.fn.__name__, grid, kwargs))
+        return launch(kernel, grid, device, *args, **kwargs)
+
+    monkeypatch.setattr(_common, "launch", recording)
+    return seen
+
+
+@pytest.mark.parametrize("chunks", [False, True], ids=["one-chunk", "chunks"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("kind", ["masks", "nomask", "packed"])
+def test_landmarks_kernels_split(kind, dtype, chunks, monkeypatch):
+    """landmarks_fwd / landmarks_bwd on several programs per sequence against the float64
+    eager landmarks and their autograd: qt, kt, c_eff (exactly; rows c >= C_eff exactly 0),
+    dq = dq_a [+ dq_b] + landmarks' part, dk = dk_a + landmarks' part, every row written
+    (NaN poison); "chunks": D = 24 in two chunks of 16 (more programs asked for)."""
+    monkeypatch.setattr(lm, "ROWS", 16)
+    if chunks:
+        monkeypatch.setattr(_common, "sm_count", lambda dev: 64)
+    seen = _recorded(monkeypatch)
+    q, k, qpm, kpm, packed, (B, H, Hkv) = _lm_inputs(kind, dtype)
+    C, ss, D = LM_C, 0.7, q.shape[-1]
+    inputs = [t.clone() for t in (q, k, qpm, kpm) if t is not None]
+    qt, kt, c_eff = lm.landmarks_fwd(q, k, qpm, kpm, C, ss, **packed)
+    qt0, kt0, ce0, qpad, kpad = _lm_reference(q, k, qpm, kpm, packed, C, ss)
+
+    name, grid, kw = seen[-1]
+    assert name == "_landmarks_fwd_kernel" and kw["BLOCK_C"] == 16, (name, kw)
+    n_dc = 2 if chunks else 1
+    assert kw["N_DC"] == n_dc and grid == (B * (H + Hkv) * 3 * n_dc,), (grid, kw)
+    assert torch.equal(c_eff, ce0), (c_eff, ce0)
+    if kind == "masks":
+        assert ce0.tolist() == [C, 25, 0]
+        # padded rows right before a block's first row (owned by the block before it)
+        starts = _block_starts(qpm[0], C, 16), _block_starts(kpm[0], C, 16)
+        assert starts == ([28, 52], [30, 60]), starts
+        assert all(qpm[0, r - 1] for r in starts[0]) and all(kpm[0, r - 1] for r in starts[1]), starts
+    if kind == "packed":
+        assert ce0.tolist() == [3, C, 0, 0, C]
+    for b in range(B):
+        assert (qt[b, :, int(ce0[b]):] == 0).all() and (kt[b, :, int(ce0[b]):] == 0).all(), b
+    _check("qt", qt.double(), qt0, LM_TOL)
+    _check("kt", kt.double(), kt0, LM_TOL)
+
+    g = torch.Generator().manual_seed(11)
+    dq_a, dq_b = (torch.randn(q.shape, generator=g).to(dtype) for _ in range(2))
+    dk_a = torch.randn(k.shape, generator=g).to(dtype)
+    dqt, dkt = torch.randn(qt.shape, generator=g), torch.randn(kt.shape, generator=g)
+    if kind == "nomask":
+        dq_b = None                                   # the "balance" weighting's call
+    dq, dk = lm.landmarks_bwd(dq_a, dq_b, dk_a, dqt, dkt, c_eff, q, k, qpm, kpm, ss, **packed)
+    name, grid, kw = seen[-1]
+    assert name == "_landmarks_bwd_kernel" and grid == (B * (H + Hkv) * 3 * n_dc,), (grid, kw)
+    q64, k64 = q.double().requires_grad_(), k.double().requires_grad_()
+    outs = (ss * _passes_torch.landmarks(q64, qpad, ce0, C), ss * _passes_torch.landmarks(k64, kpad, ce0, C))
+    gq, gk = torch.autograd.grad(outs, (q64, k64), (dqt.double(), dkt.double()))
+    dq0 = dq_a.double() + (0 if dq_b is None else dq_b.double()) + gq
+    dk0 = dk_a.double() + gk
+    for nm, got, want in (("dq", dq, dq0), ("dk", dk, dk0)):
+        assert got.dtype == dtype and torch.isfinite(got).all(), nm
+        if dtype == torch.float32:
+            _check(nm, got.double(), want, LM_TOL)
+        else:
+            _check(nm, got.double(), want, 2.0 ** -8)
+            differ = (got != want.to(dtype)).double().mean().item()
+            assert differ <= LM_MISMATCH, f"{nm}: {differ:.3g} of the elements differ from the rounded reference"
+    if kind == "masks":    # padded rows: the other gradients unchanged (rounded once)
+        assert torch.equal(dq.transpose(1, 2)[qpm], (dq_a.float() + dq_b.float()).to(dtype).transpose(1, 2)[qpm])
+        assert torch.equal(dk[2], dk_a[2])            # C_eff = 0: no landmarks' part
+    after = [t for t in (q, k, qpm, kpm) if t is not None]
+    assert all(torch.equal(a, b) for a, b in zip(inputs, after)), "inputs mutated"
+
+
+# the lean path with the landmarks split (ROWS = 16: C = 40 in N_S = 3 blocks of 16)
+SPLIT_CASES = [
+    ("split-masks-mixed-gqa2", 3, 2, 1, 100, 75, 24, 16, 40, "mixed", "optimal", True, "masks-split"),
+    ("split-packed-balance", 5, 2, 2, 0, 0, 16, 16, 40, "segment", "balance", True, "packed3"),
+]
+
+
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=[c[0] for c in SPLIT_CASES])
+def test_split_equals_pipeline(case, monkeypatch):
+    """The lean path with its landmarks on three programs per sequence equals the pipeline
+    (masks with C_eff < C and C_eff = 0, N and M not multiples of C, GQA; packed sequences
+    of lengths 0 .. 200)."""
+    monkeypatch.setattr(lm, "ROWS", 16)
+    seen = _recorded(monkeypatch)
+    q, k, v, eps, opts = _inputs(case, torch.float32)
+    y, grads, fn = _grads(_whole_triton.lara, q, k, v, eps, opts)
+    assert type(fn).__name__ == "_WholeTritonBackward", type(fn).__name__
+    blocks = [kw["BLOCK_C"] for name, _, kw in seen if name.startswith("_landmarks")]
+    assert blocks == [16, 16], seen
+    y0, grads0, _ = _grads(_pipeline_call, q, k, v, eps, opts)
+    for name, a, b in zip(("y", "dq", "dk", "dv"), (y,) + grads, (y0,) + grads0):
+        _check(name, a, b, PIPE_TOL[torch.float32])
