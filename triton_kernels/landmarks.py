@@ -35,28 +35,33 @@ programs (one chunk of 64 would give 64).
 
 Forward, ``_landmarks_fwd_kernel``: each program counts the valid rows of both sides of
 its element (to get C_eff; the masks are bytes, N + M per program, in steps of BLOCK_P),
-then walks the rows of its block in blocks of BLOCK_L: position p by a running count and
-``tl.cumsum`` of the mask, membership as a one-hot [BLOCK_C, BLOCK_L] tile, and the sums
-as one product one-hot @ x per block (exact: the one-hot is 0/1 in any dtype, float32
-accumulation; for float32 inputs in "ieee" precision). Reads q (B, H, N, D) / (T, H, D)
-and k in their dtype (any strides) and the masks or cu_seqlens; writes qt (B, H, C, D),
-kt (B, H_kv, C, D) float32 (scaled by ss; row c by block c // BLOCK_C, so each once, rows
-c >= C_eff 0) and c_eff (B,) int64 (by the program of query head 0, block 0, chunk 0).
-Traffic: q and k read once (the floor; padded rows and rows of elements with C_eff = 0
-are not read); the masks 2N + M bytes per program with a mask (the count of both sides
-and the boundary scan; L2-resident: at the shape above 24 KB against 256 KB of rows, ~10%
-of L2 reads), none without. Work: BLOCK_C x L x D multiply-adds per head and block row
-(the one-hot product), on tensor cores for half inputs, far below a key pass's.
+computes its segments' first and end positions (``_bounds``: ceil(c * nv / C_eff), the
+only divisions, BLOCK_C per program), then walks the rows of its block in blocks of
+BLOCK_L: position p by a running count and ``tl.cumsum`` of the mask, membership as a
+one-hot [BLOCK_C, BLOCK_L] tile (p against the bounds), and the sums as one product
+one-hot @ x per block (exact: the one-hot is 0/1 in any dtype, float32 accumulation; for
+float32 inputs in "ieee" precision). Reads q (B, H, N, D) / (T, H, D) and k in their
+dtype (any strides) and the masks or cu_seqlens; writes qt (B, H, C, D), kt (B, H_kv, C,
+D) float32 (scaled by ss; row c by block c // BLOCK_C, so each once; rows c >= C_eff 0)
+and c_eff (B,) int64 (by the program of query head 0, block 0, chunk 0). Traffic: q and
+k read once (the floor; padded rows and rows of elements with C_eff = 0 are not read);
+the masks 2N + M bytes per program with a mask (the counts of both sides and the boundary
+scan; L2-resident: at the shape above 24 KB against 256 KB of rows), none without. Work:
+BLOCK_C multiply-adds per element read (the one-hot product), on tensor cores for half
+inputs.
 
 Backward, ``_landmarks_bwd_kernel``: the same grid and row partition; adds
 ss * dqt_seg(n) / |segment| to the other gradients of each valid row (0 at padded rows
 and at rows of elements with C_eff = 0): dq = dq_a [+ dq_b] + landmark part, dk = dk_a +
 landmark part (dkt already summed over the G query heads of a key/value head), every row
-written once, by the block that owns it. Reads dq_a, dq_b (q's shape and dtype), dk_a
-(k's), dqt (B, H, C, D) and dkt (B, H_kv, C, D) float32, c_eff and the masks; writes dq
-and dk in their dtype (the float32 sum rounded once, to nearest even), every row.
-Traffic: the floor (each gradient buffer read once, the result written once), plus the
-masks as in the forward (N + M per program for the own side's count and the scan).
+written once, by the block that owns it. The landmark part of a block of rows is one
+product one-hot [BLOCK_L, BLOCK_C] @ W, W the program's BLOCK_C rows of dqt (dkt) scaled
+by ss / |segment|, read once (float32 "ieee": exact, one nonzero term per row). Reads
+dq_a, dq_b (q's shape and dtype), dk_a (k's), dqt (B, H, C, D) and dkt (B, H_kv, C, D)
+float32, c_eff and the masks; writes dq and dk in their dtype (the float32 sum rounded
+once, to nearest even), every row. Traffic: the floor (each gradient buffer read once,
+the result written once, dqt and dkt once), plus the masks (N + M per program with a
+mask: the own side's count and the boundary scan).
 """
 
 from __future__ import annotations
@@ -312,24 +317,22 @@ BLOCK_P = 512   # mask bytes per step of the mask scans
 def blocks(C, D, L, heads, device, bwd=False):
     """(BLOCK_L, BLOCK_C, BLOCK_DC, N_DC, N_S, num_warps) of both kernels for C segments,
     head dim D, sequences of up to L rows (the longer side) and ``heads`` = B * (H + H_kv)
-    side-heads: programs of BLOCK_C segments (N_S = cdiv(C, BLOCK_C) of them per side-head,
-    a power of two >= 16, the product's least rows, and >= ROWS * C / L, so that a
-    program reads about ROWS rows or more) and of a D chunk of BLOCK_DC; the chunk halves
-    (down to 16) while the grid has fewer than two programs per SM. The forward's
-    BLOCK_C x BLOCK_DC accumulator stays at 8192 float32; rows in blocks of 32 once it
-    passes 2048 (sm_90, C = D = 64, bf16: 64 rows spill 536 bytes, 32 rows none; AOT
-    check)."""
+    side-heads (module doc): programs of BLOCK_C segments, N_S = cdiv(C, BLOCK_C) of them
+    per side-head, BLOCK_C a power of two >= 16 (the product's least rows) and >= ROWS * C
+    / L, so that a program reads about ROWS rows or more; and of a D chunk of BLOCK_DC,
+    which halves (down to 16) while the grid has fewer than two programs per SM. The
+    forward's BLOCK_C x BLOCK_DC accumulator stays at 8192 float32; its rows in blocks of
+    32 once it passes 2048 (sm_90, C = D = 64 in one block, bf16: 64 rows spilled 536
+    bytes, 32 rows none). 8 warps for tiles of 64 rows x 64 columns (AOT check, sm_90,
+    bf16, C = D = 64: with 4 warps both kernels took 255 registers and spilled, the
+    forward 8-24 bytes, the backward up to 1.1 KB; with 8, 116-202 registers, none)."""
     BLOCK_C = min(_common.pow2(C), _common.pow2(_common.cdiv(ROWS * max(C, 1), max(L, 1))))
     N_S = max(1, _common.cdiv(C, BLOCK_C))
     BLOCK_DC = min(_common.pow2(D), max(16, 8192 // BLOCK_C), 64)
     while BLOCK_DC > 16 and heads * N_S * _common.cdiv(D, BLOCK_DC) < 2 * _common.sm_count(device):
         BLOCK_DC //= 2
-    if bwd:
-        BLOCK_L = 64
-        num_warps = 8 if BLOCK_L * BLOCK_DC >= 4096 else 4
-    else:
-        BLOCK_L = 64 if BLOCK_C * BLOCK_DC <= 2048 else 32
-        num_warps = 4 if BLOCK_C * BLOCK_DC <= 4096 else 8
+    BLOCK_L = 64 if bwd or BLOCK_C * BLOCK_DC <= 2048 else 32
+    num_warps = 8 if BLOCK_L * BLOCK_DC >= 4096 or BLOCK_C * BLOCK_DC > 4096 else 4
     return BLOCK_L, BLOCK_C, BLOCK_DC, _common.cdiv(D, BLOCK_DC), N_S, num_warps
 
 
