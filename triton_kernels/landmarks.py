@@ -195,9 +195,10 @@ def _means(X, PAD, CU, OUT, b, h, HX, L, nv, ce, C, D, sx_b, sx_h, sx_l, sx_d, s
         p0 += n_in
         member = valid[None, :] & (pos[None, :] >= lo[:, None]) & (pos[None, :] < hi[:, None])
         # the valid rows of the block are its members (ce > 0); padded rows and rows of an
-        # element with C_eff = 0 are never read
-        x = tl.load(base + l[:, None] * sx_l + d[None, :] * sx_d, mask=tl.where(ce > 0, valid, False)[:, None] & d_ok[None, :],
-                    other=0.0)
+        # element with C_eff = 0 are never read (a where: the interpreter's load rejects the
+        # mask of a scalar bool & a bool vector)
+        read = tl.where(ce > 0, valid, False)
+        x = tl.load(base + l[:, None] * sx_l + d[None, :] * sx_d, mask=read[:, None] & d_ok[None, :], other=0.0)
         acc += mma(tl.where(member, 1.0, 0.0), x, DT, "ieee", EMU)      # one-hot [BLOCK_C, BLOCK_L] @ rows
     out = acc / tl.maximum(hi - lo, 1).to(tl.float32)[:, None] * ss
     cs = c0 + tl.arange(0, BLOCK_C)
