@@ -153,6 +153,7 @@ if built():
         return B, q.shape[1], min(num_samples, N, M), q.shape[-1]
 
     def _state_numel(B, H, C, D, Dv, proposal, weighting):
+        # elements of lara_fwd's state (csrc/state_layout.h: the fields, in order)
         n = B * H * C * (4 * D + 4 + Dv)
         if weighting == 0:
             n += 2 * B * H * C

@@ -43,3 +43,4 @@ def generate(repo: pathlib.Path, out: pathlib.Path) -> None:
     ops = (src / "lara_ops.cpp").read_text()
     write("lara_ops_checks.cpp", ops[: ops.index("TORCH_LIBRARY(lara_kernels")])
     write("lara_ops.h", (src / "lara_ops.h").read_text())
+    write("state_layout.h", (src / "state_layout.h").read_text())

@@ -12,7 +12,8 @@
 // and, in the backward, the normalizer's dq (and the attend proposal's dk) before they are
 // added in. Both layouts (padded with masks, packed with
 // offsets), grouped-query attention, given landmarks, training noise, every proposal and
-// weighting. The forward returns y and one flat compute-type "state" tensor holding the
+// weighting. The forward returns y and one flat compute-type "state" tensor (layout:
+// csrc/state_layout.h, shared with the CUDA implementation) holding the
 // C-sized results the backward needs (no N x C or M x C tensor is kept):
 //
 //   qt, kt, mu, w (B, H, C, D) | Z, bias, rho, log_den (B, H, C) | kap (B, H, C, Dv)
@@ -50,6 +51,7 @@
 #include <vector>
 
 #include "../lara_ops.h"
+#include "../state_layout.h"
 #include "cpu_math.h"
 #include "passes.h"
 #include "seqs.h"
@@ -228,41 +230,9 @@ Problem setup(const char* op, const Tensor& q, const Tensor& k, const Tensor& v,
   return p;
 }
 
-// Offsets of the fields of the state tensor (-1: absent).
-struct StateLayout {
-  int64_t qt = -1, kt = -1, mu = -1, w = -1, Z = -1, bias = -1, rho = -1, logden = -1, kap = -1, lam = -1, bh = -1,
-          amix = -1, zatt = -1, katt = -1, total = 0;
-};
-
+// Offsets of the fields of the state tensor (csrc/state_layout.h).
 StateLayout state_layout(const Problem& p) {
-  StateLayout s;
-  const int64_t BH = p.B * p.H, cd = BH * p.C * p.D, c1 = BH * p.C;
-  int64_t off = 0;
-  auto take = [&](int64_t n) {
-    const int64_t o = off;
-    off += n;
-    return o;
-  };
-  s.qt = take(cd);
-  s.kt = take(cd);
-  s.mu = take(cd);
-  s.w = take(cd);
-  s.Z = take(c1);
-  s.bias = take(c1);
-  s.rho = take(c1);
-  s.logden = take(c1);
-  s.kap = take(c1 * p.DV);
-  if (p.optimal()) {
-    s.lam = take(c1);
-    s.bh = take(c1);
-  }
-  if (p.proposal == kMixed) s.amix = take(c1 * p.C);
-  if (p.proposal == kAttend) {
-    s.zatt = take(c1);
-    s.katt = take(cd);
-  }
-  s.total = off;
-  return s;
+  return lara::state_layout(p.B, p.H, p.C, p.D, p.DV, p.optimal(), p.proposal == kMixed, p.proposal == kAttend);
 }
 
 // Scratch of n elements of T for the C-sized steps of one call: uninitialized (every

@@ -71,36 +71,9 @@ struct Setup {
   at::ScalarType ct = at::kFloat;
 };
 
-// The state layout of csrc/cpu/fused.cpp (state_layout), in elements.
+// The state's layout (csrc/state_layout.h), in elements.
 cuda::StateOffsets state_offsets(const Setup& s) {
-  cuda::StateOffsets o;
-  const int64_t BH = s.B * s.H, cd = BH * s.C * s.D, c1 = BH * s.C;
-  int64_t off = 0;
-  auto take = [&](int64_t n) {
-    const int64_t r = off;
-    off += n;
-    return r;
-  };
-  o.qt = take(cd);
-  o.kt = take(cd);
-  o.mu = take(cd);
-  o.w = take(cd);
-  o.Z = take(c1);
-  o.bias = take(c1);
-  o.rho = take(c1);
-  o.logden = take(c1);
-  o.kap = take(c1 * s.DV);
-  if (s.optimal) {
-    o.lam = take(c1);
-    o.bh = take(c1);
-  }
-  if (s.proposal == kMixed) o.amix = take(c1 * s.C);
-  if (s.proposal == kAttend) {
-    o.zatt = take(c1);
-    o.katt = take(cd);
-  }
-  o.total = off;
-  return o;
+  return lara::state_layout(s.B, s.H, s.C, s.D, s.DV, s.optimal, s.proposal == kMixed, s.proposal == kAttend);
 }
 
 void check_mask(const char* op, const char* name, const OptTensor& m, int64_t B, int64_t L, const at::Tensor& q) {

@@ -6,8 +6,8 @@
 // headers. The torch binding is fused_cuda.cpp, whose header has the sequence of launches.
 //
 // "A" is the compute type: double for DType::kFloat64 inputs, float otherwise. The state is
-// the flat compute-type tensor of lara_fwd (csrc/cpu/fused.cpp has its layout; StateOffsets
-// below are its offsets in elements, -1 for an absent field). Every C-sized array is
+// the flat compute-type tensor of lara_fwd (csrc/state_layout.h has its layout; StateOffsets
+// are its offsets in elements, -1 for an absent field). Every C-sized array is
 // contiguous, indexed by ((b * H + h) * C + c) * width, and the G = H / H_kv query heads of a
 // key/value head are consecutive, so the same index serves the key pass's (B, H_kv, G * C)
 // view of its rows.
@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <cuda_runtime.h>
 
+#include "../state_layout.h"
 #include "passes_kernel.h"
 
 namespace lara {
@@ -23,10 +24,7 @@ namespace cuda {
 
 constexpr int kSegment = 0, kMixed = 1, kAttend = 2;
 
-struct StateOffsets {
-  int64_t qt = -1, kt = -1, mu = -1, w = -1, Z = -1, bias = -1, rho = -1, logden = -1, kap = -1, lam = -1, bh = -1,
-          amix = -1, zatt = -1, katt = -1, total = 0;
-};
+using StateOffsets = lara::StateLayout;   // the state's layout (csrc/state_layout.h)
 
 // How the per-element counts are found on the device, never on the host.
 //  - padded without masks: every element has N queries, M keys, C active samples;
