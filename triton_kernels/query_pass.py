@@ -150,6 +150,28 @@ def _query_fwd_kernel(
                  mask=n_in[:, None] & dv_ok[None, :])
 
 
+@triton.jit
+def _logits_t(q_base, sq_n, sq_d, n64, n_ok, W, QT, rows, c_ok, D, ss,
+              MIS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+              BLOCK_DC: tl.constexpr, N_DC: tl.constexpr,
+              DT: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr):
+    """The transposed logits of ``_logits``, w . qh^T and qt . qh^T, [BLOCK_C, BLOCK_N]
+    each (samples along the rows: the backward's orientation)."""
+    s = tl.zeros([BLOCK_C, BLOCK_N], tl.float32)
+    t = tl.zeros([BLOCK_C, BLOCK_N], tl.float32)
+    for i in range(0, tl.cdiv(D, BLOCK_DC)):   # a loop, not unrolled: one chunk's loads live at a time
+        d = (i * BLOCK_DC + tl.arange(0, BLOCK_DC)).to(tl.int64)
+        d_ok = d < D
+        qc = tl.load(q_base + n64[:, None] * sq_n + d[None, :] * sq_d,
+                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)    # [BLOCK_N, BLOCK_DC]
+        wc = tl.load(W + rows[:, None] * D + d[None, :], mask=c_ok[:, None] & d_ok[None, :], other=0.0)
+        s += mma(rnd(wc * ss, DT, EMU), tl.trans(qc), DT, PREC, EMU)
+        if MIS:
+            qtc = tl.load(QT + rows[:, None] * D + d[None, :], mask=c_ok[:, None] & d_ok[None, :], other=0.0)
+            t += mma(rnd(qtc * ss, DT, EMU), tl.trans(qc), DT, PREC, EMU)
+    return s, t
+
+
 @triton.jit(do_not_specialize=["N", "blocks_per_split", "S"])
 def _query_bwd_kernel(
     Q, W, BIAS, KAP, CEFF, PAD, CU, QT, LAM, BHW, DY, DQ, PART,
@@ -169,6 +191,9 @@ def _query_bwd_kernel(
     # MIS: dalpha = dL / alpha where alpha > 1e-8 (docs/design.md); dbh_c = sum_n dalpha_nc
     #      dr = beta (dalpha - mean over active c' of dalpha); dt = dr r
     #      dLam_c = -sum_n dt_cn;  dqt_c = sum_n dt_cn qh_n
+    # Every C x N tile is held transposed, [BLOCK_C, BLOCK_N] (samples along the rows):
+    # the tensor-core layout puts the warps along a product's rows, and BLOCK_C >= BLOCK_N,
+    # so the warps split the samples instead of holding copies of a few query rows.
     # Partials of split s, one row of PART (S, B*H*C, PW) per sample:
     #      [dw (D) | dkap (Dv) | dbias | dqt (D) | dbh | dLam]   (the last three with MIS)
     DT: tl.constexpr = Q.dtype.element_ty
@@ -213,7 +238,7 @@ def _query_bwd_kernel(
     vj = (pid_j * BLOCK_VC + tl.arange(0, BLOCK_VC)).to(tl.int64)
     vj_ok = vj < DV
     wj = tl.load(W + rows[:, None] * D + dj[None, :], mask=c_ld[:, None] & dj_ok[None, :], other=0.0)
-    wj = rnd(wj * ss, DT, EMU)
+    wj = rnd(wj * ss, DT, EMU)                                         # [BLOCK_C, BLOCK_DC]
     if MIS:
         qtj = tl.load(QT + rows[:, None] * D + dj[None, :], mask=c_ld[:, None] & dj_ok[None, :], other=0.0)
         qtj = rnd(qtj * ss, DT, EMU)
@@ -231,53 +256,53 @@ def _query_bwd_kernel(
         if HAS_PAD:
             padded = tl.load(PAD + b * sp_b + n64 * sp_n, mask=n_in, other=1)
             row_ok = row_ok & (padded == 0)
-        keep = row_ok[:, None] & act[None, :]                          # [BLOCK_N, BLOCK_C]
+        keep = act[:, None] & row_ok[None, :]                          # [BLOCK_C, BLOCK_N]
 
-        s, t = _logits(q_base, sq_n, sq_d, n64, row_ok, W, QT, rows, c_ok, D, ss,
-                       MIS, BLOCK_N, BLOCK_C, BLOCK_DC, N_DC, DT, PREC, EMU)
-        logit = s + bias[None, :]
+        s, t = _logits_t(q_base, sq_n, sq_d, n64, row_ok, W, QT, rows, c_ok, D, ss,
+                         MIS, BLOCK_N, BLOCK_C, BLOCK_DC, N_DC, DT, PREC, EMU)
+        logit = s + bias[:, None]
         if MIS:
-            r = tl.exp(t - lam[None, :])
-            r_mean = tl.sum(tl.where(act[None, :], r, 0.0), axis=1) / n_act
-            alpha = bhw[None, :] + beta * (r - r_mean[:, None])
+            r = tl.exp(t - lam[:, None])
+            r_mean = tl.sum(tl.where(act[:, None], r, 0.0), axis=0) / n_act
+            alpha = bhw[:, None] + beta * (r - r_mean[None, :])
             logit += tl.log(tl.maximum(alpha, ALPHA_FLOOR))
-        logit = tl.where(act[None, :], logit, float("-inf"))
-        mx = tl.max(logit, axis=1)
-        p = tl.exp(logit - mx[:, None])
-        p = p / tl.sum(p, axis=1)[:, None]
-        p = tl.where(keep, p, 0.0)                                     # [BLOCK_N, BLOCK_C]
+        logit = tl.where(act[:, None], logit, float("-inf"))
+        mx = tl.max(logit, axis=0)
+        p = tl.exp(logit - mx[None, :])
+        p = p / tl.sum(p, axis=0)[None, :]
+        p = tl.where(keep, p, 0.0)                                     # [BLOCK_C, BLOCK_N]
 
-        dp = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
-        for i in tl.static_range(N_VC):
+        dp = tl.zeros([BLOCK_C, BLOCK_N], tl.float32)
+        for i in range(0, tl.cdiv(DV, BLOCK_VC)):
             dv = (i * BLOCK_VC + tl.arange(0, BLOCK_VC)).to(tl.int64)
             dv_ok = dv < DV
             dyc = tl.load(dy_base + n64[:, None] * sdy_n + dv[None, :] * sdy_d,
                           mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
             kapc = tl.load(KAP + rows[:, None] * DV + dv[None, :], mask=c_ok[:, None] & dv_ok[None, :], other=0.0)
-            dp += mma(dyc, tl.trans(kapc), DT, PREC, EMU)
-        delta = tl.sum(p * dp, axis=1)
-        dl = tl.where(keep, p * (dp - delta[:, None]), 0.0)            # [BLOCK_N, BLOCK_C]
+            dp += mma(kapc, tl.trans(dyc), DT, PREC, EMU)
+        delta = tl.sum(p * dp, axis=0)
+        dl = tl.where(keep, p * (dp - delta[None, :]), 0.0)            # [BLOCK_C, BLOCK_N]
 
         dyj = tl.load(dy_base + n64[:, None] * sdy_n + vj[None, :] * sdy_d,
                       mask=row_ok[:, None] & vj_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_VC]
-        acc_dkap += mma(tl.trans(p), dyj, DT, PREC, EMU)
+        acc_dkap += mma(p, dyj, DT, PREC, EMU)
         qj = tl.load(q_base + n64[:, None] * sq_n + dj[None, :] * sq_d,
                      mask=row_ok[:, None] & dj_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_DC]
-        dq = mma(dl, wj, DT, PREC, EMU)                                # [BLOCK_N, BLOCK_DC]
-        acc_dw += mma(tl.trans(dl), qj, DT, PREC, EMU)
-        acc_db += tl.sum(dl, axis=0)
+        dq = mma(tl.trans(wj), dl, DT, PREC, EMU)                      # [BLOCK_DC, BLOCK_N] (dq^T)
+        acc_dw += mma(dl, qj, DT, PREC, EMU)
+        acc_db += tl.sum(dl, axis=1)
         if MIS:
             ok = keep & (alpha > ALPHA_FLOOR)                          # no gradient at or below the floor
             dal = tl.where(ok, dl / tl.where(ok, alpha, 1.0), 0.0)
-            acc_dbh += tl.sum(dal, axis=0)
-            dal_mean = tl.sum(dal, axis=1) / n_act
-            dt = tl.where(keep, beta * (dal - dal_mean[:, None]) * r, 0.0)
-            acc_dlam -= tl.sum(dt, axis=0)
-            dq += mma(dt, qtj, DT, PREC, EMU)
-            acc_dqt += mma(tl.trans(dt), qj, DT, PREC, EMU)
-        dq = tl.where(row_ok[:, None], dq, 0.0)
-        tl.store(dq_base + n64[:, None] * sdq_n + dj[None, :] * sdq_d, rnd(dq, DQ.dtype.element_ty, EMU),
-                 mask=n_in[:, None] & dj_ok[None, :])
+            acc_dbh += tl.sum(dal, axis=1)
+            dal_mean = tl.sum(dal, axis=0) / n_act
+            dt = tl.where(keep, beta * (dal - dal_mean[None, :]) * r, 0.0)
+            acc_dlam -= tl.sum(dt, axis=1)
+            dq += mma(tl.trans(qtj), dt, DT, PREC, EMU)
+            acc_dqt += mma(dt, qj, DT, PREC, EMU)
+        dq = tl.where(row_ok[None, :], dq, 0.0)
+        tl.store(dq_base + n64[None, :] * sdq_n + dj[:, None] * sdq_d, rnd(dq, DQ.dtype.element_ty, EMU),
+                 mask=n_in[None, :] & dj_ok[:, None])
 
     PW = (2 * D + DV + 3) if MIS else (D + DV + 1)
     prow = ((pid_s.to(tl.int64) * BH + bh) * C + c) * PW               # rows of (S, B*H*C, PW)
