@@ -159,7 +159,8 @@ def _logits_t(q_base, sq_n, sq_d, n64, n_ok, W, QT, rows, c_ok, D, ss,
     each (samples along the rows: the backward's orientation)."""
     s = tl.zeros([BLOCK_C, BLOCK_N], tl.float32)
     t = tl.zeros([BLOCK_C, BLOCK_N], tl.float32)
-    for i in range(0, tl.cdiv(D, BLOCK_DC)):   # a loop, not unrolled: one chunk's loads live at a time
+    # a loop, not unrolled and not pipelined: one chunk's loads are live at a time
+    for i in tl.range(0, tl.cdiv(D, BLOCK_DC), num_stages=1):
         d = (i * BLOCK_DC + tl.arange(0, BLOCK_DC)).to(tl.int64)
         d_ok = d < D
         qc = tl.load(q_base + n64[:, None] * sq_n + d[None, :] * sq_d,
@@ -273,7 +274,7 @@ def _query_bwd_kernel(
         p = tl.where(keep, p, 0.0)                                     # [BLOCK_C, BLOCK_N]
 
         dp = tl.zeros([BLOCK_C, BLOCK_N], tl.float32)
-        for i in range(0, tl.cdiv(DV, BLOCK_VC)):
+        for i in tl.range(0, tl.cdiv(DV, BLOCK_VC), num_stages=1):    # as in _logits_t
             dv = (i * BLOCK_VC + tl.arange(0, BLOCK_VC)).to(tl.int64)
             dv_ok = dv < DV
             dyc = tl.load(dy_base + n64[:, None] * sdy_n + dv[None, :] * sdy_d,
@@ -318,16 +319,17 @@ def _query_bwd_kernel(
             tl.store(PART + prow + 2 * D + DV + 2, acc_dlam, mask=c_ok)
 
 
-def blocks(C, D, DV, block_n=None, d_chunk=None, bwd=False, arch=None):
+def blocks(C, D, DV, block_n=None, d_chunk=None, bwd=False, arch=None, fp32=False):
     """(BLOCK_N, BLOCK_C, BLOCK_DC, N_DC, BLOCK_VC, N_VC, num_warps) of the forward (or
     the backward) query kernel for compute capability ``arch`` (``_common.arch``; None:
-    the newest); the backward holds three C x chunk accumulators and about ten N x C
-    tiles, so twice the warps."""
+    the newest) and inputs in float32 (``fp32``) or a half dtype; the backward holds
+    three C x chunk accumulators and about ten C x N tiles, so twice the warps."""
     BLOCK_C = _common.pow2(C)
     chunk = d_chunk if d_chunk is not None else (64 if BLOCK_C <= 64 else 32)
-    if d_chunk is None and bwd and arch is not None and arch < 90 and BLOCK_C >= 64:
-        # sm_80 (mma.sync) spills more of the C x chunk accumulators than sm_90 (wgmma):
-        # smaller chunks (C = D = 64, bf16: stack 1360 -> 888 bytes, AOT check)
+    if d_chunk is None and bwd and BLOCK_C >= 64 and (fp32 or (arch is not None and arch < 90)):
+        # sm_80 (mma.sync), and float32 operands (twice the registers of half ones), spill
+        # with chunks of 64 at C = 64: chunks of 32 (stack, bytes per thread, AOT check:
+        # sm_80 bfloat16 264 -> 0, float32 360 -> 16; sm_90 float32 272-424 -> 8-32)
         chunk = 32
     BLOCK_DC = min(_common.pow2(D), chunk)
     BLOCK_VC = min(_common.pow2(DV), chunk)
@@ -405,7 +407,8 @@ def query_pass_bwd_split(q, w, bias, kap, c_eff, padding, ss, qt, lam, bh, beta,
     DV, dev, mis = kap.shape[3], q.device, qt is not None
     w, bias, kap, c_eff, qt, lam, bh = _prepare(w, bias, kap, c_eff, qt, lam, bh, dev)
     BLOCK_N, BLOCK_C, BLOCK_DC, N_DC, BLOCK_VC, N_VC, num_warps = blocks(C, D, DV, block_n, d_chunk, bwd=True,
-                                                                       arch=_common.arch(dev))
+                                                                       arch=_common.arch(dev),
+                                                                       fp32=q.dtype == torch.float32)
     NJ = max(N_DC, N_VC)
     S, per_split = _common.num_splits(_common.cdiv(N, BLOCK_N), B * H * NJ, dev, BWD_PER_SM, splits)
 
