@@ -32,15 +32,29 @@ chunks (BLOCK_DC of D, BLOCK_VC of Dv), so the C x D tiles stay small even for
 C = D = 256. Traffic: q read once and y written once (the floor); the C-sized w, qt,
 kap, bias (C x (2D + Dv) float32 per head) once per program, from L2.
 
-Backward (docs/design.md, "Backward"): program (bh, j, s) recomputes the N x C tiles of the query
-blocks of split s and produces chunk j of the head dims: dq[:, chunk j], and the
-per-split partials of dw, dqt (D chunk j), dkap (Dv chunk j) and, for j = 0, the
+Backward (docs/design.md, "Backward"): program (bh, j, s) recomputes the N x C tiles of
+the query blocks of split s and produces chunk j of the head dims: dq[:, chunk j], and
+the per-split partials of dw, dqt (D chunk j), dkap (Dv chunk j) and, for j = 0, the
 C-sized ones (dbias, dbh, dLam), all in one (S, B*H*C, width) float32 buffer summed by
 one torch op (deterministic; ``query_pass_bwd_split`` is the launch alone, whose
-partials the lean path sums in triton_kernels/small.py). With one chunk (D, Dv <= the chunk size: 64 for C <= 64)
-q and dy are read once and dq written once (the floor); with NJ chunks the N x C logits
-are recomputed once per chunk and q, dy read NJ times, which keeps the register
-accumulators at C x chunk. S comes from the occupancy (BWD_PER_SM programs per SM).
+partials the lean path sums in triton_kernels/small.py). With one chunk (D, Dv <= the
+chunk size: 64 for C <= 64 in a half dtype on sm_90, else 32) q and dy are read once
+and dq written once (the floor); with NJ chunks the N x C logits are recomputed once per
+chunk and q, dy read NJ times, which keeps the register accumulators at C x chunk.
+S comes from the occupancy (BWD_PER_SM programs per SM).
+
+Registers of the backward: its tiles are held transposed, C x BLOCK_N (samples along
+the rows), and dq as its transpose chunk x BLOCK_N. The tensor-core layout of sm_80
+(mma.sync, one layout for all the products of a kernel) puts the warps along a
+product's rows: with 16 query rows along them, 8 warps held 8 copies of every N x C
+tile (64 float32 registers per thread for each of about ten tiles at C = 128), and
+ptxas spilled 1-7 KB per thread; along C the warps split the tiles (8 registers each).
+The loops over the head-dim chunks inside the query block (the logits, dy . kap) are
+loops, neither unrolled nor pipelined, so one chunk's loads are live at a time. Stack
+frames at the main configurations (D, C <= 128, AOT check, tests/test_triton_aot.py):
+sm_80 0-16 bytes in float16/bfloat16 and up to 176 in float32 (before: up to 7.6 KB);
+sm_90 0 in float16/bfloat16 (before: up to 272) and up to 192 in float32 (before: up
+to 4.8 KB).
 """
 
 from __future__ import annotations
