@@ -11,7 +11,8 @@ sm_80 and sm_90, with the installed Triton (also meant for Triton 3.6, the GPU m
 version). Prints the table (registers, stack frame, spill stores, shared memory, mma;
 each packed specialization next to the padded one) and every failed requirement
 (compile error, shared memory over the limit, half dtype without mma, spills above the
-bound at D, C <= 128); exits 1 when there is one. CI runs the main configurations only
+bound at D, C <= 128 on sm_80 and sm_90, the known spills of SPILL_KNOWN above their own
+bounds); exits 1 when there is one. CI runs the main configurations only
 (``--main``: both layouts, the variants holding the most state).
 """
 

@@ -8,13 +8,14 @@ counts use an H100's 132 SMs), in both layouts of the long tensors: padded (B, H
 and packed (T, H, D) with cu_seqlens (T = B * 8192, max_seqlen 8192), whose kernels are
 the VARLEN specializations (issue 16). The packed ones hold a few more scalars (the
 sequence's first row and length, the live-block count) and compile to about the same
-registers and stack as the padded ones: at the CI configurations (bf16) their stack
-frames on sm_90 are 0 / 192 bytes (key backward, D = C = 64 / 128; padded 0 / 184),
-0 / 0 (key forward, as padded), 24 / 128-160 (query backward; padded 32 / 272), 0 / 0
-(query forward); sm_80 spills in both layouts as described below (query backward
-D = C = 128: packed 2.9 KB, padded 7.1-7.5 KB; figures vary a little between runs). Each recorded launch is compiled with ``triton.compile``
-for ``GPUTarget("cuda", arch, 32)``; the cubin is read with the cuobjdump bundled with
-Triton (registers, stack frame, SASS), the PTX for the tensor-core instructions.
+registers and stack as the padded ones: at the CI configurations (bf16, D = C = 64 /
+128) their stack frames in bytes are, packed (padded): key backward sm_90 0 / 192
+(0 / 184), sm_80 0 / 504 (0 / 528); key forward sm_90 0 / 0 (0 / 0), sm_80 168 / 96
+(96 / 128); query backward sm_90 0 / 0 (0 / 0), sm_80 0 / 0 (0 / 16); query forward
+0 / 0 on both (Triton 3.9; figures vary a little between runs). Each recorded launch
+is compiled with ``triton.compile`` for ``GPUTarget("cuda", arch, 32)``; the cubin is
+read with the cuobjdump bundled with Triton (registers, stack frame, SASS), the PTX for
+the tensor-core instructions.
 
 Fails on:
 - a compile error;
@@ -32,16 +33,23 @@ Fails on:
   of the logits in a loop (triton_kernels/query_pass.py), with chunks of 32 on sm_80
   and for float32 inputs at C >= 64: 0-16 bytes on both architectures in
   float16/bfloat16, up to 176 (sm_80) and 192 (sm_90) bytes in float32 (measured with
-  Triton 3.9, ``.ci/triton_aot_check.py --main``). The forward kernels spill nothing
-  or a few bytes at these sizes. The key backward at C = D = 128 still spills
+  Triton 3.9, ``.ci/triton_aot_check.py --main``). In float16/bfloat16 the forward
+  kernels spill nothing or up to 168 bytes at these sizes. The key backward at C = D = 128 still spills
   (SPILL_KNOWN): on sm_80 504-528 bytes in float16/bfloat16 (8 warps; 16 warps: 848)
   and 856-880 in float32; on sm_90 in float32 288 (packed) to 2696 (padded) bytes, where
   ptxas gives the padded kernel 64 registers of the 128 it may use. Its C x 16-key
   tiles are already along the warps; what it holds is dw (C x D float32, 64 registers at
   8 warps) and four C x D operands (w and dkap, each in the layouts of two products),
-  which the compiler keeps in registers across the key loop. Holding dk, dv
-  transposed did not help (448-488 bytes); chunking D would read k and v once per chunk;
-  both left to a later change;
+  which the PTX shows loaded once before the key loop. Holding dk, dv transposed (the
+  query backward's cure) did not help (448-488 bytes); chunking D would read k and v
+  once per chunk; left to a later change. The lean path's landmarks backward
+  (triton_kernels/landmarks.py, compiled at the CI configurations) spills 1336 bytes on
+  sm_80 in the packed layout at D = C = 64 (padded: 0; sm_90: 296 packed), also in
+  SPILL_KNOWN. In float32 (``tl.dot`` without tensor cores
+  at the default "highest" precision) the forward kernels spill at most main
+  configurations on both architectures (query forward 0.2-7.9 KB, key forward up to
+  10 KB, ptxas often giving them 32 registers): ``--main`` lists them (30 failures,
+  none in a half dtype, none in a backward kernel); CI compiles bfloat16 only;
 - a grid axis other than 0, or a grid beyond axis 0's limit (2**31 - 1) at B*H = 70000.
 
 A compile takes 10-30 s on CI's two cores, so CI compiles the two ends of the main
@@ -84,6 +92,8 @@ SPILL_KNOWN = {
     ("_key_bwd_kernel", 80, 128, 128, ("bf16", "fp16")): 640,   # 504 (packed), 528 (padded)
     ("_key_bwd_kernel", 80, 128, 128, ("fp32",)): 1024,         # 856, 880
     ("_key_bwd_kernel", 90, 128, 128, ("fp32",)): 3072,         # 288, 2696
+    # the lean path's landmarks backward (triton_kernels/landmarks.py), packed layout
+    ("_landmarks_bwd_kernel", 80, 64, 64, ("bf16", "fp16")): 1536,   # 1336 (packed), 0 (padded)
 }
 H100_SMS = 132
 B_, H_, L_ = 8, 12, 8192
@@ -296,7 +306,8 @@ def stack_bound(kernel, arch, cfgs):
     configuration is a known spill."""
     bounds = []
     for D, C, dt in cfgs:
-        known = [b for (k, a, d, c, dts), b in SPILL_KNOWN.items() if (k, a, d, c) == (kernel, arch, D, C) and dt in dts]
+        known = [b for (k, a, d, c, dts), b in SPILL_KNOWN.items()
+                 if (k, a, d, c) == (kernel, arch, D, C) and dt in dts]
         bounds.append(known[0] if known else MAX_STACK)
     return min(bounds, default=MAX_STACK)
 
