@@ -31,25 +31,25 @@ Fails on:
   N x C tiles with 16 query rows along them, so 8 warps held 8 copies of each. It now
   holds them transposed (C x BLOCK_N, the warps along C) and walks the head-dim chunks
   of the logits in a loop (triton_kernels/query_pass.py), with chunks of 32 on sm_80
-  and for float32 inputs at C >= 64: 0-16 bytes on both architectures in
-  float16/bfloat16, up to 176 (sm_80) and 192 (sm_90) bytes in float32 (measured with
-  Triton 3.9, ``.ci/triton_aot_check.py --main``). In float16/bfloat16 the forward
-  kernels spill nothing or up to 168 bytes at these sizes. The key backward at C = D = 128 still spills
-  (SPILL_KNOWN): on sm_80 504-528 bytes in float16/bfloat16 (8 warps; 16 warps: 848)
+  and for float32 inputs at C >= 64: in float16/bfloat16 0 bytes on sm_90 and 0-16 on
+  sm_80 (112 for the lean path's specialization at D = C = 128), in float32 up to 176
+  (sm_80) and 192 (sm_90) bytes (Triton 3.9, ``.ci/triton_aot_check.py --main``). In
+  float16/bfloat16 the forward kernels spill nothing or up to 168 bytes at these sizes.
+  The key backward at C = D = 128 still spills (SPILL_KNOWN): on sm_80 504-528 bytes in
+  float16/bfloat16 (8 warps; 16 warps: 848; the lean path's specializations 96-296)
   and 856-880 in float32; on sm_90 in float32 288 (packed) to 2696 (padded) bytes, where
   ptxas gives the padded kernel 64 registers of the 128 it may use. Its C x 16-key
   tiles are already along the warps; what it holds is dw (C x D float32, 64 registers at
   8 warps) and four C x D operands (w and dkap, each in the layouts of two products),
   which the PTX shows loaded once before the key loop. Holding dk, dv transposed (the
   query backward's cure) did not help (448-488 bytes); chunking D would read k and v
-  once per chunk; left to a later change. The lean path's landmarks backward
-  (triton_kernels/landmarks.py, compiled at the CI configurations) spills 1336 bytes on
-  sm_80 in the packed layout at D = C = 64 (padded: 0; sm_90: 296 packed), also in
-  SPILL_KNOWN. In float32 (``tl.dot`` without tensor cores
-  at the default "highest" precision) the forward kernels spill at most main
-  configurations on both architectures (query forward 0.2-7.9 KB, key forward up to
-  10 KB, ptxas often giving them 32 registers): ``--main`` lists them (30 failures,
-  none in a half dtype, none in a backward kernel); CI compiles bfloat16 only;
+  once per chunk; left to a later change. The lean path's own kernels (landmarks, the
+  small C-sized steps; CI configurations) spill nothing or up to 16 bytes. In float32
+  (``tl.dot`` without tensor cores at the default "highest" precision) the forward
+  kernels spill at most main configurations on both architectures (query forward
+  0.2-7.9 KB, key forward up to 10 KB, ptxas often giving them 32 registers):
+  ``--main`` lists them (30 failures, none in a half dtype, none in a backward kernel);
+  CI compiles bfloat16 only;
 - a grid axis other than 0, or a grid beyond axis 0's limit (2**31 - 1) at B*H = 70000.
 
 A compile takes 10-30 s on CI's two cores, so CI compiles the two ends of the main
@@ -92,8 +92,6 @@ SPILL_KNOWN = {
     ("_key_bwd_kernel", 80, 128, 128, ("bf16", "fp16")): 640,   # 504 (packed), 528 (padded)
     ("_key_bwd_kernel", 80, 128, 128, ("fp32",)): 1024,         # 856, 880
     ("_key_bwd_kernel", 90, 128, 128, ("fp32",)): 3072,         # 288, 2696
-    # the lean path's landmarks backward (triton_kernels/landmarks.py), packed layout
-    ("_landmarks_bwd_kernel", 80, 64, 64, ("bf16", "fp16")): 1536,   # 1336 (packed), 0 (padded)
 }
 H100_SMS = 132
 B_, H_, L_ = 8, 12, 8192

@@ -52,7 +52,8 @@ ptxas spilled 1-7 KB per thread; along C the warps split the tiles (8 registers 
 The loops over the head-dim chunks inside the query block (the logits, dy . kap) are
 loops, neither unrolled nor pipelined, so one chunk's loads are live at a time. Stack
 frames at the main configurations (D, C <= 128, AOT check, tests/test_triton_aot.py):
-sm_80 0-16 bytes in float16/bfloat16 and up to 176 in float32 (before: up to 7.6 KB);
+sm_80 0-16 bytes in float16/bfloat16 (112 in the lean path's specialization at
+C = D = 128) and up to 176 in float32 (before: up to 7.6 KB);
 sm_90 0 in float16/bfloat16 (before: up to 272) and up to 192 in float32 (before: up
 to 4.8 KB).
 """
