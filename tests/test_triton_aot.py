@@ -105,7 +105,8 @@ PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", 
 LAYOUTS = ("padded", "packed")
 # kernels without a product of half inputs (no tensor-core instruction expected): the
 # split combine; the lean path's small kernels (products of float32 C-sized tensors in
-# "ieee" precision, as torch's float32 matmul) and its landmarks backward (no product)
+# "ieee" precision, as torch's float32 matmul) and its landmarks backward (a float32
+# one-hot product only: the segment sums of the float32 dqt rows)
 NO_HALF_PRODUCTS = {"_key_combine_kernel", "_proposal_kernel", "_stats_kernel", "_small_bwd_rows_kernel",
                     "_small_bwd_cols_kernel", "_mixed_bwd_kernel", "_landmarks_bwd_kernel"}
 
