@@ -39,7 +39,10 @@ row with no key at all, Z = -inf).
 Past C x max(D, Dv) = 128 x 128 (C = 256 with D = 128, or D = 256 with C > 64) one program
 cannot hold all C rows (shared memory, registers): C blocks of 128 * 128 / max(D, Dv)
 rows go on the grid, k and v are read once per C block and the backward sums float32
-dk, dv partials per C block; the sizes up to 128 x 128 read k and v once.
+dk, dv partials per C block; the sizes up to 128 x 128 read k and v once. The C blocks of
+one (head, split) are adjacent on the grid (C block fastest), so they run side by side
+over the same key blocks and the repeated reads of a k/v tile are meant to come from L2,
+not from memory (not measured: no GPU yet).
 Traffic: k and v read once (the floor); w (C x D) read once per program; partials
 S x C x (2 + Dv) float32 per head written and read once, with S ~ SMs / (B*H): small
 next to k and v unless M is short.
@@ -102,9 +105,9 @@ def _key_fwd_kernel(
     NCB: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr,
 ):
     DT: tl.constexpr = K.dtype.element_ty
-    pid = tl.program_id(0)                                             # (bh, cb, s), s fastest
-    pid_s = pid % S
-    pid_c = (pid // S) % NCB
+    pid = tl.program_id(0)                                             # (bh, s, cb), cb fastest
+    pid_c = pid % NCB
+    pid_s = (pid // NCB) % S
     pid_bh = pid // (S * NCB)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
@@ -226,9 +229,9 @@ def _key_bwd_kernel(
     # dv_m = sum_c S_cm dkap_c;  dl_cm = S_cm (dkap_c . v_m + E_c)
     # dk_m = sum_c dl_cm (ss w_c [- ss^2 k_m]);  dw_c = ss sum_m dl_cm k_m
     DT: tl.constexpr = K.dtype.element_ty
-    pid = tl.program_id(0)                                             # (bh, cb, s), s fastest
-    pid_s = pid % S
-    pid_c = (pid // S) % NCB
+    pid = tl.program_id(0)                                             # (bh, s, cb), cb fastest
+    pid_c = pid % NCB
+    pid_s = (pid // NCB) % S
     pid_bh = pid // (S * NCB)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
