@@ -79,9 +79,13 @@ def test_no_host_sync(backend, masked):
     _call(backend, q, k, v, **extra).sum().backward()   # warm-up (compilation may synchronize)
     torch.cuda.synchronize()
     dy = torch.randn(B, H, N, D, device="cuda", dtype=q.dtype)
-    torch.cuda.set_sync_debug_mode("error")
+    torch.cuda.set_sync_debug_mode("error")      # any synchronizing call raises from here on
     try:
         y = _call(backend, q, k, v, **extra)
-        torch.autograd.grad(y, (q, k, v), dy)
+        grads = torch.autograd.grad(y, (q, k, v), dy)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    assert y.shape == (B, H, N, D) and torch.isfinite(y).all()
+    assert all(g.shape == t.shape and torch.isfinite(g).all() for g, t in zip(grads, (q, k, v)))
+    if masked:   # the element with no valid key or query: output and gradients exactly 0
+        assert (y[1] == 0).all() and all((g[1] == 0).all() for g in grads)
