@@ -273,6 +273,28 @@ def test_query_normalizer_direct(padded):
 
 
 @interp
+@pytest.mark.parametrize("padded", [False, True])
+def test_query_normalizer_c_blocks(padded):
+    # the key kernels without values (the normalizer) with several C blocks: the dw partials
+    # per (split, C block of 16 rows) and dk summed over the C blocks (two of 32 rows, the dk
+    # kernel's own blocks at D = 40) in one program
+    Bn, C, N, D = 2, 37, 53, 40
+    qt, q, _ = _dir_inputs(25, Bn, H, C, N, D, 1)
+    pad = _kpm(Bn, N, seed=26) if padded else None
+    ss = 0.6
+    opt = dict(block_m=16, splits=3, block_c=16)
+    lam, kap = kp.key_pass_fwd(qt, q, None, pad, ss, False, **opt)
+    assert kap is None
+    ins = [x.double().requires_grad_() for x in (qt, q)]
+    lam_r = _passes_torch.query_normalizer(*ins, pad, ss)
+    dlam = torch.randn(lam.shape, generator=torch.Generator().manual_seed(27))
+    ref = torch.autograd.grad((lam_r * dlam).sum(), ins)
+    dqt, dq, dv = kp.key_pass_bwd(qt, q, None, pad, ss, False, lam, None, dlam, None, **opt)
+    assert dv is None
+    assert_close([rel_rms(lam, lam_r), rel_rms(dqt, ref[0]), rel_rms(dq, ref[1])])
+
+
+@interp
 @pytest.mark.parametrize("mis", [False, True])
 @pytest.mark.parametrize("cfg", [dict(), dict(block_n=16, d_chunk=16, splits=3)], ids=["default", "chunks"])
 def test_query_pass_direct(mis, cfg):

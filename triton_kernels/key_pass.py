@@ -32,30 +32,36 @@ w_c . kh_m = (ss w_c) . k_m and |kh_m|^2 = ss^2 |k_m|^2 (float32).
 
 Forward: split-K over the long axis. Program (bh, s) holds all C rows of w (padded to a
 power of two >= 16) and runs an online log-sum-exp over the key blocks of split s, so
-every key block is read by exactly one program whatever C is. It writes the partials
+every key block is read by exactly one program (up to 128 x 128, below). It writes the partials
 (max, sum of exp, accumulator) of its split to one (S, B*H*C, 2 + Dv) float32 buffer; a
 second small kernel (grid B*H*C/16) combines the splits into Z and kap (kap = 0 for a
 row with no key at all, Z = -inf).
-Past C x max(D, Dv) = 128 x 128 (C = 256 with D = 128, or D = 256 with C > 64) one program
-cannot hold all C rows (shared memory, registers): C blocks of 128 * 128 / max(D, Dv)
-rows go on the grid, k and v are read once per C block and the backward sums float32
-dk, dv partials per C block; the sizes up to 128 x 128 read k and v once. The C blocks of
-one (head, split) are adjacent on the grid (C block fastest), so they run side by side
-over the same key blocks and the repeated reads of a k/v tile are meant to come from L2,
-not from memory (not measured: no GPU yet).
+Past C x max(D, Dv) = 128 x 128 (C = 256 with D = 128, D = 256 with C > 64, or the G x C
+rows of grouped-query attention: 512 at G = 8, C = 64) one program cannot hold all C rows
+(shared memory, registers): C blocks of 128 * 128 / max(D, Dv) rows go on the grid and k
+and v are read once per C block by the forward. The C blocks of one (head, split) are
+adjacent on the grid (C block fastest), so they run side by side over the same key blocks
+and the repeated reads of a k/v tile are meant to come from L2, not from memory (not
+measured: no GPU yet).
 Traffic: k and v read once (the floor); w (C x D) read once per program; partials
 S x C x (2 + Dv) float32 per head written and read once, with S ~ SMs / (B*H): small
 next to k and v unless M is short.
 
 Backward (docs/design.md, "Backward"): the same grid recomputes the C x M tiles from
-w, k, v and Z and writes dk, dv of every key block directly in the input dtype (each key
-block belongs to one program: no per-sample-block partials) and dw per split
-((S, B*H*C, D) float32, summed by one torch op; deterministic, no atomics).
+w, k, v and Z and writes dw per split ((S, B*H*C, D) float32, summed by one torch op;
+deterministic, no atomics). With one C block the same programs write dk, dv of every key
+block directly in the input dtype (each key block belongs to one program). With several C
+blocks a second kernel (``_key_bwd_dkv_kernel``, program per (head, split)) takes each key
+block once and runs over every C block for it, summing dk, dv in registers: no per-C-block
+partials (they used to be float32 (n_cb, B, H, M, D) tensors, 1.6 GB at C = 256), at the
+price of computing the C x M tiles twice for these sizes and re-reading the C-sized rows
+per key block (C x (D + Dv + 2) float32 per 32 keys, from L2).
 ``key_pass_split`` and ``key_pass_bwd_split`` are the launches alone, partials not
 combined or summed: the lean path (lara_kernels/_whole_triton.py) combines and sums
 them inside its small kernels (triton_kernels/small.py, ``combine_rows``).
 E_c = dZ_c - dkap_c . kap_c is formed in the kernel. Traffic: k, v read once, dk, dv
-written once (the floor); w, dkap, kap, Z, dZ (C-sized) once per program.
+written once (the floor); w, dkap, kap, Z, dZ (C-sized) once per program; with several
+C blocks k and v are read once more per C block by the dw programs.
 """
 
 from __future__ import annotations
@@ -91,6 +97,27 @@ def _keys_of(K, V, CU, b, h, pid_s, c_ok, sk_b, sk_h, sk_m, sv_b, sv_h, sv_m, M,
         return (K + h * sk_h + start * sk_m, V + h * sv_h + start * sv_m, seqlen, n_blk, c_ld)
     else:
         return K + b * sk_b + h * sk_h, V + b * sv_b + h * sv_h, M, blocks_per_split, c_ok
+
+
+@triton.jit
+def _key_tile(k_base, v_base, PAD, b, sp_b, sp_m, first, seqlen, d, d_ok, dv, dv_ok, sk_m, sk_d, sv_m, sv_d,
+              HAS_V: tl.constexpr, HAS_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(m, m_in, valid, k tile [BLOCK_M, BLOCK_D], v tile [BLOCK_M, BLOCK_DV] or the k tile
+    without values) of the key block starting at key ``first`` (int64). Padded keys and
+    values are never read: whatever they hold (even inf/nan) stays out."""
+    m = first + tl.arange(0, BLOCK_M)
+    m_in = m < seqlen
+    valid = m_in
+    if HAS_PAD:
+        padded = tl.load(PAD + b * sp_b + m * sp_m, mask=m_in, other=1)
+        valid = valid & (padded == 0)
+    kk = tl.load(k_base + m[:, None] * sk_m + d[None, :] * sk_d, mask=valid[:, None] & d_ok[None, :], other=0.0)
+    if HAS_V:
+        vv = tl.load(v_base + m[:, None] * sv_m + dv[None, :] * sv_d, mask=valid[:, None] & dv_ok[None, :],
+                     other=0.0)
+    else:
+        vv = kk
+    return m, m_in, valid, kk, vv
 
 
 @triton.jit(do_not_specialize=["M", "blocks_per_split", "S"])
@@ -130,15 +157,9 @@ def _key_fwd_kernel(
     l_i = tl.zeros([BLOCK_C], tl.float32)
     acc = tl.zeros([BLOCK_C, BLOCK_DV], tl.float32)
     for blk in range(0, n_blk):   # a split past the sequence's end: no iteration, neutral partials
-        m = (pid_s * blocks_per_split + blk).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_in = m < seqlen
-        valid = m_in
-        if HAS_PAD:
-            padded = tl.load(PAD + b * sp_b + m * sp_m, mask=m_in, other=1)
-            valid = valid & (padded == 0)
-        # padded keys and values are never read: whatever they hold (even inf/nan) stays out
-        kk = tl.load(k_base + m[:, None] * sk_m + d[None, :] * sk_d,
-                     mask=valid[:, None] & d_ok[None, :], other=0.0)   # [BLOCK_M, BLOCK_D]
+        first = (pid_s * blocks_per_split + blk).to(tl.int64) * BLOCK_M
+        m, m_in, valid, kk, vv = _key_tile(k_base, v_base, PAD, b, sp_b, sp_m, first, seqlen, d, d_ok, dv, dv_ok,
+                                           sk_m, sk_d, sv_m, sv_d, HAS_V, HAS_PAD, BLOCK_M)
         logit = mma(w, tl.trans(kk), DT, PREC, EMU)                    # [BLOCK_C, BLOCK_M]
         if SUB_NORM:
             kf = kk.to(tl.float32)
@@ -150,8 +171,6 @@ def _key_fwd_kernel(
         corr = tl.exp(m_i - m_use)
         l_i = l_i * corr + tl.sum(p, axis=1)
         if HAS_V:
-            vv = tl.load(v_base + m[:, None] * sv_m + dv[None, :] * sv_d,
-                         mask=valid[:, None] & dv_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_DV]
             acc = acc * corr[:, None] + mma(p, vv, DT, PREC, EMU)
         m_i = m_new
 
@@ -211,6 +230,57 @@ def _key_combine_kernel(
         tl.store(KAP + r[:, None] * DV + dv[None, :], kap, mask=r_ok[:, None] & dv_ok[None, :])
 
 
+@triton.jit
+def _rows_bwd(W, Z, DZ, KAP, DKAP, rows, c_ld, d, d_ok, dv, dv_ok, D, DV, ss,
+              HAS_V: tl.constexpr, DT: tl.constexpr, EMU: tl.constexpr):
+    """The C-sized operands of the backward for the rows ``rows`` (int64 rows of
+    (B*H*C, ...)): (ss w in DT, Z, E = dZ - dkap . kap, dkap in DT; E again without values)."""
+    w = tl.load(W + rows[:, None] * D + d[None, :], mask=c_ld[:, None] & d_ok[None, :], other=0.0)
+    w = rnd(w * ss, DT, EMU)                                           # [BLOCK_C, BLOCK_D]
+    z = tl.load(Z + rows, mask=c_ld, other=0.0)
+    e = tl.load(DZ + rows, mask=c_ld, other=0.0)
+    if HAS_V:
+        cv = rows[:, None] * DV + dv[None, :]
+        dkap = tl.load(DKAP + cv, mask=c_ld[:, None] & dv_ok[None, :], other=0.0)  # [BLOCK_C, BLOCK_DV]
+        kap = tl.load(KAP + cv, mask=c_ld[:, None] & dv_ok[None, :], other=0.0)
+        e -= tl.sum(dkap * kap, axis=1)
+        dkap = rnd(dkap, DT, EMU)
+    else:
+        dkap = e
+    return w, z, e, dkap
+
+
+@triton.jit
+def _tile_bwd(w, z, e, dkap, kk, vv, valid, c_ok, ss,
+              HAS_V: tl.constexpr, SUB_NORM: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+              EMU: tl.constexpr):
+    """(S, dl) [BLOCK_C, BLOCK_M] of one C block and one key block: S_cm = exp(l_cm - Z_c)
+    (0 off the valid keys and rows), dl_cm = S_cm (dkap_c . v_m + E_c)."""
+    logit = mma(w, tl.trans(kk), DT, PREC, EMU)                        # [BLOCK_C, BLOCK_M]
+    if SUB_NORM:
+        kf = kk.to(tl.float32)
+        logit -= (0.5 * ss * ss) * tl.sum(kf * kf, axis=1)[None, :]
+    sm = tl.where(valid[None, :] & c_ok[:, None], tl.exp(logit - z[:, None]), 0.0)
+    if HAS_V:
+        dp = mma(dkap, tl.trans(vv), DT, PREC, EMU)                     # [BLOCK_C, BLOCK_M]
+        dl = sm * (dp + e[:, None])
+    else:
+        dl = sm * e[:, None]
+    return sm, dl
+
+
+@triton.jit
+def _dk_base(DK, DVO, CU, b, h, sdk_b, sdk_h, sdk_m, sdv_b, sdv_h, sdv_m, VARLEN: tl.constexpr):
+    """Row-0 pointers of dk and dv for (b, h) (packed: the sequence's first row)."""
+    dk_base = DK + b * sdk_b + h * sdk_h
+    dv_base = DVO + b * sdv_b + h * sdv_h
+    if VARLEN:                                                         # sdk_b = sdv_b = 0 there
+        start = tl.load(CU + b).to(tl.int64)
+        dk_base += start * sdk_m
+        dv_base += start * sdv_m
+    return dk_base, dv_base
+
+
 @triton.jit(do_not_specialize=["M", "blocks_per_split", "S"])
 def _key_bwd_kernel(
     W, K, V, PAD, CU, Z, KAP, DZ, DKAP, DK, DVO, DW_PART,
@@ -219,15 +289,17 @@ def _key_bwd_kernel(
     sp_b, sp_m,
     sdk_b, sdk_h, sdk_m, sdk_d,
     sdv_b, sdv_h, sdv_m, sdv_d,
-    sdk_c, sdv_c,
     H, C, M, D, DV, ss, S, blocks_per_split,
     HAS_V: tl.constexpr, HAS_PAD: tl.constexpr, SUB_NORM: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    NCB: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr,
+    NCB: tl.constexpr, DKV: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr,
 ):
     # S_cm = exp(l_cm - Z_c); E_c = dZ_c - dkap_c . kap_c
     # dv_m = sum_c S_cm dkap_c;  dl_cm = S_cm (dkap_c . v_m + E_c)
     # dk_m = sum_c dl_cm (ss w_c [- ss^2 k_m]);  dw_c = ss sum_m dl_cm k_m
+    # Program (bh, s, cb): the dw partial of C block cb over split s; with DKV (one C block:
+    # NCB = 1) also dk, dv of the split's key blocks. With several C blocks, dk and dv come
+    # from _key_bwd_dkv_kernel instead (every C block of a key block in one program).
     DT: tl.constexpr = K.dtype.element_ty
     pid = tl.program_id(0)                                             # (bh, s, cb), cb fastest
     pid_c = pid % NCB
@@ -247,72 +319,110 @@ def _key_bwd_kernel(
     rows = bh * C + c
     k_base, v_base, seqlen, n_blk, c_ld = _keys_of(K, V, CU, b, h, pid_s, c_ok, sk_b, sk_h, sk_m, sv_b, sv_h,
                                                    sv_m, M, blocks_per_split, VARLEN, BLOCK_M)
-    w = tl.load(W + rows[:, None] * D + d[None, :], mask=c_ld[:, None] & d_ok[None, :], other=0.0)
-    w = rnd(w * ss, DT, EMU)                                           # [BLOCK_C, BLOCK_D]
-    z = tl.load(Z + rows, mask=c_ld, other=0.0)
-    e = tl.load(DZ + rows, mask=c_ld, other=0.0)
-    if HAS_V:
-        cv = rows[:, None] * DV + dv[None, :]
-        dkap = tl.load(DKAP + cv, mask=c_ld[:, None] & dv_ok[None, :], other=0.0)  # [BLOCK_C, BLOCK_DV]
-        kap = tl.load(KAP + cv, mask=c_ld[:, None] & dv_ok[None, :], other=0.0)
-        e -= tl.sum(dkap * kap, axis=1)
-        dkap = rnd(dkap, DT, EMU)
-
-    dk_base = DK + pid_c.to(tl.int64) * sdk_c + b * sdk_b + h * sdk_h   # sdk_c = 0 with one C block
-    dv_base = DVO + pid_c.to(tl.int64) * sdv_c + b * sdv_b + h * sdv_h
-    if VARLEN:                                                         # sdk_b = sdv_b = 0 there
-        start = tl.load(CU + b).to(tl.int64)
-        dk_base += start * sdk_m
-        dv_base += start * sdv_m
+    w, z, e, dkap = _rows_bwd(W, Z, DZ, KAP, DKAP, rows, c_ld, d, d_ok, dv, dv_ok, D, DV, ss, HAS_V, DT, EMU)
+    dk_base, dv_base = _dk_base(DK, DVO, CU, b, h, sdk_b, sdk_h, sdk_m, sdv_b, sdv_h, sdv_m, VARLEN)
     dw_acc = tl.zeros([BLOCK_C, BLOCK_D], tl.float32)
     for blk in range(0, n_blk):   # a split past the sequence's end: no iteration, dw partial 0
-        m = (pid_s * blocks_per_split + blk).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_in = m < seqlen
-        valid = m_in
-        if HAS_PAD:
-            padded = tl.load(PAD + b * sp_b + m * sp_m, mask=m_in, other=1)
-            valid = valid & (padded == 0)
-        # padded keys and values are never read: whatever they hold (even inf/nan) stays out
-        kk = tl.load(k_base + m[:, None] * sk_m + d[None, :] * sk_d,
-                     mask=valid[:, None] & d_ok[None, :], other=0.0)   # [BLOCK_M, BLOCK_D]
-        logit = mma(w, tl.trans(kk), DT, PREC, EMU)                    # [BLOCK_C, BLOCK_M]
-        if SUB_NORM:
-            kf = kk.to(tl.float32)
-            logit -= (0.5 * ss * ss) * tl.sum(kf * kf, axis=1)[None, :]
-        sm = tl.where(valid[None, :] & c_ok[:, None], tl.exp(logit - z[:, None]), 0.0)  # [BLOCK_C, BLOCK_M]
-        if HAS_V:
-            vv = tl.load(v_base + m[:, None] * sv_m + dv[None, :] * sv_d,
-                         mask=valid[:, None] & dv_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_DV]
-            dv_blk = mma(tl.trans(sm), dkap, DT, PREC, EMU)             # [BLOCK_M, BLOCK_DV]
-            tl.store(dv_base + m[:, None] * sdv_m + dv[None, :] * sdv_d,
-                     rnd(dv_blk, DVO.dtype.element_ty, EMU), mask=m_in[:, None] & dv_ok[None, :])
-            dp = mma(dkap, tl.trans(vv), DT, PREC, EMU)                 # [BLOCK_C, BLOCK_M]
-            dl = sm * (dp + e[:, None])
-        else:
-            dl = sm * e[:, None]
-        dk_blk = mma(tl.trans(dl), w, DT, PREC, EMU)                    # [BLOCK_M, BLOCK_D]
-        if SUB_NORM:
-            dk_blk -= (ss * ss) * tl.sum(dl, axis=0)[:, None] * kf
-        tl.store(dk_base + m[:, None] * sdk_m + d[None, :] * sdk_d,
-                 rnd(dk_blk, DK.dtype.element_ty, EMU), mask=m_in[:, None] & d_ok[None, :])
+        first = (pid_s * blocks_per_split + blk).to(tl.int64) * BLOCK_M
+        m, m_in, valid, kk, vv = _key_tile(k_base, v_base, PAD, b, sp_b, sp_m, first, seqlen, d, d_ok, dv, dv_ok,
+                                           sk_m, sk_d, sv_m, sv_d, HAS_V, HAS_PAD, BLOCK_M)
+        sm, dl = _tile_bwd(w, z, e, dkap, kk, vv, valid, c_ok, ss, HAS_V, SUB_NORM, DT, PREC, EMU)
+        if DKV:
+            if HAS_V:
+                dv_blk = mma(tl.trans(sm), dkap, DT, PREC, EMU)         # [BLOCK_M, BLOCK_DV]
+                tl.store(dv_base + m[:, None] * sdv_m + dv[None, :] * sdv_d,
+                         rnd(dv_blk, DVO.dtype.element_ty, EMU), mask=m_in[:, None] & dv_ok[None, :])
+            dk_blk = mma(tl.trans(dl), w, DT, PREC, EMU)                # [BLOCK_M, BLOCK_D]
+            if SUB_NORM:
+                dk_blk -= (ss * ss) * tl.sum(dl, axis=0)[:, None] * kk.to(tl.float32)
+            tl.store(dk_base + m[:, None] * sdk_m + d[None, :] * sdk_d,
+                     rnd(dk_blk, DK.dtype.element_ty, EMU), mask=m_in[:, None] & d_ok[None, :])
         dw_acc += mma(dl, kk, DT, PREC, EMU)                           # [BLOCK_C, BLOCK_D]
 
     prow = (pid_s.to(tl.int64) * BH + bh) * C + c                      # rows of (S, B*H*C, D)
     tl.store(DW_PART + prow[:, None] * D + d[None, :], dw_acc * ss, mask=c_ok[:, None] & d_ok[None, :])
 
 
-def blocks(C, D, DV, block_m=None, bwd=False, block_c=None, arch=None):
+@triton.jit(do_not_specialize=["M", "blocks_per_split", "S"])
+def _key_bwd_dkv_kernel(
+    W, K, V, PAD, CU, Z, KAP, DZ, DKAP, DK, DVO,
+    sk_b, sk_h, sk_m, sk_d,
+    sv_b, sv_h, sv_m, sv_d,
+    sp_b, sp_m,
+    sdk_b, sdk_h, sdk_m, sdk_d,
+    sdv_b, sdv_h, sdv_m, sdv_d,
+    H, C, M, D, DV, ss, S, blocks_per_split,
+    HAS_V: tl.constexpr, HAS_PAD: tl.constexpr, SUB_NORM: tl.constexpr, VARLEN: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    NCB: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr,
+):
+    # dk, dv with several C blocks (C x D past 128 x 128, or the G * C rows of grouped-query
+    # attention): program (bh, s) holds one key block at a time and runs over every C block
+    # for it, so each key block is read once and its dk, dv are summed in registers and
+    # written once in the input dtype (no per-C-block partials). The C-sized rows are
+    # re-read per key block (from L2: C x (D + Dv + 2) float32 per BLOCK_M keys).
+    DT: tl.constexpr = K.dtype.element_ty
+    pid = tl.program_id(0)                                             # (bh, s), s fastest
+    pid_s = pid % S
+    pid_bh = pid // S
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    bh = pid_bh.to(tl.int64)
+
+    cb0 = tl.arange(0, BLOCK_C)
+    d = tl.arange(0, BLOCK_D).to(tl.int64)
+    d_ok = d < D
+    dv = tl.arange(0, BLOCK_DV).to(tl.int64)
+    dv_ok = dv < DV
+    k_base, v_base, seqlen, n_blk, _ = _keys_of(K, V, CU, b, h, pid_s, cb0 < C, sk_b, sk_h, sk_m, sv_b, sv_h,
+                                                sv_m, M, blocks_per_split, VARLEN, BLOCK_M)
+    dk_base, dv_base = _dk_base(DK, DVO, CU, b, h, sdk_b, sdk_h, sdk_m, sdv_b, sdv_h, sdv_m, VARLEN)
+    for blk in range(0, n_blk):   # a split past the sequence's end: no iteration
+        first = (pid_s * blocks_per_split + blk).to(tl.int64) * BLOCK_M
+        m, m_in, valid, kk, vv = _key_tile(k_base, v_base, PAD, b, sp_b, sp_m, first, seqlen, d, d_ok, dv, dv_ok,
+                                           sk_m, sk_d, sv_m, sv_d, HAS_V, HAS_PAD, BLOCK_M)
+        dk_acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        dv_acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+        dl_sum = tl.zeros([BLOCK_M], tl.float32)
+        for cb in range(0, NCB):
+            c = cb * BLOCK_C + cb0
+            c_ok = c < C
+            w, z, e, dkap = _rows_bwd(W, Z, DZ, KAP, DKAP, bh * C + c, c_ok, d, d_ok, dv, dv_ok, D, DV, ss,
+                                      HAS_V, DT, EMU)
+            sm, dl = _tile_bwd(w, z, e, dkap, kk, vv, valid, c_ok, ss, HAS_V, SUB_NORM, DT, PREC, EMU)
+            if HAS_V:
+                dv_acc += mma(tl.trans(sm), dkap, DT, PREC, EMU)        # [BLOCK_M, BLOCK_DV]
+            dk_acc += mma(tl.trans(dl), w, DT, PREC, EMU)               # [BLOCK_M, BLOCK_D]
+            if SUB_NORM:
+                dl_sum += tl.sum(dl, axis=0)
+        if SUB_NORM:
+            dk_acc -= (ss * ss) * dl_sum[:, None] * kk.to(tl.float32)
+        if HAS_V:
+            tl.store(dv_base + m[:, None] * sdv_m + dv[None, :] * sdv_d,
+                     rnd(dv_acc, DVO.dtype.element_ty, EMU), mask=m_in[:, None] & dv_ok[None, :])
+        tl.store(dk_base + m[:, None] * sdk_m + d[None, :] * sdk_d,
+                 rnd(dk_acc, DK.dtype.element_ty, EMU), mask=m_in[:, None] & d_ok[None, :])
+
+
+def blocks(C, D, DV, block_m=None, bwd=False, block_c=None, arch=None, dkv=False):
     """(BLOCK_C, BLOCK_M, BLOCK_D, BLOCK_DV, num_warps, num_stages) of the forward (or
-    the backward) key kernel for compute capability ``arch`` (``_common.arch``; None:
-    the newest). All C rows are in one program (one read of k and v per pass); the key
-    block and the warps shrink and grow with the C x head-dim tiles held in registers;
-    the backward holds about twice the forward's state, so twice the warps."""
+    the backward, or with ``dkv`` the backward's dk/dv kernel of several C blocks) key
+    kernel for compute capability ``arch`` (``_common.arch``; None: the newest). All C
+    rows are in one program up to C x max(D, Dv) = 128 x 128 (one read of k and v per
+    pass); the key block and the warps shrink and grow with the C x head-dim tiles held
+    in registers; the backward holds about twice the forward's state, so twice the warps."""
     BLOCK_C, BLOCK_D, BLOCK_DV = _common.pow2(C), _common.pow2(D), _common.pow2(DV)
     wide = max(BLOCK_D, BLOCK_DV)
     # Past 128 x 128 the C x D operands and accumulators do not fit one program (sm_90, C =
     # D = 256: 289 KB of shared memory in float32, and no wgmma under 16 warps' 128 registers):
-    # C blocks of 16384 / wide rows go on the grid; k, v are then read once per C block and the
-    # backward sums per-C-block dk, dv partials (kept only for these sizes).
+    # C blocks of 16384 / wide rows. The forward and the backward's dw put them on the grid
+    # (k, v read once per C block); the backward's dk, dv loop over them in one program
+    # (_key_bwd_dkv_kernel: k, v read once, no partials).
+    if dkv:   # holds dk, dv (BLOCK_M x head dim, float32) and one C block's tiles at a time
+        # C blocks of 2048 / wide rows, 32 keys, 4 warps: stack <= 152 bytes on sm_80 and
+        # sm_90 at D = 64, C = 512 and D = 128, C = 256 / 512 (bf16, AOT check); blocks of
+        # 4096 / wide rows spill up to 670 bytes with 4 warps, 392 with 8
+        return min(BLOCK_C, max(16, 2048 // wide)), 32, BLOCK_D, BLOCK_DV, 4, 1
     BLOCK_C = block_c if block_c is not None else min(BLOCK_C, max(16, 128 * 128 // wide))
     tile = BLOCK_C * wide
     if block_m is None:   # the backward holds dw (C x D, float32) besides: 16 keys a block
@@ -424,30 +534,35 @@ def key_pass_bwd_split(w, k, v, padding, ss, subtract_norm, Z, kap, dZ, dkap, cu
     S, per_split = _common.num_splits(_common.cdiv(M, BLOCK_M), B * H, dev, BWD_PER_SM, splits)
 
     NCB = _common.cdiv(C, BLOCK_C)
-    if NCB == 1:     # every key block in one program: dk, dv written directly
-        dk = _common.empty(k.shape, k.dtype, dev)
-        dv = _common.empty(v.shape, v.dtype, dev) if has_v else dk
-    else:            # C blocks on the grid (C x D past 128 x 128): float32 partials per block
-        dk = _common.empty((NCB,) + tuple(k.shape), torch.float32, dev)
-        dv = _common.empty((NCB,) + tuple(v.shape), torch.float32, dev) if has_v else dk
-    dks, dvs = long_strides(dk, varlen), long_strides(dv, varlen)
-    sdk_c, sdv_c = (dk.stride(0), dv.stride(0)) if NCB > 1 else (0, 0)
+    dk = _common.empty(k.shape, k.dtype, dev)
+    dv = _common.empty(v.shape, v.dtype, dev) if has_v else dk
     dw_part = _common.empty((S, B * H * C, D), torch.float32, dev)
     vt = v if has_v else k
     pad, sp_b, sp_m = _pad_arg(padding, k)
+    common = (*long_strides(k, varlen), *long_strides(vt, varlen), sp_b, sp_m,
+              *long_strides(dk, varlen), *long_strides(dv, varlen))
+    flags = dict(HAS_V=has_v, HAS_PAD=padding is not None, SUB_NORM=bool(subtract_norm), VARLEN=varlen,
+                 BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, PREC=_common.dot_precision(k.dtype),
+                 EMU=_common.emulated(dev))
+    # dw partials (and, with one C block, dk and dv): program (bh, split, C block)
     _common.launch(
         _key_bwd_kernel, (S * NCB * B * H,), dev,
-        w, k, vt, pad, cu, Z, kap, dZ, dkap, dk, dv, dw_part,
-        *long_strides(k, varlen), *long_strides(vt, varlen), sp_b, sp_m, *dks, *dvs, sdk_c, sdv_c,
+        w, k, vt, pad, cu, Z, kap, dZ, dkap, dk, dv, dw_part, *common,
         H, C, M, D, DV, float(ss), S, per_split,
-        HAS_V=has_v, HAS_PAD=padding is not None, SUB_NORM=bool(subtract_norm), VARLEN=varlen,
-        BLOCK_C=BLOCK_C, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
-        NCB=NCB, PREC=_common.dot_precision(k.dtype), EMU=_common.emulated(dev),
-        num_warps=num_warps, num_stages=num_stages,
+        BLOCK_C=BLOCK_C, BLOCK_M=BLOCK_M, NCB=NCB, DKV=NCB == 1, **flags, num_warps=num_warps,
+        num_stages=num_stages,
     )
-    if NCB > 1:
-        dk = dk.sum(0).to(k.dtype)
-        dv = dv.sum(0).to(v.dtype) if has_v else dv
+    if NCB > 1:   # dk, dv: program (bh, split) over every C block of each key block
+        # (its own blocks: ``block_c`` and ``block_m`` choose the dw programs' only)
+        BLOCK_C, BLOCK_M, _, _, num_warps, num_stages = blocks(C, D, DV, arch=_common.arch(dev), dkv=True)
+        S2, per_split2 = _common.num_splits(_common.cdiv(M, BLOCK_M), B * H, dev, BWD_PER_SM, splits)
+        _common.launch(
+            _key_bwd_dkv_kernel, (S2 * B * H,), dev,
+            w, k, vt, pad, cu, Z, kap, dZ, dkap, dk, dv, *common,
+            H, C, M, D, DV, float(ss), S2, per_split2,
+            BLOCK_C=BLOCK_C, BLOCK_M=BLOCK_M, NCB=_common.cdiv(C, BLOCK_C), **flags, num_warps=num_warps,
+            num_stages=num_stages,
+        )
     return dw_part, S, dk, (dv if has_v else None)
 
 
