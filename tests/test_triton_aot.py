@@ -377,15 +377,20 @@ def test_main_configs_compile_within_budget():
 def test_grids_use_axis_0_only():
     # B*H = 70000 > 65535 (the limit of grid axes 1 and 2) through every launcher
     for C, D in ((16, 64), (256, 256)):
+        # several C blocks at (256, 256): the key backward's dk/dv kernel besides its dw one
+        dkv = 1 if kp.blocks(C, D, D, bwd=True)[0] < C else 0
+        assert dkv == (C == 256)
         rec = capture(C, D, D, torch.bfloat16, B=7000, H=10, L=300)
-        assert len(rec) == 3 * (3 * 3 + 2 * 2)   # padded with and without a mask, packed
+        # padded with and without a mask, packed; three key-pass variants, two query-pass ones
+        assert len(rec) == 3 * (3 * (3 + dkv) + 2 * 2)
         for kernel, grid, _, _ in rec:
             assert len(grid) == 1 and 1 <= grid[0] < 2 ** 31, (kernel, grid)
             least = -(-7000 * 10 * C // 16) if kernel.__name__ == "_key_combine_kernel" else 7000 * 10
             assert grid[0] >= least, (kernel, grid)   # every (b, h) has its programs, on axis 0
         # the lean path's launches (its landmarks, small kernels and split passes)
         rec = capture(C, D, D, torch.bfloat16, B=7000, H=10, L=300, passes=("lean",))
-        assert len(rec) == 3 * ((6 + 7) + (5 + 5))   # mixed-optimal and segment-balance, per layout
+        # mixed-optimal (key pass and normalizer) and segment-balance (key pass), per layout
+        assert len(rec) == 3 * ((6 + 7 + 2 * dkv) + (5 + 5 + dkv))
         for kernel, grid, _, _ in rec:
             assert len(grid) == 1 and 7000 * 10 <= grid[0] < 2 ** 31, (kernel, grid)
 
