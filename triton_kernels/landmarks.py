@@ -206,6 +206,23 @@ def _means(X, PAD, CU, OUT, b, h, HX, L, nv, ce, C, D, sx_b, sx_h, sx_l, sx_d, s
     tl.store(OUT + rows[:, None] * D + d[None, :], out, mask=(cs < C)[:, None] & d_ok[None, :])
 
 
+@triton.jit
+def _program(H, HKV, C, BLOCK_C: tl.constexpr, N_DC: tl.constexpr):
+    """(is_k, b, h, segment block s, D chunk j) of this program of the grid (side-head,
+    segment block, D chunk), chunk fastest; the side-heads are the B * H query heads, then
+    the B * HKV key heads (is_k)."""
+    pid = tl.program_id(0)
+    N_S = tl.maximum((C + BLOCK_C - 1) // BLOCK_C, 1)
+    j = pid % N_DC
+    s = (pid // N_DC) % N_S
+    x = (pid // (N_DC * N_S)).to(tl.int64)
+    B = (tl.num_programs(0) // (N_DC * N_S * (H + HKV))).to(tl.int64)
+    is_k = x >= B * H
+    b = tl.where(is_k, (x - B * H) // HKV, x // H)
+    h = tl.where(is_k, (x - B * H) % HKV, x % H)
+    return is_k, b, h, s, j
+
+
 @triton.jit(do_not_specialize=["N", "M", "C"])
 def _landmarks_fwd_kernel(
     Q, K, QPAD, KPAD, CUQ, CUK, QT, KT, CEFF,
@@ -217,15 +234,7 @@ def _landmarks_fwd_kernel(
     BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DC: tl.constexpr, N_DC: tl.constexpr,
     BLOCK_P: tl.constexpr, EMU: tl.constexpr,
 ):
-    pid = tl.program_id(0)                       # (side-head, segment block, D chunk), chunk fastest
-    N_S = tl.maximum((C + BLOCK_C - 1) // BLOCK_C, 1)
-    j = pid % N_DC
-    s = (pid // N_DC) % N_S
-    x = (pid // (N_DC * N_S)).to(tl.int64)
-    B = (tl.num_programs(0) // (N_DC * N_S * (H + HKV))).to(tl.int64)
-    is_k = x >= B * H
-    b = tl.where(is_k, (x - B * H) // HKV, x // H)
-    h = tl.where(is_k, (x - B * H) % HKV, x % H)
+    is_k, b, h, s, j = _program(H, HKV, C, BLOCK_C, N_DC)
     ce, nq, mk = _c_eff(QPAD, KPAD, CUQ, CUK, b, N, M, C, sqp_b, sqp_n, skp_b, skp_m,
                         HAS_QPAD, HAS_KPAD, VARLEN, BLOCK_P)
     if is_k:
@@ -289,15 +298,7 @@ def _landmarks_bwd_kernel(
     BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DC: tl.constexpr, N_DC: tl.constexpr,
     BLOCK_P: tl.constexpr, EMU: tl.constexpr,
 ):
-    pid = tl.program_id(0)                       # (side-head, segment block, D chunk), chunk fastest
-    N_S = tl.maximum((C + BLOCK_C - 1) // BLOCK_C, 1)
-    j = pid % N_DC
-    s = (pid // N_DC) % N_S
-    x = (pid // (N_DC * N_S)).to(tl.int64)
-    B = (tl.num_programs(0) // (N_DC * N_S * (H + HKV))).to(tl.int64)
-    is_k = x >= B * H
-    b = tl.where(is_k, (x - B * H) // HKV, x // H)
-    h = tl.where(is_k, (x - B * H) % HKV, x % H)
+    is_k, b, h, s, j = _program(H, HKV, C, BLOCK_C, N_DC)
     ce = tl.load(CEFF + b)
     if is_k:
         mk = _valid_count(KPAD, CUK, b, M, skp_b, skp_m, HAS_KPAD, VARLEN, BLOCK_P)

@@ -96,6 +96,30 @@ def _rowdot(A, B_, ra, ra_ok, D, KC: tl.constexpr):
 
 
 @triton.jit
+def _row_block(C, BLOCK_R: tl.constexpr):
+    """(bh, r, r_ok, rows, R) of this program of the grid (bh, row block), row blocks
+    fastest: its head bh (int64), its rows r of the head's C and their rows of the
+    (B*H*C, ...) tensors, R = B * H * C."""
+    pid = tl.program_id(0)
+    NRB = tl.cdiv(C, BLOCK_R)
+    bh = (pid // NRB).to(tl.int64)
+    r = (pid % NRB) * BLOCK_R + tl.arange(0, BLOCK_R)
+    R = (tl.num_programs(0) // NRB).to(tl.int64) * C
+    return bh, r, r < C, bh * C + r, R
+
+
+@triton.jit
+def _col_block(C, BLOCK_R: tl.constexpr, N_DC: tl.constexpr):
+    """(bk, dc, j, j_ok, number of bk) of this program of the grid (b * kv head, column
+    block, D chunk), chunk fastest: bk (int64), its D chunk dc and its columns j of C."""
+    pid = tl.program_id(0)
+    NRB = tl.cdiv(C, BLOCK_R)
+    bk = (pid // (N_DC * NRB)).to(tl.int64)
+    j = ((pid // N_DC) % NRB) * BLOCK_R + tl.arange(0, BLOCK_R)
+    return bk, pid % N_DC, j, j < C, (tl.num_programs(0) // (N_DC * NRB)).to(tl.int64)
+
+
+@triton.jit
 def _proposal_kernel(
     QT, KT, EPS, CEFF, MU, W, KMIX, LSE,
     se_b, se_h, se_c, se_d,
@@ -103,16 +127,10 @@ def _proposal_kernel(
     HAS_EPS: tl.constexpr, MIXED: tl.constexpr,
     BLOCK_R: tl.constexpr, KC: tl.constexpr, BLOCK_DC: tl.constexpr, N_DC: tl.constexpr,
 ):
-    pid = tl.program_id(0)                                             # (bh, row block), rows fastest
-    NRB = tl.cdiv(C, BLOCK_R)
-    rb = pid % NRB
-    bh = (pid // NRB).to(tl.int64)
+    bh, r, r_ok, rows, _ = _row_block(C, BLOCK_R)                      # (bh, row block), rows fastest
     b = bh // H
     h = bh % H
     bk = b * (H // G) + h // G                                         # key/value head of h
-    r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
-    r_ok = r < C
-    rows = bh * C + r
     krows = bk * C + r
     if MIXED:
         na = tl.maximum(tl.load(CEFF + b), 1)
@@ -166,15 +184,8 @@ def _stats_kernel(
     OPTIMAL: tl.constexpr,
     BLOCK_R: tl.constexpr, KC: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    pid = tl.program_id(0)                                             # (bh, row block), rows fastest
-    NRB = tl.cdiv(C, BLOCK_R)
-    rb = pid % NRB
-    bh = (pid // NRB).to(tl.int64)
+    bh, r, r_ok, rows, R = _row_block(C, BLOCK_R)                      # (bh, row block), rows fastest
     b = bh // H
-    R = (tl.num_programs(0) // NRB).to(tl.int64) * C
-    r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
-    r_ok = r < C
-    rows = bh * C + r
     z, kap = combine_rows(KPART, rows, r_ok, R, DV, SK, True, BLOCK_DV)
     dv = tl.arange(0, BLOCK_DV).to(tl.int64)
     tl.store(Z + rows, z, mask=r_ok)
@@ -213,15 +224,8 @@ def _small_bwd_rows_kernel(
     BLOCK_R: tl.constexpr, KC: tl.constexpr, BLOCK_DC: tl.constexpr, N_DC: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
-    pid = tl.program_id(0)                                             # (bh, row block), rows fastest
-    NRB = tl.cdiv(C, BLOCK_R)
-    rb = pid % NRB
-    bh = (pid // NRB).to(tl.int64)
+    bh, r, r_ok, rows, R = _row_block(C, BLOCK_R)                      # (bh, row block), rows fastest
     b = bh // H
-    R = (tl.num_programs(0) // NRB).to(tl.int64) * C
-    r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
-    r_ok = r < C
-    rows = bh * C + r
     PW = (2 * D + DV + 3) if OPTIMAL else (D + DV + 1)
     dv = tl.arange(0, BLOCK_DV).to(tl.int64)
     mv = r_ok[:, None] & (dv < DV)[None, :]
@@ -285,17 +289,11 @@ def _small_bwd_cols_kernel(
     OPTIMAL: tl.constexpr,
     BLOCK_R: tl.constexpr, KC: tl.constexpr, BLOCK_DC: tl.constexpr, N_DC: tl.constexpr,
 ):
-    pid = tl.program_id(0)                                             # (b, kv head, column block, D chunk)
-    NRB = tl.cdiv(C, BLOCK_R)
-    dc = pid % N_DC
-    jb = (pid // N_DC) % NRB
-    bk = (pid // (N_DC * NRB)).to(tl.int64)
+    bk, dc, j, j_ok, n_bk = _col_block(C, BLOCK_R, N_DC)              # (b, kv head, column block, D chunk)
     HKV = H // G
     b = bk // HKV
     hk = bk % HKV
-    R = (tl.num_programs(0) // (N_DC * NRB)).to(tl.int64) * G * C    # B * H * C
-    j = jb * BLOCK_R + tl.arange(0, BLOCK_R)
-    j_ok = j < C
+    R = n_bk * G * C                                                   # B * H * C
     na = tl.maximum(tl.load(CEFF + b), 1)
     act_j = j_ok & (j < na)
     d = (dc * BLOCK_DC + tl.arange(0, BLOCK_DC)).to(tl.int64)
@@ -343,15 +341,9 @@ def _mixed_bwd_kernel(
     HKV, C, D,
     BLOCK_R: tl.constexpr, KC: tl.constexpr, BLOCK_DC: tl.constexpr, N_DC: tl.constexpr,
 ):
-    pid = tl.program_id(0)                                             # (b, kv head, column block, D chunk)
-    NRB = tl.cdiv(C, BLOCK_R)
-    dc = pid % N_DC
-    jb = (pid // N_DC) % NRB
-    bk = (pid // (N_DC * NRB)).to(tl.int64)
+    bk, dc, j, j_ok, _ = _col_block(C, BLOCK_R, N_DC)                 # (b, kv head, column block, D chunk)
     b = bk // HKV
     base = bk * C
-    j = jb * BLOCK_R + tl.arange(0, BLOCK_R)
-    j_ok = j < C
     na = tl.maximum(tl.load(CEFF + b), 1)
     act_j = j_ok & (j < na)
     d = (dc * BLOCK_DC + tl.arange(0, BLOCK_DC)).to(tl.int64)
