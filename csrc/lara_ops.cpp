@@ -4,9 +4,11 @@
 
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <limits>
 #include <tuple>
+#include <utility>
 
 namespace lara {
 
@@ -217,6 +219,125 @@ void check_query_pass_args(const char* op, const Tensor& q, const Tensor& w, con
     for (const auto* t : {&*qt, &*lam, &*bh})
       TORCH_CHECK(t->is_contiguous(), op, ": qt, lam and bh must be contiguous");
   }
+}
+
+namespace {
+
+void check_same_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& q) {
+  TORCH_CHECK(t.device() == q.device(), op, ": ", name, " is on ", t.device(), " but q is on ", q.device());
+}
+
+// A (B, L) bool padding mask on q's device, or none.
+void check_mask(const char* op, const char* name, const OptTensor& m, int64_t B, int64_t L, const at::Tensor& q) {
+  if (!m.has_value()) return;
+  TORCH_CHECK(m->scalar_type() == at::kBool && m->dim() == 2 && m->size(0) == B && m->size(1) == L, op, ": ", name,
+              " must be bool of shape (", B, ", ", L, "), got ", m->scalar_type(), " ", m->sizes());
+  check_same_device(op, name, *m, q);
+}
+
+// A (B, H, num_samples, D) tensor of a float dtype on q's device (given landmarks, eps), or none.
+void check_small4(const char* op, const char* name, const OptTensor& t, const WholeArgs& a, const at::Tensor& q) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->dim() == 4 && t->size(0) == a.B && t->size(1) == a.H && t->size(2) == a.NS && t->size(3) == a.D, op,
+              ": ", name, " must be of shape (", a.B, ", ", a.H, ", ", a.NS, ", ", a.D, "), got ", t->sizes());
+  TORCH_CHECK(is_float(t->scalar_type()), op, ": ", name, " must be float64, float32, float16 or bfloat16, got ",
+              t->scalar_type());
+  check_same_device(op, name, *t, q);
+}
+
+}  // namespace
+
+WholeArgs check_whole_args(const char* op, const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& eps,
+                           const OptTensor& qlm, const OptTensor& klm, const OptTensor& qpm, const OptTensor& kpm,
+                           const OptTensor& cu_q, const OptTensor& cu_k, int64_t max_q, int64_t max_k,
+                           int64_t num_samples, int64_t proposal, int64_t weighting) {
+  WholeArgs a;
+  a.packed = cu_q.has_value();
+  TORCH_CHECK(cu_k.has_value() == a.packed, op, ": cu_seqlens_q and cu_seqlens_k are given together or not at all");
+  TORCH_CHECK(proposal >= kSegment && proposal <= kAttend, op,
+              ": proposal must be 0 (segment), 1 (mixed) or 2 (attend), got ", proposal);
+  TORCH_CHECK(weighting == kOptimal || weighting == kBalance, op,
+              ": weighting must be 0 (optimal) or 1 (balance), got ", weighting);
+  TORCH_CHECK(num_samples >= 1, op, ": num_samples must be >= 1, got ", num_samples);
+  const int64_t dims = a.packed ? 3 : 4;
+  for (const auto* t : {&q, &k, &v})
+    TORCH_CHECK(t->dim() == dims, op, ": q, k, v must be ", dims, "-D, got shape ", t->sizes());
+  check_same_device(op, "k", k, q);
+  check_same_device(op, "v", v, q);
+  const auto st = q.scalar_type();
+  TORCH_CHECK(is_float(st), op, ": q must be float64, float32, float16 or bfloat16, got ", st);
+  TORCH_CHECK(k.scalar_type() == st && v.scalar_type() == st, op, ": q, k, v must have one dtype, got ", st, ", ",
+              k.scalar_type(), ", ", v.scalar_type());
+  a.proposal = proposal;
+  a.optimal = weighting == kOptimal;
+  a.NS = num_samples;
+  a.ct = compute_type(st);
+  a.H = q.size(1);
+  a.Hkv = k.size(1);
+  a.D = q.size(-1);
+  a.DV = v.size(-1);
+  TORCH_CHECK(a.Hkv >= 1 && a.H % a.Hkv == 0, op, ": the key/value heads ", a.Hkv, " must divide the query heads ",
+              a.H);
+  a.G = a.H / a.Hkv;
+  TORCH_CHECK(k.size(-1) == a.D, op, ": k must have q's head dim ", a.D, ", got ", k.size(-1));
+  TORCH_CHECK(v.size(1) == a.Hkv, op, ": v must have k's heads ", a.Hkv, ", got ", v.size(1));
+  if (a.packed) {
+    TORCH_CHECK(!qpm.has_value() && !kpm.has_value(), op, ": padding masks are not taken with cu_seqlens");
+    TORCH_CHECK(cu_q->dim() == 1 && cu_k->dim() == 1 && cu_q->size(0) == cu_k->size(0) && cu_q->size(0) >= 1, op,
+                ": cu_seqlens_q and cu_seqlens_k must be 1-D of one size B + 1, got ", cu_q->sizes(), " and ",
+                cu_k->sizes());
+    for (const auto& [name, cu] : {std::pair<const char*, const at::Tensor*>{"cu_seqlens_q", &*cu_q},
+                                   {"cu_seqlens_k", &*cu_k}}) {
+      TORCH_CHECK(cu->scalar_type() == at::kInt, op, ": ", name, " must be int32, got ", cu->scalar_type());
+      TORCH_CHECK(cu->is_contiguous(), op, ": ", name, " must be contiguous");
+      check_same_device(op, name, *cu, q);
+    }
+    TORCH_CHECK(v.size(0) == k.size(0), op, ": v must have k's rows ", k.size(0), ", got ", v.size(0));
+    TORCH_CHECK(max_q >= 0 && max_k >= 0, op, ": max_seqlen must be >= 0, got ", max_q, ", ", max_k);
+    a.B = cu_q->size(0) - 1;
+    a.Lq = q.size(0);
+    a.Lk = k.size(0);
+    a.N = max_q;
+    a.M = max_k;
+  } else {
+    a.B = q.size(0);
+    TORCH_CHECK(k.size(0) == a.B && v.size(0) == a.B && v.size(2) == k.size(2), op,
+                ": q, k, v must be (B, H, N, D), (B, H_kv, M, D), (B, H_kv, M, Dv), got ", q.sizes(), ", ",
+                k.sizes(), ", ", v.sizes());
+    a.Lq = a.N = q.size(2);
+    a.Lk = a.M = k.size(2);
+    check_mask(op, "query_padding", qpm, a.B, a.N, q);
+    check_mask(op, "key_padding", kpm, a.B, a.M, q);
+    a.masked = qpm.has_value() || kpm.has_value();
+  }
+  a.C = std::min({num_samples, a.N, a.M});
+  TORCH_CHECK(a.C >= 1 && a.D >= 1 && a.DV >= 1, op, ": needs at least one query, key, sample and feature, got C = ",
+              a.C, ", D = ", a.D, ", Dv = ", a.DV);
+  check_small4(op, "q_landmarks", qlm, a, q);
+  check_small4(op, "k_landmarks", klm, a, q);
+  TORCH_CHECK(!klm.has_value() || proposal != kAttend, op, ": proposal 'attend' takes no k_landmarks");
+  check_small4(op, "eps", eps, a, q);
+  a.layout = state_layout(a.B, a.H, a.C, a.D, a.DV, a.optimal, proposal == kMixed, proposal == kAttend);
+  return a;
+}
+
+void check_whole_state(const char* op, const WholeArgs& a, const Tensor& state, const Tensor& q) {
+  TORCH_CHECK(state.dim() == 1 && state.size(0) == a.layout.total && state.scalar_type() == a.ct &&
+                  state.is_contiguous(),
+              op, ": state must be the contiguous ", a.ct, " (", a.layout.total, ",) tensor lara_fwd returned for "
+              "these arguments, got ", state.scalar_type(), " ", state.sizes());
+  check_same_device(op, "state", state, q);
+}
+
+void long_strides(const Tensor& t, int64_t out[4]) {
+  if (t.dim() == 3) {
+    out[0] = 0;
+    out[1] = t.stride(1);
+    out[2] = t.stride(0);
+    out[3] = t.stride(2);
+    return;
+  }
+  for (int i = 0; i < 4; ++i) out[i] = t.stride(i);
 }
 
 }  // namespace lara

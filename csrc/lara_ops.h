@@ -7,6 +7,8 @@
 
 #include <tuple>
 
+#include "state_layout.h"
+
 namespace lara {
 
 // Two layouts of the long tensors (q, k, v, x, dy and their gradients), for every op:
@@ -190,6 +192,39 @@ int64_t max_pass_dim(const c10::Device& device);
 // for the CUDA passes where they run on CPU tensors (the CPU emulation, .ci/cuda_emulation),
 // which the checks above do not limit.
 void check_cuda_pass_dims(const char* op, int64_t D, int64_t DV, int64_t C);
+
+// The whole op's codes of proposal and weighting (the schema's ints).
+constexpr int64_t kSegment = 0, kMixed = 1, kAttend = 2;
+constexpr int64_t kOptimal = 0, kBalance = 1;
+
+// The sizes and flags of a lara_fwd / lara_bwd call, as the pipeline derives them from the
+// shapes (packed_sizes), shared by the CPU and CUDA implementations; the per-element counts
+// (from the masks or offsets) are each implementation's own.
+struct WholeArgs {
+  bool packed = false;   // cu_seqlens_q, cu_seqlens_k given
+  bool masked = false;   // padded layout with a query or key padding mask
+  int64_t B = 0, H = 0, Hkv = 0, G = 1;   // G = H / Hkv query heads per key/value head
+  int64_t N = 0, M = 0;                   // queries, keys per element (packed: max_seqlen_q, max_seqlen_k)
+  int64_t Lq = 0, Lk = 0;                 // rows of q and of k, v per element (packed: T_q, T_k)
+  int64_t C = 0, NS = 0, D = 0, DV = 0;   // C = min(num_samples, N, M), NS = num_samples
+  int64_t proposal = kSegment;
+  bool optimal = true;                    // weighting kOptimal (else kBalance)
+  at::ScalarType ct = at::kFloat;         // the compute type
+  StateLayout layout;                     // of the state tensor (csrc/state_layout.h)
+};
+// The device-neutral checks of the whole op's arguments (eps none for lara_bwd): shapes,
+// dtypes, grouped-query heads, the layout pair, the masks, the landmarks and eps, every
+// tensor on q's device. The implementations add their own (q's device; the CUDA limits).
+WholeArgs check_whole_args(const char* op, const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& eps,
+                           const OptTensor& q_landmarks, const OptTensor& k_landmarks,
+                           const OptTensor& query_padding, const OptTensor& key_padding,
+                           const OptTensor& cu_seqlens_q, const OptTensor& cu_seqlens_k, int64_t max_seqlen_q,
+                           int64_t max_seqlen_k, int64_t num_samples, int64_t proposal, int64_t weighting);
+// lara_bwd's state: the contiguous compute-type tensor lara_fwd returned for these arguments.
+void check_whole_state(const char* op, const WholeArgs& a, const Tensor& state, const Tensor& q);
+// The 4 strides of a long tensor as the CUDA kernels take them: (B, H, L, W) as they are,
+// a packed (T, H, W) one as {0, H, T, W} (the kernels add cu_seqlens[b] to the row index).
+void long_strides(const Tensor& t, int64_t out[4]);
 
 // Test mode (lara_kernels._C._set_poison_outputs): every output and scratch buffer of the
 // ops starts as NaN instead of uninitialized, so an element a kernel forgets to write

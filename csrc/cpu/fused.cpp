@@ -59,15 +59,9 @@
 namespace lara {
 namespace {
 
-constexpr int64_t kSegment = 0, kMixed = 1, kAttend = 2;
-constexpr int64_t kOptimal = 0, kBalance = 1;
-
-// The call's shape and layout, as the pipeline derives them (prepare_masks, drop_inputs,
-// packed_sizes), shared by forward and backward.
-struct Problem {
-  bool packed = false;
-  int64_t B = 0, H = 0, Hkv = 0, G = 1, N = 0, M = 0, Lq = 0, Lk = 0, C = 0, NS = 0, D = 0, DV = 0;
-  int64_t proposal = kSegment, weighting = kOptimal;
+// The call's shape and layout (the shared checks' WholeArgs) and what the pipeline derives
+// from the masks or offsets (prepare_masks, drop_inputs), shared by forward and backward.
+struct Problem : WholeArgs {
   bool dropped = false;                  // some element has no valid query or key (padded layout)
   c10::SmallVector<int64_t, 8> c_eff;    // C_eff per element
   c10::SmallVector<int64_t, 8> nact;     // samples active in the C x C steps, per element
@@ -76,16 +70,7 @@ struct Problem {
   at::Tensor q_pad, k_pad;               // the passes' masks (dropped elements made all-valid), or undefined
   at::Tensor q, k, v;                    // dropped elements zeroed
   cpu::Seqs sq, sk;                      // the rows of q (H heads) and of k, v (H_kv heads)
-  at::ScalarType ct = at::kFloat;
-  bool optimal() const { return weighting == kOptimal; }
 };
-
-void check_mask(const char* op, const char* name, const OptTensor& m, int64_t B, int64_t L) {
-  if (!m.has_value()) return;
-  TORCH_CHECK(m->scalar_type() == at::kBool && m->dim() == 2 && m->size(0) == B && m->size(1) == L, op, ": ", name,
-              " must be bool of shape (", B, ", ", L, "), got ", m->scalar_type(), " ", m->sizes());
-  TORCH_CHECK(m->device().is_cpu(), op, ": ", name, " must be a CPU tensor");
-}
 
 int64_t valid_count(const bool* row, int64_t L) {
   int64_t n = 0;
@@ -93,76 +78,17 @@ int64_t valid_count(const bool* row, int64_t L) {
   return n;
 }
 
-Problem setup(const char* op, const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& qlm,
-              const OptTensor& klm, const OptTensor& qpm, const OptTensor& kpm, const OptTensor& cu_q,
-              const OptTensor& cu_k, int64_t max_q, int64_t max_k, int64_t num_samples, int64_t proposal,
-              int64_t weighting) {
+Problem setup(const char* op, const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& eps,
+              const OptTensor& qlm, const OptTensor& klm, const OptTensor& qpm, const OptTensor& kpm,
+              const OptTensor& cu_q, const OptTensor& cu_k, int64_t max_q, int64_t max_k, int64_t num_samples,
+              int64_t proposal, int64_t weighting) {
+  TORCH_CHECK(q.device().is_cpu(), op, ": q, k, v must be CPU tensors, got ", q.device());
   Problem p;
-  p.packed = cu_q.has_value();
-  TORCH_CHECK(cu_k.has_value() == p.packed, op, ": cu_seqlens_q and cu_seqlens_k are given together or not at all");
-  TORCH_CHECK(proposal >= 0 && proposal <= 2, op, ": proposal must be 0 (segment), 1 (mixed) or 2 (attend), got ",
-              proposal);
-  TORCH_CHECK(weighting == kOptimal || weighting == kBalance, op,
-              ": weighting must be 0 (optimal) or 1 (balance), got ", weighting);
-  TORCH_CHECK(num_samples >= 1, op, ": num_samples must be >= 1, got ", num_samples);
-  const int64_t dims = p.packed ? 3 : 4;
-  for (const auto* t : {&q, &k, &v}) {
-    TORCH_CHECK(t->dim() == dims, op, ": q, k, v must be ", dims, "-D, got shape ", t->sizes());
-    TORCH_CHECK(t->device().is_cpu(), op, ": q, k, v must be CPU tensors");
-  }
-  const auto st = q.scalar_type();
-  TORCH_CHECK(st == at::kDouble || st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op,
-              ": q must be float64, float32, float16 or bfloat16, got ", st);
-  TORCH_CHECK(k.scalar_type() == st && v.scalar_type() == st, op, ": q, k, v must have one dtype");
-  p.proposal = proposal;
-  p.weighting = weighting;
-  p.NS = num_samples;
-  p.ct = compute_type(st);
-  p.H = q.size(1);
-  p.Hkv = k.size(1);
-  p.D = q.size(-1);
-  p.DV = v.size(-1);
-  TORCH_CHECK(p.Hkv >= 1 && p.H % p.Hkv == 0, op, ": the key/value heads ", p.Hkv, " must divide the query heads ",
-              p.H);
-  p.G = p.H / p.Hkv;
-  TORCH_CHECK(k.size(-1) == p.D, op, ": k must have q's head dim ", p.D, ", got ", k.size(-1));
-  TORCH_CHECK(v.size(1) == p.Hkv, op, ": v must have k's heads ", p.Hkv, ", got ", v.size(1));
+  static_cast<WholeArgs&>(p) = check_whole_args(op, q, k, v, eps, qlm, klm, qpm, kpm, cu_q, cu_k, max_q, max_k,
+                                                num_samples, proposal, weighting);
   p.q = q;
   p.k = k;
   p.v = v;
-  if (p.packed) {
-    TORCH_CHECK(!qpm.has_value() && !kpm.has_value(), op, ": padding masks are not taken with cu_seqlens");
-    TORCH_CHECK(cu_q->dim() == 1 && cu_k->dim() == 1 && cu_q->size(0) == cu_k->size(0) && cu_q->size(0) >= 1, op,
-                ": cu_seqlens_q and cu_seqlens_k must be 1-D of one size B + 1, got ", cu_q->sizes(), " and ",
-                cu_k->sizes());
-    for (const auto* cu : {&*cu_q, &*cu_k})
-      TORCH_CHECK(cu->scalar_type() == at::kInt && cu->is_contiguous(), op,
-                  ": cu_seqlens must be contiguous int32");
-    TORCH_CHECK(v.size(0) == k.size(0), op, ": v must have k's rows");
-    p.B = cu_q->size(0) - 1;
-    p.Lq = q.size(0);
-    p.Lk = k.size(0);
-    p.N = max_q;
-    p.M = max_k;
-  } else {
-    p.B = q.size(0);
-    TORCH_CHECK(k.size(0) == p.B && v.size(0) == p.B && v.size(2) == k.size(2), op,
-                ": q, k, v must be (B, H, N, D), (B, H_kv, M, D), (B, H_kv, M, Dv)");
-    p.Lq = p.N = q.size(2);
-    p.Lk = p.M = k.size(2);
-    check_mask(op, "query_padding", qpm, p.B, p.N);
-    check_mask(op, "key_padding", kpm, p.B, p.M);
-  }
-  p.C = std::min({num_samples, p.N, p.M});
-  TORCH_CHECK(p.C >= 1 && p.D >= 1 && p.DV >= 1, op, ": needs at least one query, key, sample and feature, got C = ",
-              p.C, ", D = ", p.D, ", Dv = ", p.DV);
-  for (const auto* lm : {&qlm, &klm}) {
-    if (!lm->has_value()) continue;
-    TORCH_CHECK((*lm)->dim() == 4 && (*lm)->size(0) == p.B && (*lm)->size(1) == p.H && (*lm)->size(2) == num_samples &&
-                    (*lm)->size(3) == p.D,
-                op, ": landmarks must be (", p.B, ", ", p.H, ", ", num_samples, ", ", p.D, "), got ", (*lm)->sizes());
-    TORCH_CHECK((*lm)->device().is_cpu(), op, ": landmarks must be CPU tensors");
-  }
 
   const int64_t B = p.B, C = p.C;
   p.c_eff.assign(B, C);
@@ -188,7 +114,7 @@ Problem setup(const char* op, const Tensor& q, const Tensor& k, const Tensor& v,
     }
     return p;
   }
-  if (!qpm.has_value() && !kpm.has_value()) return p;
+  if (!p.masked) return p;
   // prepare_masks: an element with no valid query or key is dropped (masks made valid,
   // inputs zeroed, output zeroed); C_eff = min(C, valid queries, valid keys)
   at::Tensor qm = qpm.has_value() ? qpm->contiguous() : at::Tensor();
@@ -228,11 +154,6 @@ Problem setup(const char* op, const Tensor& q, const Tensor& k, const Tensor& v,
   if (qm.defined()) p.sq.pad = qm.data_ptr<bool>();
   if (km.defined()) p.sk.pad = km.data_ptr<bool>();
   return p;
-}
-
-// Offsets of the fields of the state tensor (csrc/state_layout.h).
-StateLayout state_layout(const Problem& p) {
-  return lara::state_layout(p.B, p.H, p.C, p.D, p.DV, p.optimal(), p.proposal == kMixed, p.proposal == kAttend);
 }
 
 // Scratch of n elements of T for the C-sized steps of one call: uninitialized (every
@@ -393,7 +314,7 @@ void forward_small(const Problem& p, const StateLayout& L, T* st, const OptTenso
 template <typename T>
 void weights_small(const Problem& p, const StateLayout& L, T* st) {
   const int64_t H = p.H, C = p.C, D = p.D;
-  const bool opt = p.optimal();
+  const bool opt = p.optimal;
   const std::unique_ptr<T[]> gs(new T[p.B * H * C * C]);
   for_heads(p, C * C * D, [&](int64_t b, int64_t h) {
     const int64_t bh = b * H + h, na = p.nact[b];
@@ -426,7 +347,7 @@ void weights_small(const Problem& p, const StateLayout& L, T* st) {
 // the forward and the backward alike.
 template <typename T>
 cpu::QueryArgs<T> query_args(const Problem& p, const StateLayout& L, const T* st) {
-  const bool mis = p.optimal();
+  const bool mis = p.optimal;
   return {p.q,         st + L.w, st + L.bias, st + L.kap, p.c_eff.data(), mis ? st + L.qt : nullptr,
           mis ? st + L.lam : nullptr, mis ? st + L.bh : nullptr, p.C, p.D, p.DV, mis};
 }
@@ -443,7 +364,7 @@ std::tuple<Tensor, Tensor> forward_impl(const Problem& p, const OptTensor& eps, 
                                         const OptTensor& klm, double beta, double ss_d) {
   const int64_t H = p.H, C = p.C, G = p.G;
   const T ss = T(ss_d);
-  const StateLayout L = state_layout(p);
+  const StateLayout& L = p.layout;
   at::Tensor state = new_output({L.total}, at::TensorOptions().dtype(p.ct));
   T* st = state.data_ptr<T>();
   const int64_t* ce = p.c_eff.data();
@@ -467,7 +388,7 @@ std::tuple<Tensor, Tensor> forward_impl(const Problem& p, const OptTensor& eps, 
   // 4. key statistics
   cpu::key_pass_fwd_body<T>(st + L.w, G * C, p.k, p.v, p.sk, ss, true, st + L.Z, st + L.kap);
   // 5. query normalizer
-  if (p.optimal()) cpu::key_pass_fwd_body<T>(st + L.qt, C, p.q, at::Tensor(), p.sq, ss, false, st + L.lam, nullptr);
+  if (p.optimal) cpu::key_pass_fwd_body<T>(st + L.qt, C, p.q, at::Tensor(), p.sq, ss, false, st + L.lam, nullptr);
   // 6. densities and weights
   weights_small<T>(p, L, st);
   // 7. query pass
@@ -487,7 +408,7 @@ void backward_small(const Problem& p, const StateLayout& L, const T* st, double 
                     const T* dw1, const T* dw3, const T* dqt1, const T* dqt2, T* gq, T* gk, T* dka) {
   const int64_t H = p.H, C = p.C, D = p.D;
   const T ss = T(ss_d);
-  const bool opt = p.optimal();
+  const bool opt = p.optimal;
   const int64_t per = 2 * C * C + 3 * C * D + C;   // g, dmu, dw, colsum, and for mixed dkt, da
   const std::unique_ptr<T[]> buf(new T[p.B * H * per]);
   for_heads(p, 4 * C * C * D, [&](int64_t b, int64_t h) {
@@ -568,14 +489,10 @@ template <typename T>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(const Problem& p, const at::Tensor& dy_in,
                                                                   const at::Tensor& state, const OptTensor& qlm,
                                                                   const OptTensor& klm, double beta, double ss_d) {
-  const char* op = "lara_kernels::lara_bwd";
   const int64_t B = p.B, H = p.H, C = p.C, D = p.D, DV = p.DV, G = p.G;
   const T ss = T(ss_d);
-  const bool opt = p.optimal(), attend = p.proposal == kAttend;
-  const StateLayout L = state_layout(p);
-  TORCH_CHECK(state.dim() == 1 && state.size(0) == L.total && state.scalar_type() == p.ct && state.is_contiguous(),
-              op, ": state must be the contiguous ", p.ct, " (", L.total, ",) tensor lara_fwd returned for these "
-              "arguments, got ", state.scalar_type(), " ", state.sizes());
+  const bool opt = p.optimal, attend = p.proposal == kAttend;
+  const StateLayout& L = p.layout;
   const T* st = state.data_ptr<T>();
   const int64_t* ce = p.c_eff.data();
   at::Tensor dy = dy_in;
@@ -648,15 +565,9 @@ std::tuple<Tensor, Tensor> lara_fwd_cpu(const Tensor& q, const Tensor& k, const 
                                         int64_t num_samples, int64_t proposal, int64_t weighting, double beta,
                                         double ss, const OptTensor& cu_seqlens_q, const OptTensor& cu_seqlens_k,
                                         int64_t max_seqlen_q, int64_t max_seqlen_k) {
-  const char* op = "lara_kernels::lara_fwd";
-  const Problem p = setup(op, q, k, v, q_landmarks, k_landmarks, query_padding, key_padding, cu_seqlens_q,
-                          cu_seqlens_k, max_seqlen_q, max_seqlen_k, num_samples, proposal, weighting);
-  TORCH_CHECK(!k_landmarks.has_value() || proposal != kAttend, op, ": proposal 'attend' takes no k_landmarks");
-  if (eps.has_value())
-    TORCH_CHECK(eps->dim() == 4 && eps->size(0) == p.B && eps->size(1) == p.H && eps->size(2) == num_samples &&
-                    eps->size(3) == p.D && eps->device().is_cpu(),
-                op, ": eps must be a CPU tensor of shape (", p.B, ", ", p.H, ", ", num_samples, ", ", p.D, "), got ",
-                eps->sizes());
+  const Problem p = setup("lara_kernels::lara_fwd", q, k, v, eps, q_landmarks, k_landmarks, query_padding,
+                          key_padding, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, num_samples, proposal,
+                          weighting);
   if (p.ct == at::kDouble) return forward_impl<double>(p, eps, q_landmarks, k_landmarks, beta, ss);
   return forward_impl<float>(p, eps, q_landmarks, k_landmarks, beta, ss);
 }
@@ -667,8 +578,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lara_bwd_cpu(
     const OptTensor& key_padding, int64_t num_samples, int64_t proposal, int64_t weighting, double beta, double ss,
     const OptTensor& cu_seqlens_q, const OptTensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k) {
   const char* op = "lara_kernels::lara_bwd";
-  const Problem p = setup(op, q, k, v, q_landmarks, k_landmarks, query_padding, key_padding, cu_seqlens_q,
-                          cu_seqlens_k, max_seqlen_q, max_seqlen_k, num_samples, proposal, weighting);
+  const Problem p = setup(op, q, k, v, c10::nullopt, q_landmarks, k_landmarks, query_padding, key_padding,
+                          cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, num_samples, proposal, weighting);
+  check_whole_state(op, p, state, q);
   if (p.ct == at::kDouble) return backward_impl<double>(p, dy, state, q_landmarks, k_landmarks, beta, ss);
   return backward_impl<float>(p, dy, state, q_landmarks, k_landmarks, beta, ss);
 }

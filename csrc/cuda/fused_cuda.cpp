@@ -25,7 +25,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include <algorithm>
 #include <vector>
 
 #include "../lara_ops.h"
@@ -55,115 +54,23 @@ void check_launch(const char* op, cudaError_t err) {
   TORCH_CHECK(err == cudaSuccess, op, " launch failed: ", cudaGetErrorString(err));
 }
 
-void check_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& q) {
-  TORCH_CHECK(t.device() == q.device(), op, ": ", name, " is on ", t.device(), " but q is on ", q.device());
-}
-
-constexpr int64_t kSegment = 0, kMixed = 1, kAttend = 2;
-constexpr int64_t kOptimal = 0, kBalance = 1;
-
-struct Setup {
+// The call's sizes (the shared checks' WholeArgs) and the kernels' view of it.
+struct Setup : WholeArgs {
   cuda::FusedProblem fp;
-  bool packed = false, masked = false;
-  int64_t B = 0, H = 0, Hkv = 0, G = 1, N = 0, M = 0, C = 0, NS = 0, D = 0, DV = 0, max_q = 0, max_k = 0;
-  int64_t proposal = kSegment;
-  bool optimal = true;
-  at::ScalarType ct = at::kFloat;
 };
 
-// The state's layout (csrc/state_layout.h), in elements.
-cuda::StateOffsets state_offsets(const Setup& s) {
-  return lara::state_layout(s.B, s.H, s.C, s.D, s.DV, s.optimal, s.proposal == kMixed, s.proposal == kAttend);
-}
-
-void check_mask(const char* op, const char* name, const OptTensor& m, int64_t B, int64_t L, const at::Tensor& q) {
-  if (!m.has_value()) return;
-  TORCH_CHECK(m->scalar_type() == at::kBool && m->dim() == 2 && m->size(0) == B && m->size(1) == L, op, ": ", name,
-              " must be bool of shape (", B, ", ", L, "), got ", m->scalar_type(), " ", m->sizes());
-  check_device(op, name, *m, q);
-}
-
-void check_small4(const char* op, const char* name, const OptTensor& t, const Setup& s, const at::Tensor& q) {
-  if (!t.has_value()) return;
-  TORCH_CHECK(t->dim() == 4 && t->size(0) == s.B && t->size(1) == s.H && t->size(2) == s.NS && t->size(3) == s.D, op,
-              ": ", name, " must be (", s.B, ", ", s.H, ", ", s.NS, ", ", s.D, "), got ", t->sizes());
-  const auto st = t->scalar_type();
-  TORCH_CHECK(st == at::kDouble || st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op, ": ", name,
-              " must be float64, float32, float16 or bfloat16, got ", st);
-  check_device(op, name, *t, q);
-}
-
-Setup setup(const char* op, const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& qlm,
-            const OptTensor& klm, const OptTensor& qpm, const OptTensor& kpm, const OptTensor& cu_q,
-            const OptTensor& cu_k, int64_t max_q, int64_t max_k, int64_t num_samples, int64_t proposal,
-            int64_t weighting, double ss) {
+Setup setup(const char* op, const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& eps,
+            const OptTensor& qlm, const OptTensor& klm, const OptTensor& qpm, const OptTensor& kpm,
+            const OptTensor& cu_q, const OptTensor& cu_k, int64_t max_q, int64_t max_k, int64_t num_samples,
+            int64_t proposal, int64_t weighting, double ss) {
+  for (const auto* t : {&q, &k, &v}) check_cuda(op, "q, k, v", *t);
   Setup s;
-  s.packed = cu_q.has_value();
-  TORCH_CHECK(cu_k.has_value() == s.packed, op, ": cu_seqlens_q and cu_seqlens_k are given together or not at all");
-  TORCH_CHECK(proposal >= 0 && proposal <= 2, op, ": proposal must be 0 (segment), 1 (mixed) or 2 (attend), got ",
-              proposal);
-  TORCH_CHECK(weighting == kOptimal || weighting == kBalance, op,
-              ": weighting must be 0 (optimal) or 1 (balance), got ", weighting);
-  TORCH_CHECK(num_samples >= 1, op, ": num_samples must be >= 1, got ", num_samples);
-  const int64_t dims = s.packed ? 3 : 4;
-  for (const auto* t : {&q, &k, &v}) {
-    TORCH_CHECK(t->dim() == dims, op, ": q, k, v must be ", dims, "-D, got shape ", t->sizes());
-    check_cuda(op, "q, k, v", *t);
-  }
-  check_device(op, "k", k, q);
-  check_device(op, "v", v, q);
-  const auto st = q.scalar_type();
-  TORCH_CHECK(st == at::kDouble || st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op,
-              ": q must be float64, float32, float16 or bfloat16, got ", st);
-  TORCH_CHECK(k.scalar_type() == st && v.scalar_type() == st, op, ": q, k, v must have one dtype, got ", st, ", ",
-              k.scalar_type(), ", ", v.scalar_type());
-  s.proposal = proposal;
-  s.optimal = weighting == kOptimal;
-  s.NS = num_samples;
-  s.ct = compute_type(st);
-  s.H = q.size(1);
-  s.Hkv = k.size(1);
-  s.D = q.size(-1);
-  s.DV = v.size(-1);
-  TORCH_CHECK(s.Hkv >= 1 && s.H % s.Hkv == 0, op, ": the key/value heads ", s.Hkv, " must divide the query heads ",
-              s.H);
-  s.G = s.H / s.Hkv;
-  TORCH_CHECK(k.size(-1) == s.D, op, ": k must have q's head dim ", s.D, ", got ", k.size(-1));
-  TORCH_CHECK(v.size(1) == s.Hkv, op, ": v must have k's heads ", s.Hkv, ", got ", v.size(1));
-  if (s.packed) {
-    TORCH_CHECK(!qpm.has_value() && !kpm.has_value(), op, ": padding masks are not taken with cu_seqlens");
-    TORCH_CHECK(cu_q->dim() == 1 && cu_k->dim() == 1 && cu_q->size(0) == cu_k->size(0) && cu_q->size(0) >= 1, op,
-                ": cu_seqlens_q and cu_seqlens_k must be 1-D of one size B + 1, got ", cu_q->sizes(), " and ",
-                cu_k->sizes());
-    for (const auto* cu : {&*cu_q, &*cu_k}) {
-      TORCH_CHECK(cu->scalar_type() == at::kInt && cu->is_contiguous(), op, ": cu_seqlens must be contiguous int32");
-      check_device(op, "cu_seqlens", *cu, q);
-    }
-    TORCH_CHECK(v.size(0) == k.size(0), op, ": v must have k's rows");
-    TORCH_CHECK(max_q >= 0 && max_k >= 0, op, ": max_seqlen must be >= 0, got ", max_q, ", ", max_k);
-    s.B = cu_q->size(0) - 1;
-    s.N = s.max_q = max_q;
-    s.M = s.max_k = max_k;
-  } else {
-    s.B = q.size(0);
-    TORCH_CHECK(k.size(0) == s.B && v.size(0) == s.B && v.size(2) == k.size(2), op,
-                ": q, k, v must be (B, H, N, D), (B, H_kv, M, D), (B, H_kv, M, Dv)");
-    s.N = q.size(2);
-    s.M = k.size(2);
-    check_mask(op, "query_padding", qpm, s.B, s.N, q);
-    check_mask(op, "key_padding", kpm, s.B, s.M, q);
-    s.masked = qpm.has_value() || kpm.has_value();
-  }
-  s.C = std::min({num_samples, s.N, s.M});
-  TORCH_CHECK(s.C >= 1 && s.D >= 1 && s.DV >= 1, op, ": needs at least one query, key, sample and feature, got C = ",
-              s.C, ", D = ", s.D, ", Dv = ", s.DV);
+  static_cast<WholeArgs&>(s) = check_whole_args(op, q, k, v, eps, qlm, klm, qpm, kpm, cu_q, cu_k, max_q, max_k,
+                                                num_samples, proposal, weighting);
   check_cuda_pass_dims(op, s.D, s.DV, s.C);
-  check_small4(op, "q_landmarks", qlm, s, q);
-  check_small4(op, "k_landmarks", klm, s, q);
-  TORCH_CHECK(!klm.has_value() || proposal != kAttend, op, ": proposal 'attend' takes no k_landmarks");
 
   cuda::FusedProblem& f = s.fp;
-  f.dtype = kdtype(st);
+  f.dtype = kdtype(q.scalar_type());
   f.e.B = s.B;
   f.e.N = s.N;
   f.e.M = s.M;
@@ -181,23 +88,11 @@ Setup setup(const char* op, const Tensor& q, const Tensor& k, const Tensor& v, c
   f.proposal = static_cast<int>(proposal);
   f.optimal = s.optimal;
   f.ss = ss;
-  f.so = state_offsets(s);
+  f.so = s.layout;
   return s;
 }
 
 cudaStream_t stream_of(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.get_device()).stream(); }
-
-// The strides of a long tensor as the kernels take them ({0, H, T, W} when packed).
-void long_strides(const at::Tensor& t, int64_t out[4]) {
-  if (t.dim() == 3) {
-    out[0] = 0;
-    out[1] = t.stride(1);
-    out[2] = t.stride(0);
-    out[3] = t.stride(2);
-    return;
-  }
-  for (int i = 0; i < 4; ++i) out[i] = t.stride(i);
-}
 
 cuda::Long long_of(const at::Tensor& t) {
   cuda::Long l;
@@ -386,17 +281,8 @@ std::tuple<Tensor, Tensor> lara_fwd_cuda(const Tensor& q, const Tensor& k, const
                                          double ss, const OptTensor& cu_seqlens_q, const OptTensor& cu_seqlens_k,
                                          int64_t max_seqlen_q, int64_t max_seqlen_k) {
   const char* op = "lara_kernels::lara_fwd (CUDA)";
-  Setup s = setup(op, q, k, v, q_landmarks, k_landmarks, query_padding, key_padding, cu_seqlens_q, cu_seqlens_k,
-                  max_seqlen_q, max_seqlen_k, num_samples, proposal, weighting, ss);
-  if (eps.has_value()) {
-    TORCH_CHECK(eps->dim() == 4 && eps->size(0) == s.B && eps->size(1) == s.H && eps->size(2) == num_samples &&
-                    eps->size(3) == s.D,
-                op, ": eps must be of shape (", s.B, ", ", s.H, ", ", num_samples, ", ", s.D, "), got ", eps->sizes());
-    const auto et = eps->scalar_type();
-    TORCH_CHECK(et == at::kDouble || et == at::kFloat || et == at::kHalf || et == at::kBFloat16, op,
-                ": eps must be float64, float32, float16 or bfloat16, got ", et);
-    check_device(op, "eps", *eps, q);
-  }
+  Setup s = setup(op, q, k, v, eps, q_landmarks, k_landmarks, query_padding, key_padding, cu_seqlens_q,
+                  cu_seqlens_k, max_seqlen_q, max_seqlen_k, num_samples, proposal, weighting, ss);
   const c10::cuda::CUDAGuard guard(q.device());
   const cudaStream_t stream = stream_of(q);
   const auto opts = q.options().dtype(s.ct);
@@ -442,20 +328,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lara_bwd_cuda(
     const OptTensor& key_padding, int64_t num_samples, int64_t proposal, int64_t weighting, double beta, double ss,
     const OptTensor& cu_seqlens_q, const OptTensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k) {
   const char* op = "lara_kernels::lara_bwd (CUDA)";
-  Setup s = setup(op, q, k, v, q_landmarks, k_landmarks, query_padding, key_padding, cu_seqlens_q, cu_seqlens_k,
-                  max_seqlen_q, max_seqlen_k, num_samples, proposal, weighting, ss);
+  Setup s = setup(op, q, k, v, c10::nullopt, q_landmarks, k_landmarks, query_padding, key_padding, cu_seqlens_q,
+                  cu_seqlens_k, max_seqlen_q, max_seqlen_k, num_samples, proposal, weighting, ss);
+  check_whole_state(op, s, state, q);
   const cuda::StateOffsets& o = s.fp.so;
-  TORCH_CHECK(state.dim() == 1 && state.size(0) == o.total && state.scalar_type() == s.ct && state.is_contiguous(),
-              op, ": state must be the contiguous ", s.ct, " (", o.total, ",) tensor lara_fwd returned for these "
-              "arguments, got ", state.scalar_type(), " ", state.sizes());
-  check_device(op, "state", state, q);
   std::vector<int64_t> ys(q.sizes().begin(), q.sizes().end());
   ys.back() = s.DV;
   TORCH_CHECK(dy.sizes() == at::IntArrayRef(ys), op, ": dy must have shape ", at::IntArrayRef(ys), ", got ",
               dy.sizes());
   TORCH_CHECK(dy.scalar_type() == q.scalar_type() || dy.scalar_type() == s.ct, op, ": dy must be ", q.scalar_type(),
               " or ", s.ct, ", got ", dy.scalar_type());
-  check_device(op, "dy", dy, q);
+  TORCH_CHECK(dy.device() == q.device(), op, ": dy is on ", dy.device(), " but q is on ", q.device());
   const c10::cuda::CUDAGuard guard(q.device());
   const cudaStream_t stream = stream_of(q);
   const auto opts = q.options().dtype(s.ct);

@@ -48,19 +48,6 @@ void check_launch(const char* op, cudaError_t err) {
   TORCH_CHECK(err == cudaSuccess, op, " (CUDA) launch failed: ", cudaGetErrorString(err));
 }
 
-// The 4 strides of a long tensor as the kernels take them: (B, H, L, W) as they are, a
-// packed (T, H, W) one as {0, H, T, W} (the kernels add cu_seqlens[b] to the row index).
-void strides_of(const at::Tensor& t, int64_t out[4]) {
-  if (t.dim() == 3) {
-    out[0] = 0;
-    out[1] = t.stride(1);
-    out[2] = t.stride(0);
-    out[3] = t.stride(2);
-    return;
-  }
-  for (int i = 0; i < 4; ++i) out[i] = t.stride(i);
-}
-
 // The layout of a call: B, and the long axis's extent for the grids (L of the padded
 // layout, max_seqlen of the packed one); cu is null in the padded layout.
 struct Layout {
@@ -113,10 +100,10 @@ cuda::KeyPassProblem key_problem(const Tensor& w, const Tensor& k, const OptTens
   p.dtype = kernel_dtype(k.scalar_type());
   p.w = w.data_ptr();
   p.k = k.data_ptr();
-  strides_of(k, p.sk);
+  long_strides(k, p.sk);
   if (v.has_value()) {
     p.v = v->data_ptr();
-    strides_of(*v, p.sv);
+    long_strides(*v, p.sv);
   }
   set_padding(padding, p);
   p.cu = lay.cu;
@@ -137,7 +124,7 @@ cuda::QueryPassProblem query_problem(const Tensor& q, const Tensor& w, const Ten
   cuda::QueryPassProblem p;
   p.dtype = kernel_dtype(q.scalar_type());
   p.q = q.data_ptr();
-  strides_of(q, p.sq);
+  long_strides(q, p.sq);
   p.w = w.data_ptr();
   p.bias = bias.data_ptr();
   p.kap = kap.data_ptr();
@@ -235,8 +222,8 @@ std::tuple<Tensor, Tensor, Tensor> key_pass_bwd_cuda(const Tensor& w, const Tens
   at::Tensor dv = v.has_value() ? new_output(v->sizes(), v->options()) : at::empty({0}, k.options());
   at::Tensor dw_part = new_output({plan.splits, B, H, C, D}, opts);
   int64_t sdk[4], sdv[4] = {0, 0, 0, 0};
-  strides_of(dk, sdk);
-  if (v.has_value()) strides_of(dv, sdv);
+  long_strides(dk, sdk);
+  if (v.has_value()) long_strides(dv, sdv);
   check_launch(op, cuda::key_pass_backward(p, plan, z.data_ptr(), E.data_ptr(), g.data_ptr(), dk.data_ptr(), sdk,
                                            dv.data_ptr(), sdv, dw_part.data_ptr(),
                                            stream_of(k)));
@@ -257,7 +244,7 @@ Tensor query_pass_fwd_cuda(const Tensor& q, const Tensor& w, const Tensor& bias,
   at::Tensor y = cu_seqlens.has_value() ? new_output({q.size(0), q.size(1), Dv}, q.options())
                                         : new_output({q.size(0), q.size(1), q.size(2), Dv}, q.options());
   int64_t sy[4];
-  strides_of(y, sy);
+  long_strides(y, sy);
   const cuda::QueryPassProblem p = query_problem(q, w, bias, kap, c_eff, padding, ss, qt, lam, bh, beta, lay);
   check_launch(op, cuda::query_pass_forward(p, y.data_ptr(), sy, stream_of(q)));
   return y;
@@ -288,7 +275,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> query_pass_bw
   // to the compute type (exact for the half types, what the accumulation uses anyway).
   const at::Tensor g = (st == q.scalar_type() || st == ct) ? dy : dy.to(ct);
   int64_t sdy[4];
-  strides_of(g, sdy);
+  long_strides(g, sdy);
 
   const bool mis = qt.has_value();
   const cuda::QueryPassProblem p = query_problem(q, w, bias, kap, c_eff, padding, ss, qt, lam, bh, beta, lay);
@@ -296,7 +283,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> query_pass_bw
   const int64_t S = plan.splits;
   at::Tensor dq = new_output(q.sizes(), q.options());
   int64_t sdq[4];
-  strides_of(dq, sdq);
+  long_strides(dq, sdq);
   at::Tensor dw_part = new_output({S, B, H, C, D}, opts);
   at::Tensor db_part = new_output({S, B, H, C}, opts);
   at::Tensor dkap_part = new_output({S, B, H, C, Dv}, opts);
