@@ -9,6 +9,7 @@
 #include <limits>
 #include <tuple>
 #include <utility>
+#include <vector>
 
 namespace lara {
 
@@ -327,6 +328,16 @@ void check_whole_state(const char* op, const WholeArgs& a, const Tensor& state, 
               op, ": state must be the contiguous ", a.ct, " (", a.layout.total, ",) tensor lara_fwd returned for "
               "these arguments, got ", state.scalar_type(), " ", state.sizes());
   check_same_device(op, "state", state, q);
+}
+
+void check_whole_dy(const char* op, const WholeArgs& a, const Tensor& dy, const Tensor& q) {
+  std::vector<int64_t> ys(q.sizes().begin(), q.sizes().end());
+  ys.back() = a.DV;
+  TORCH_CHECK(dy.sizes() == at::IntArrayRef(ys), op, ": dy must have shape ", at::IntArrayRef(ys), ", got ",
+              dy.sizes());
+  TORCH_CHECK(dy.scalar_type() == q.scalar_type() || dy.scalar_type() == a.ct, op, ": dy must be ", q.scalar_type(),
+              " or ", a.ct, ", got ", dy.scalar_type());
+  check_same_device(op, "dy", dy, q);
 }
 
 void long_strides(const Tensor& t, int64_t out[4]) {

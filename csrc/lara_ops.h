@@ -222,6 +222,8 @@ WholeArgs check_whole_args(const char* op, const Tensor& q, const Tensor& k, con
                            int64_t max_seqlen_k, int64_t num_samples, int64_t proposal, int64_t weighting);
 // lara_bwd's state: the contiguous compute-type tensor lara_fwd returned for these arguments.
 void check_whole_state(const char* op, const WholeArgs& a, const Tensor& state, const Tensor& q);
+// lara_bwd's dy: q's shape with Dv as its last size, q's dtype or the compute type, on q's device.
+void check_whole_dy(const char* op, const WholeArgs& a, const Tensor& dy, const Tensor& q);
 // The 4 strides of a long tensor as the CUDA kernels take them: (B, H, L, W) as they are,
 // a packed (T, H, W) one as {0, H, T, W} (the kernels add cu_seqlens[b] to the row index).
 void long_strides(const Tensor& t, int64_t out[4]);

@@ -381,3 +381,8 @@ def test_op_argument_errors():
     _, state = ops.lara_fwd(q, q, q, None, None, None, None, None, 3, 0, 0, 1.0, 0.5)
     with pytest.raises(RuntimeError, match="state must be"):
         ops.lara_bwd(q, q, q, q, state[1:], None, None, None, None, 3, 0, 0, 1.0, 0.5)
+    # dy: of y's shape (the passes would read past a smaller one), q's dtype or the compute type
+    with pytest.raises(RuntimeError, match=r"dy must have shape \[1, 2, 5, 4\], got \[1, 2, 4, 4\]"):
+        ops.lara_bwd(q[:, :, :4], q, q, q, state, None, None, None, None, 3, 0, 0, 1.0, 0.5)
+    with pytest.raises(RuntimeError, match="dy must be Float or Float, got Long"):
+        ops.lara_bwd(q.long(), q, q, q, state, None, None, None, None, 3, 0, 0, 1.0, 0.5)

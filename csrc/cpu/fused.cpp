@@ -581,8 +581,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lara_bwd_cpu(
   const Problem p = setup(op, q, k, v, c10::nullopt, q_landmarks, k_landmarks, query_padding, key_padding,
                           cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, num_samples, proposal, weighting);
   check_whole_state(op, p, state, q);
-  if (p.ct == at::kDouble) return backward_impl<double>(p, dy, state, q_landmarks, k_landmarks, beta, ss);
-  return backward_impl<float>(p, dy, state, q_landmarks, k_landmarks, beta, ss);
+  check_whole_dy(op, p, dy, q);
+  // the passes read dy in q's dtype
+  const Tensor dyq = dy.scalar_type() == q.scalar_type() ? dy : dy.to(q.scalar_type());
+  if (p.ct == at::kDouble) return backward_impl<double>(p, dyq, state, q_landmarks, k_landmarks, beta, ss);
+  return backward_impl<float>(p, dyq, state, q_landmarks, k_landmarks, beta, ss);
 }
 
 }  // namespace lara

@@ -332,13 +332,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lara_bwd_cuda(
                   cu_seqlens_k, max_seqlen_q, max_seqlen_k, num_samples, proposal, weighting, ss);
   check_whole_state(op, s, state, q);
   const cuda::StateOffsets& o = s.fp.so;
-  std::vector<int64_t> ys(q.sizes().begin(), q.sizes().end());
-  ys.back() = s.DV;
-  TORCH_CHECK(dy.sizes() == at::IntArrayRef(ys), op, ": dy must have shape ", at::IntArrayRef(ys), ", got ",
-              dy.sizes());
-  TORCH_CHECK(dy.scalar_type() == q.scalar_type() || dy.scalar_type() == s.ct, op, ": dy must be ", q.scalar_type(),
-              " or ", s.ct, ", got ", dy.scalar_type());
-  TORCH_CHECK(dy.device() == q.device(), op, ": dy is on ", dy.device(), " but q is on ", q.device());
+  check_whole_dy(op, s, dy, q);
   const c10::cuda::CUDAGuard guard(q.device());
   const cudaStream_t stream = stream_of(q);
   const auto opts = q.options().dtype(s.ct);
