@@ -77,6 +77,7 @@ from ._common import long_strides, mma, rnd
 # memory from the AOT check): the split count fills the device once with them.
 FWD_PER_SM = 2
 BWD_PER_SM = 1
+DKV_PER_SM = 2   # the backward's dk/dv kernel of several C blocks: 4 warps of 255 registers
 
 
 @triton.jit
@@ -555,7 +556,7 @@ def key_pass_bwd_split(w, k, v, padding, ss, subtract_norm, Z, kap, dZ, dkap, cu
     if NCB > 1:   # dk, dv: program (bh, split) over every C block of each key block
         # (its own blocks: ``block_c`` and ``block_m`` choose the dw programs' only)
         BLOCK_C, BLOCK_M, _, _, num_warps, num_stages = blocks(C, D, DV, arch=_common.arch(dev), dkv=True)
-        S2, per_split2 = _common.num_splits(_common.cdiv(M, BLOCK_M), B * H, dev, BWD_PER_SM, splits)
+        S2, per_split2 = _common.num_splits(_common.cdiv(M, BLOCK_M), B * H, dev, DKV_PER_SM, splits)
         _common.launch(
             _key_bwd_dkv_kernel, (S2 * B * H,), dev,
             w, k, vt, pad, cu, Z, kap, dZ, dkap, dk, dv, *common,
