@@ -15,12 +15,13 @@ CUDA graph. Forward, six launches ("balance": five), and no torch compute op:
 5. stats: both combines (Z, kap, Lam) and the C x C steps (g, rho, log_den, bias, bh);
 6. query pass.
 
-Backward (first order, grad mode off): query pass backward; small rows kernel (its
-partials summed, dZ, dkap, dLam, drho, dlog_den, dw_r); key pass backward and query
-normalizer backward (``key_pass_bwd``, each still summing its own dw partials with one
-torch op); small columns kernel (dw, dmu, dqt, dkt; "mixed": plus its C x C backward
-kernel); landmarks backward (dq, dk with the landmarks' part added). v's gradient is
-the key pass's dv.
+Backward (first order, grad mode off), six launches ("mixed": seven): query pass
+backward; small rows kernel (its partials summed, dZ, dkap, dLam, drho, dlog_den, dw_r);
+key pass backward and query normalizer backward (``key_pass_bwd_split``: their dw
+partials are summed by the columns kernel; one launch more each past C x D = 128 x 128,
+e.g. the G x C = 512 key rows of GQA at G = 8, for dk, dv); small columns kernel (dw,
+dmu, dqt, dkt; "mixed": plus its C x C backward kernel); landmarks backward (dq, dk with
+the landmarks' part added). v's gradient is the key pass's dv.
 
 Elements of the padded layout with no valid query or no valid key get c_eff = 0: their
 landmarks are 0, the query pass writes y = 0 and gives zero gradients, and nothing
