@@ -203,6 +203,44 @@ def main(argv=None):
         for name, t in _whole.bench_ops(q, k, v, dy, C, args.proposal, args.weighting, scale, T):
             print(f"  {name:40s}{t:9.1f}")
 
+    if args.proposal != "attend":
+        triton_host_part(q, k, v, dy, C, args.proposal, args.weighting, scale, T)
+
+
+def triton_host_part(q, k, v, dy, C, proposal, weighting, scale, T):
+    """The triton backend's lean path (lara_kernels/_whole_triton.py) with every launch
+    replaced by a counter: its own host cost (allocations, block and split choices,
+    argument lists), without Triton's launcher or the kernels. A GPU call adds Triton's
+    per-launch cost to this, once per launch counted."""
+    try:
+        from unittest import mock
+
+        from lara_kernels import _whole_triton as wt
+        from lara_kernels.triton_kernels import _common
+    except ImportError as e:   # no Triton
+        print(f"\ntriton lean path: not measured ({e})")
+        return
+    launches = [0]
+
+    def count(*a, **kw):
+        launches[0] += 1
+
+    mixed, optimal = proposal == "mixed", weighting == "optimal"
+    eps = torch.randn(q.shape[0], q.shape[1], C, q.shape[-1], dtype=torch.float32)
+    ss = math.sqrt(scale)
+    with mock.patch.object(_common, "launch", count):
+        y, state = wt._forward(q, k, v, eps, None, None, None, None, 0, 0, C, mixed, optimal, 1.0, ss)
+        launches[0] = 0
+        wt._forward(q, k, v, eps, None, None, None, None, 0, 0, C, mixed, optimal, 1.0, ss)
+        n_fwd, launches[0] = launches[0], 0
+        wt._backward(dy, q, k, v, None, None, None, None, 0, 0, mixed, optimal, 1.0, ss, state)
+        n_bwd = launches[0]
+        fwd = T(lambda: wt._forward(q, k, v, eps, None, None, None, None, 0, 0, C, mixed, optimal, 1.0, ss))
+        bwd = T(lambda: wt._backward(dy, q, k, v, None, None, None, None, 0, 0, mixed, optimal, 1.0, ss, state))
+    print("\ntriton lean path, launches not made (its host part only), us per call:")
+    print(f"  {f'forward ({n_fwd} launches)':40s}{fwd:9.1f}")
+    print(f"  {f'backward ({n_bwd} launches)':40s}{bwd:9.1f}")
+
 
 if __name__ == "__main__":
     main()
