@@ -497,3 +497,26 @@ def test_split_equals_pipeline(case, monkeypatch):
     y0, grads0, _ = _grads(_pipeline_call, q, k, v, eps, opts)
     for name, a, b in zip(("y", "dq", "dk", "dv"), (y,) + grads, (y0,) + grads0):
         _check(name, a, b, PIPE_TOL[torch.float32])
+
+
+def test_mixed_softmax_stays_normalized_at_large_logits():
+    """The "mixed" proposal's softmax over the key landmarks (small.proposal_fwd) and its
+    backward (small.mixed_bwd) at logits kt . kt ~ 1e23, the size the input range bound
+    allows, where log(C) is far below one ulp of the maximum: equal rows give the uniform
+    softmax, so kmix equals kt (through max + log(sum of exp), every weight used to be
+    exp(0) = 1: kmix was C times kt, and y wrong by 36% at the range bound). The backward
+    is finite there; its value is rounding (it cancels products ~1e24 in float32, as the
+    float32 reference does), so only finiteness is asserted."""
+    from lara_kernels.triton_kernels import small
+
+    C, D = 6, 16
+    x = torch.randn(D, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    x = x / x.norm() * 8.7e11                                        # |x|^2 ~ 7.6e23
+    kt = x.expand(1, 1, C, D).float().contiguous()
+    qt = torch.zeros(1, 1, C, D)
+    c_eff = torch.tensor([C])
+    mu, w, kmix, lse = small.proposal_fwd(qt, kt, None, c_eff, True)
+    assert rel_rms(kmix, kt) < 1e-6 and torch.equal(mu, kmix), rel_rms(kmix, kt)   # float32 sums of 6 terms
+    dmus = torch.randn(1, 1, C, D, generator=torch.Generator().manual_seed(4))
+    dkt = small.mixed_bwd(kt, dmus, kmix, lse, c_eff)
+    assert torch.isfinite(dkt).all()

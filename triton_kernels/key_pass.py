@@ -261,7 +261,10 @@ def _tile_bwd(w, z, e, dkap, kk, vv, valid, c_ok, ss,
     if SUB_NORM:
         kf = kk.to(tl.float32)
         logit -= (0.5 * ss * ss) * tl.sum(kf * kf, axis=1)[None, :]
-    sm = tl.where(valid[None, :] & c_ok[:, None], tl.exp(logit - z[:, None]), 0.0)
+    # S <= 1 (Z is the log-sum-exp over these logits), but the forward summed the products in
+    # another order (other tiles): near the range bound (logits ~1e11, float32 ulp ~1e4) the
+    # recomputed logit can exceed Z by ulps, and exp of that overflows. Clamped at exp(0).
+    sm = tl.where(valid[None, :] & c_ok[:, None], tl.exp(tl.minimum(logit - z[:, None], 0.0)), 0.0)
     if HAS_V:
         dp = mma(dkap, tl.trans(vv), DT, PREC, EMU)                     # [BLOCK_C, BLOCK_M]
         dl = sm * (dp + e[:, None])

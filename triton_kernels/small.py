@@ -9,7 +9,14 @@ contracts over 16 (``tl.dot`` of float32 C-sized operands, "ieee" precision as t
 float32 matmul in the pipeline; no half input, so no tensor cores), which keeps the
 float32 operands of the products small enough not to spill. A softmax over samples takes
 its log-normalizer from a first sweep of the tiles (or from the forward), then a second
-sweep forms the probabilities and the product. Outputs over D come in chunks of
+sweep forms the probabilities and the product. Probabilities exp(s - lse) are clamped at
+exp(0): the log-normalizer may come from another kernel (or tile shape) that summed the
+products in another order, and near the input range bound (C x C products ~1e23, ulps
+far above 88) a recomputed s can exceed it by ulps, whose exp overflows. There, too,
+log(sum of exp) is below the ulp of the maximum and vanishes from max + log(sum): the
+softmax of the "mixed" proposal therefore keeps (max, sum) and divides, exp(s - max) /
+sum, which stays normalized at any size (with lse = max + log(sum) every weight became 1
+and kmix C times too large). Outputs over D come in chunks of
 BLOCK_DC <= 64 (a static loop, or the grid for the backward's column kernels).
 Traffic: a program reads its C-sized rows and, per sweep, all C rows of the other
 operand (C x D float32 per (b, h), from L2): C x D x C / 16 reads per (b, h), nothing
@@ -23,7 +30,7 @@ Forward:
   key landmarks of query head h are those of key/value head h // G), eps (B, H, C', D)
   float32 (any strides, optional), c_eff; writes mu and w = mu [+ eps] (B, H, C, D).
   segment: mu = qt + kt; mixed: mu = qt + kmix, kmix = softmax_c'(kt kt^T) kt over
-  active c', which (with its row log-normalizers lse (B, H_kv, C)) the programs of the
+  active c', which (with its rows' maxima and sums of exp, lse (B, H_kv, C, 2)) the programs of the
   first query head of each group also write, for the backward.
 - ``_stats_kernel`` (rows c): reads the split partials of the key pass (S_k, B*H*C, 2 + Dv)
   and of the query normalizer (S_n, B*H*C, 3), w, mu, c_eff; writes Z, Lam, rho,
@@ -144,10 +151,10 @@ def _proposal_kernel(
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
             m_i = m_new
-        lse = m_i + tl.log(l_i)
         first = (h % G) == 0
-        if first:
-            tl.store(LSE + krows, lse, mask=r_ok)
+        if first:   # (max, sum of exp) per row, not their log-sum-exp (see the module doc)
+            tl.store(LSE + krows * 2, m_i, mask=r_ok)
+            tl.store(LSE + krows * 2 + 1, l_i, mask=r_ok)
     for i in tl.static_range(N_DC):
         d = (i * BLOCK_DC + tl.arange(0, BLOCK_DC)).to(tl.int64)
         d_ok = d < D
@@ -160,7 +167,8 @@ def _proposal_kernel(
                 c = c0 + tl.arange(0, KC)
                 c_ok = c < C
                 s, _n = _gram(KT, KT, krows, r_ok, bk * C + c, c_ok, D, False, KC)
-                a = tl.where((c_ok & (c < na))[None, :], tl.exp(s - lse[:, None]), 0.0)
+                a = tl.where((c_ok & (c < na))[None, :], tl.exp(tl.minimum(s - m_i[:, None], 0.0)) / l_i[:, None],
+                             0.0)
                 ktc = tl.load(KT + (bk * C + c)[:, None] * D + d[None, :], mask=c_ok[:, None] & d_ok[None, :],
                               other=0.0)
                 mix += tl.dot(a, ktc, input_precision="ieee")
@@ -273,7 +281,7 @@ def _small_bwd_rows_kernel(
             c_ok = c < C
             g, nrm = _gram(W, MU, rows, r_ok, bh * C + c, c_ok, D, True, KC)
             g = g - 0.5 * nrm[None, :]
-            sm = tl.where((c_ok & (c < na))[None, :] & r_ok[:, None], tl.exp(g - ld[:, None]), 0.0)
+            sm = tl.where((c_ok & (c < na))[None, :] & r_ok[:, None], tl.exp(tl.minimum(g - ld[:, None], 0.0)), 0.0)
             dg = dld[:, None] * sm + tl.where(r[:, None] == c[None, :], drho[:, None], 0.0)
             muc = tl.load(MU + (bh * C + c)[:, None] * D + d[None, :], mask=c_ok[:, None] & d_ok[None, :], other=0.0)
             dw += tl.dot(dg, muc, input_precision="ieee")
@@ -318,7 +326,7 @@ def _small_bwd_cols_kernel(
             ld = tl.load(LOGDEN + crow, mask=c_ok, other=0.0)
             dld = tl.load(DLOGDEN + crow, mask=c_ok, other=0.0)
             drho = tl.load(DRHO + crow, mask=c_ok, other=0.0)
-            sm = tl.where(c_ok[:, None] & act_j[None, :], tl.exp(gt - ld[:, None]), 0.0)
+            sm = tl.where(c_ok[:, None] & act_j[None, :], tl.exp(tl.minimum(gt - ld[:, None], 0.0)), 0.0)
             dg = dld[:, None] * sm + tl.where(c[:, None] == j[None, :], drho[:, None], 0.0)   # [KC, BLOCK_R]
             colsum += tl.sum(dg, axis=0)
             wc = tl.load(W + crow[:, None] * D + d[None, :], mask=c_ok[:, None] & d_ok[None, :], other=0.0)
@@ -348,24 +356,28 @@ def _mixed_bwd_kernel(
     act_j = j_ok & (j < na)
     d = (dc * BLOCK_DC + tl.arange(0, BLOCK_DC)).to(tl.int64)
     d_ok = d < D
-    lse_j = tl.load(LSE + base + j, mask=j_ok, other=0.0)
+    mx_j = tl.load(LSE + (base + j) * 2, mask=j_ok, other=0.0)
+    l_j = tl.load(LSE + (base + j) * 2 + 1, mask=j_ok, other=1.0)
     rs_j = _rowdot(DMUS, KMIX, base + j, j_ok, D, KC)
     out = tl.zeros([BLOCK_R, BLOCK_DC], tl.float32)
     for c0 in range(0, C, KC):                                         # dA[j, c'] kt_c'
         c = c0 + tl.arange(0, KC)
         c_ok = c < C
         s, _n = _gram(KT, KT, base + j, j_ok, base + c, c_ok, D, False, KC)
-        a = tl.where(j_ok[:, None] & (c_ok & (c < na))[None, :], tl.exp(s - lse_j[:, None]), 0.0)
+        a = tl.where(j_ok[:, None] & (c_ok & (c < na))[None, :],
+                     tl.exp(tl.minimum(s - mx_j[:, None], 0.0)) / l_j[:, None], 0.0)
         da, _n = _gram(DMUS, KT, base + j, j_ok, base + c, c_ok, D, False, KC)
         ktc = tl.load(KT + (base + c)[:, None] * D + d[None, :], mask=c_ok[:, None] & d_ok[None, :], other=0.0)
         out += tl.dot(a * (da - rs_j[:, None]), ktc, input_precision="ieee")
     for r0 in range(0, C, KC):                                         # a[c, j] dmuS_c + dA[c, j] kt_c
         r = r0 + tl.arange(0, KC)
         r_ok = r < C
-        lse_r = tl.load(LSE + base + r, mask=r_ok, other=0.0)
+        mx_r = tl.load(LSE + (base + r) * 2, mask=r_ok, other=0.0)
+        l_r = tl.load(LSE + (base + r) * 2 + 1, mask=r_ok, other=1.0)
         rs_r = _rowdot(DMUS, KMIX, base + r, r_ok, D, KC)
         s, _n = _gram(KT, KT, base + r, r_ok, base + j, j_ok, D, False, KC)
-        a = tl.where(r_ok[:, None] & act_j[None, :], tl.exp(s - lse_r[:, None]), 0.0)   # [KC, BLOCK_R]
+        a = tl.where(r_ok[:, None] & act_j[None, :],
+                     tl.exp(tl.minimum(s - mx_r[:, None], 0.0)) / l_r[:, None], 0.0)   # [KC, BLOCK_R]
         da, _n = _gram(DMUS, KT, base + r, r_ok, base + j, j_ok, D, False, KC)
         m_r = r_ok[:, None] & d_ok[None, :]
         dmu_r = tl.load(DMUS + (base + r)[:, None] * D + d[None, :], mask=m_r, other=0.0)
@@ -384,14 +396,15 @@ def blocks(C, D):
 def proposal_fwd(qt, kt, eps, c_eff, mixed):
     """(mu, w, kmix, lse) from qt (B, H, C, D), kt (B, H_kv, C, D) float32, eps
     (B, H, >= C, D) float32 or None, c_eff (B,) int64: mu, w (B, H, C, D) (w is mu without
-    eps), and for "mixed" kmix (B, H_kv, C, D) and lse (B, H_kv, C) (else None)."""
+    eps), and for "mixed" kmix (B, H_kv, C, D) and lse (B, H_kv, C, 2), the row maxima and
+    sums of exp of its softmax (else None)."""
     B, H, C, D = qt.shape
     Hkv = kt.shape[1]
     dev = qt.device
     mu = _common.empty((B, H, C, D), torch.float32, dev)
     w = _common.empty((B, H, C, D), torch.float32, dev) if eps is not None else mu
     kmix = _common.empty((B, Hkv, C, D), torch.float32, dev) if mixed else None
-    lse = _common.empty((B, Hkv, C), torch.float32, dev) if mixed else None
+    lse = _common.empty((B, Hkv, C, 2), torch.float32, dev) if mixed else None
     BR, kc, BLOCK_DC, N_DC, num_warps = blocks(C, D)
     es = eps.stride() if eps is not None else (0, 0, 0, 0)
     _common.launch(
