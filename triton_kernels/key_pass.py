@@ -35,7 +35,9 @@ power of two >= 16) and runs an online log-sum-exp over the key blocks of split 
 every key block is read by exactly one program (up to 128 x 128, below). It writes the partials
 (max, sum of exp, accumulator) of its split to one (S, B*H*C, 2 + Dv) float32 buffer; a
 second small kernel (grid B*H*C/16) combines the splits into Z and kap (kap = 0 for a
-row with no key at all, Z = -inf).
+row with no key at all, Z = -inf). Float32 inputs take key blocks of 16 and 8 warps or
+more (``blocks``: the products are FMAs without tensor cores at the default precision);
+the split count does not depend on the key block.
 Past C x max(D, Dv) = 128 x 128 (C = 256 with D = 128, D = 256 with C > 64, or the G x C
 rows of grouped-query attention: 512 at G = 8, C = 64) one program cannot hold all C rows
 (shared memory, registers): C blocks of 128 * 128 / max(D, Dv) rows go on the grid and k
@@ -74,7 +76,9 @@ from . import _common
 from ._common import long_strides, mma, rnd
 
 # Programs of each kernel resident per SM at the main configurations (registers and shared
-# memory from the AOT check): the split count fills the device once with them.
+# memory from the AOT check): the split count fills the device once with them. The float32
+# forward's own blocks (8 warps, 64-255 registers) leave 1 to 4 resident per SM by
+# registers (1 at C = D = 128), and its split count is the same.
 FWD_PER_SM = 2
 BWD_PER_SM = 1
 DKV_PER_SM = 2   # the backward's dk/dv kernel of several C blocks: 4 warps of 255 registers
@@ -408,13 +412,14 @@ def _key_bwd_dkv_kernel(
                  rnd(dk_acc, DK.dtype.element_ty, EMU), mask=m_in[:, None] & d_ok[None, :])
 
 
-def blocks(C, D, DV, block_m=None, bwd=False, block_c=None, arch=None, dkv=False):
+def blocks(C, D, DV, block_m=None, bwd=False, block_c=None, arch=None, dkv=False, fp32=False):
     """(BLOCK_C, BLOCK_M, BLOCK_D, BLOCK_DV, num_warps, num_stages) of the forward (or
     the backward, or with ``dkv`` the backward's dk/dv kernel of several C blocks) key
-    kernel for compute capability ``arch`` (``_common.arch``; None: the newest). All C
-    rows are in one program up to C x max(D, Dv) = 128 x 128 (one read of k and v per
-    pass); the key block and the warps shrink and grow with the C x head-dim tiles held
-    in registers; the backward holds about twice the forward's state, so twice the warps."""
+    kernel for compute capability ``arch`` (``_common.arch``; None: the newest) and
+    inputs in float32 (``fp32``, forward only) or a half dtype. All C rows are in one
+    program up to C x max(D, Dv) = 128 x 128 (one read of k and v per pass); the key
+    block and the warps shrink and grow with the C x head-dim tiles held in registers;
+    the backward holds about twice the forward's state, so twice the warps."""
     BLOCK_C, BLOCK_D, BLOCK_DV = _common.pow2(C), _common.pow2(D), _common.pow2(DV)
     wide = max(BLOCK_D, BLOCK_DV)
     # Past 128 x 128 the C x D operands and accumulators do not fit one program (sm_90, C =
@@ -429,9 +434,22 @@ def blocks(C, D, DV, block_m=None, bwd=False, block_c=None, arch=None, dkv=False
         return min(BLOCK_C, max(16, 2048 // wide)), 32, BLOCK_D, BLOCK_DV, 4, 1
     BLOCK_C = block_c if block_c is not None else min(BLOCK_C, max(16, 128 * 128 // wide))
     tile = BLOCK_C * wide
+    fp32 = fp32 and not bwd
     if block_m is None:   # the backward holds dw (C x D, float32) besides: 16 keys a block
-        block_m = 16 if bwd or tile > 128 * 128 else (64 if tile <= 64 * 64 else 32)
+        block_m = 16 if bwd or fp32 or tile > 128 * 128 else (64 if tile <= 64 * 64 else 32)
     num_warps = 4 if tile <= 64 * 64 else (8 if tile <= 128 * 128 else 16)
+    if fp32:
+        # The float32 forward: without tensor cores ("ieee") ``tl.dot`` is a sequence of
+        # FMAs whose operands each thread holds whole (its rows of w x D, D x its keys of
+        # k; its rows of p x the key block, the key block x its columns of v): 16 keys a
+        # block, 8 warps at least and 16 past 128 rows. Stack frames (bytes per thread,
+        # AOT check, both layouts, D in {64, 128}, C in {16, 64, 128}): sm_80 0-24, sm_90
+        # 0, 64-255 registers (before, the half-dtype blocks of 32-64 keys and 4-8 warps:
+        # up to 10 KB on sm_80 and 7.8 KB on sm_90, ptxas falling back to 32 registers);
+        # past the main sizes (D = 256, C = 256, the 512 rows of grouped-query attention)
+        # 0-344 (before: up to 9.9 KB). With "tf32x3" products C = D = 128 still spills on
+        # sm_80 (496 bytes; not checked: the AOT check compiles the default precision).
+        num_warps = max(num_warps, 16 if BLOCK_C > 128 else 8)
     if bwd:
         num_warps = min(2 * num_warps, 16)
         if arch is not None and arch < 90 and num_warps == 16 and block_m <= 16:
@@ -470,7 +488,8 @@ def key_pass_split(w, k, v, padding, ss, subtract_norm, cu_seqlens=None, max_seq
     dev = k.device
     w = _f32(w)
     BLOCK_C, BLOCK_M, BLOCK_D, BLOCK_DV, num_warps, num_stages = blocks(C, D, DV, block_m, block_c=block_c,
-                                                                        arch=_common.arch(dev))
+                                                                        arch=_common.arch(dev),
+                                                                        fp32=k.dtype == torch.float32)
     S, per_split = _common.num_splits(_common.cdiv(M, BLOCK_M), B * H, dev, FWD_PER_SM, splits)
 
     NCB = _common.cdiv(C, BLOCK_C)

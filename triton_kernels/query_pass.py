@@ -30,7 +30,11 @@ Forward: program (bh, nb) (one grid axis, n blocks fastest) holds all C samples 
 to a power of two >= 16 and masked) and a block of queries; the head dims are walked in
 chunks (BLOCK_DC of D, BLOCK_VC of Dv), so the C x D tiles stay small even for
 C = D = 256. Traffic: q read once and y written once (the floor); the C-sized w, qt,
-kap, bias (C x (2D + Dv) float32 per head) once per program, from L2.
+kap, bias (C x (2D + Dv) float32 per head) once per program, from L2. With float32
+inputs the chunks (16 wide) are a loop, neither unrolled nor pipelined, as in the
+backward: the products are FMAs without tensor cores at the default precision, each
+thread holding its share of both operands whole, and the unrolled chunks of the half
+dtypes (32-64 wide) spilled up to 7.9 KB per thread (``blocks``; now 0 bytes).
 
 Backward (docs/design.md, "Backward"): program (bh, j, s) recomputes the N x C tiles of
 the query blocks of split s and produces chunk j of the head dims: dq[:, chunk j], and
@@ -55,7 +59,8 @@ frames at the main configurations (D, C <= 128, AOT check, tests/test_triton_aot
 sm_80 0-16 bytes in float16/bfloat16 (112 in the lean path's specialization at
 C = D = 128) and up to 176 in float32 (before: up to 7.6 KB);
 sm_90 0 in float16/bfloat16 (before: up to 272) and up to 192 in float32 (before: up
-to 4.8 KB).
+to 4.8 KB). The forward's: 0 bytes on both architectures in every dtype (float32 before
+its own blocks: 0.2-7.9 KB).
 """
 
 from __future__ import annotations
@@ -73,25 +78,53 @@ BWD_PER_SM = 1
 
 
 @triton.jit
+def _logits_chunk(i, s, t, q_base, sq_n, sq_d, n64, n_ok, W, QT, rows, c_ok, D, ss,
+                  MIS: tl.constexpr, BLOCK_DC: tl.constexpr,
+                  DT: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr):
+    """s, t plus the products of D chunk i (``_logits``)."""
+    d = (i * BLOCK_DC + tl.arange(0, BLOCK_DC)).to(tl.int64)
+    d_ok = d < D
+    qc = tl.load(q_base + n64[:, None] * sq_n + d[None, :] * sq_d,
+                 mask=n_ok[:, None] & d_ok[None, :], other=0.0)        # [BLOCK_N, BLOCK_DC]
+    wc = tl.load(W + rows[:, None] * D + d[None, :], mask=c_ok[:, None] & d_ok[None, :], other=0.0)
+    s += mma(qc, tl.trans(rnd(wc * ss, DT, EMU)), DT, PREC, EMU)
+    if MIS:
+        qtc = tl.load(QT + rows[:, None] * D + d[None, :], mask=c_ok[:, None] & d_ok[None, :], other=0.0)
+        t += mma(qc, tl.trans(rnd(qtc * ss, DT, EMU)), DT, PREC, EMU)
+    return s, t
+
+
+@triton.jit
 def _logits(q_base, sq_n, sq_d, n64, n_ok, W, QT, rows, c_ok, D, ss,
             MIS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-            BLOCK_DC: tl.constexpr, N_DC: tl.constexpr,
+            BLOCK_DC: tl.constexpr, N_DC: tl.constexpr, UNROLL: tl.constexpr,
             DT: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr):
     """qh . w^T and qh . qt^T, [BLOCK_N, BLOCK_C] each, over the D chunks: q as loaded
-    times the C rows scaled by ss and rounded to the input dtype."""
+    times the C rows scaled by ss and rounded to the input dtype. UNROLL: the chunks
+    unrolled (half dtypes); else a loop, neither unrolled nor pipelined (float32)."""
     s = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
     t = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
-    for i in tl.static_range(N_DC):
-        d = (i * BLOCK_DC + tl.arange(0, BLOCK_DC)).to(tl.int64)
-        d_ok = d < D
-        qc = tl.load(q_base + n64[:, None] * sq_n + d[None, :] * sq_d,
-                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)    # [BLOCK_N, BLOCK_DC]
-        wc = tl.load(W + rows[:, None] * D + d[None, :], mask=c_ok[:, None] & d_ok[None, :], other=0.0)
-        s += mma(qc, tl.trans(rnd(wc * ss, DT, EMU)), DT, PREC, EMU)
-        if MIS:
-            qtc = tl.load(QT + rows[:, None] * D + d[None, :], mask=c_ok[:, None] & d_ok[None, :], other=0.0)
-            t += mma(qc, tl.trans(rnd(qtc * ss, DT, EMU)), DT, PREC, EMU)
+    if UNROLL:
+        for i in tl.static_range(N_DC):
+            s, t = _logits_chunk(i, s, t, q_base, sq_n, sq_d, n64, n_ok, W, QT, rows, c_ok, D, ss,
+                                 MIS, BLOCK_DC, DT, PREC, EMU)
+    else:
+        for i in tl.range(0, N_DC, num_stages=1):
+            s, t = _logits_chunk(i, s, t, q_base, sq_n, sq_d, n64, n_ok, W, QT, rows, c_ok, D, ss,
+                                 MIS, BLOCK_DC, DT, PREC, EMU)
     return s, t
+
+
+@triton.jit
+def _y_chunk(j, p, KAP, rows, c_ok, DV, y_base, sy_n, sy_d, n64, n_in,
+             BLOCK_VC: tl.constexpr, YT: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr):
+    """Stores chunk j of y = p . kap (Dv columns j BLOCK_VC ..) in YT."""
+    dv = (j * BLOCK_VC + tl.arange(0, BLOCK_VC)).to(tl.int64)
+    dv_ok = dv < DV
+    kap = tl.load(KAP + rows[:, None] * DV + dv[None, :], mask=c_ok[:, None] & dv_ok[None, :], other=0.0)
+    y = mma(p, kap, DT, PREC, EMU)                                     # [BLOCK_N, BLOCK_VC]
+    tl.store(y_base + n64[:, None] * sy_n + dv[None, :] * sy_d, rnd(y, YT, EMU),
+             mask=n_in[:, None] & dv_ok[None, :])
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -104,7 +137,7 @@ def _query_fwd_kernel(
     HAS_PAD: tl.constexpr, MIS: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_DC: tl.constexpr, N_DC: tl.constexpr, BLOCK_VC: tl.constexpr, N_VC: tl.constexpr,
-    PREC: tl.constexpr, EMU: tl.constexpr,
+    UNROLL: tl.constexpr, PREC: tl.constexpr, EMU: tl.constexpr,
 ):
     DT: tl.constexpr = Q.dtype.element_ty
     NB = tl.cdiv(N, BLOCK_N)
@@ -141,7 +174,7 @@ def _query_fwd_kernel(
 
     # padded queries are never read (loaded as 0): whatever they hold stays out
     s, t = _logits(q_base, sq_n, sq_d, n64, row_ok, W, QT, rows, c_ok, D, ss,
-                   MIS, BLOCK_N, BLOCK_C, BLOCK_DC, N_DC, DT, PREC, EMU)
+                   MIS, BLOCK_N, BLOCK_C, BLOCK_DC, N_DC, UNROLL, DT, PREC, EMU)
     logit = s + bias[None, :]                                          # [BLOCK_N, BLOCK_C]
     if MIS:
         lam = tl.load(LAM + rows, mask=c_ok, other=0.0)
@@ -156,13 +189,14 @@ def _query_fwd_kernel(
     p = p / tl.sum(p, axis=1)[:, None]
     p = tl.where(row_ok[:, None] & act[None, :], p, 0.0)               # padded rows, c_eff = 0: y = 0
 
-    for j in tl.static_range(N_VC):
-        dv = (j * BLOCK_VC + tl.arange(0, BLOCK_VC)).to(tl.int64)
-        dv_ok = dv < DV
-        kap = tl.load(KAP + rows[:, None] * DV + dv[None, :], mask=c_ok[:, None] & dv_ok[None, :], other=0.0)
-        y = mma(p, kap, DT, PREC, EMU)                                 # [BLOCK_N, BLOCK_VC]
-        tl.store(y_base + n64[:, None] * sy_n + dv[None, :] * sy_d, rnd(y, Y.dtype.element_ty, EMU),
-                 mask=n_in[:, None] & dv_ok[None, :])
+    if UNROLL:
+        for j in tl.static_range(N_VC):
+            _y_chunk(j, p, KAP, rows, c_ok, DV, y_base, sy_n, sy_d, n64, n_in,
+                     BLOCK_VC, Y.dtype.element_ty, DT, PREC, EMU)
+    else:   # as in _logits: one chunk of kap live at a time
+        for j in tl.range(0, N_VC, num_stages=1):
+            _y_chunk(j, p, KAP, rows, c_ok, DV, y_base, sy_n, sy_d, n64, n_in,
+                     BLOCK_VC, Y.dtype.element_ty, DT, PREC, EMU)
 
 
 @triton.jit
@@ -340,6 +374,22 @@ def blocks(C, D, DV, block_n=None, d_chunk=None, bwd=False, arch=None, fp32=Fals
     the newest) and inputs in float32 (``fp32``) or a half dtype; the backward holds
     three C x chunk accumulators and about ten C x N tiles, so twice the warps."""
     BLOCK_C = _common.pow2(C)
+    if fp32 and not bwd:
+        # The float32 forward (the launcher loops over the head-dim chunks, UNROLL False):
+        # without tensor cores ("ieee") ``tl.dot`` is a sequence of FMAs whose operands
+        # each thread holds whole, its rows x the K dimension of A and K x its columns of
+        # B, so chunks of 16 and 8 warps; BLOCK_N 64 up to C = 64, 32 at C = 128.
+        # Stack frames (bytes per thread, AOT check, both layouts, D in {64, 128}): 0 on
+        # sm_80 and sm_90 at C in {16, 64, 128}, 106-242 registers (before, the half-dtype
+        # blocks with their chunks of 32-64 unrolled: up to 7.9 KB on sm_80 and 6.2 KB on
+        # sm_90, ptxas falling back to 32 registers). The same blocks hold the "tf32x3"
+        # and "tf32" products without spills at C = D = 64 and 128 (0 bytes).
+        chunk = d_chunk if d_chunk is not None else 16
+        BLOCK_DC = min(_common.pow2(D), chunk)
+        BLOCK_VC = min(_common.pow2(DV), chunk)
+        if block_n is None:
+            block_n = 64 if BLOCK_C <= 64 else (32 if BLOCK_C <= 128 else 16)
+        return block_n, BLOCK_C, BLOCK_DC, _common.cdiv(D, BLOCK_DC), BLOCK_VC, _common.cdiv(DV, BLOCK_VC), 8
     chunk = d_chunk if d_chunk is not None else (64 if BLOCK_C <= 64 else 32)
     if d_chunk is None and bwd and BLOCK_C >= 64 and (fp32 or (arch is not None and arch < 90)):
         # sm_80 (mma.sync), and float32 operands (twice the registers of half ones), spill
@@ -394,8 +444,9 @@ def query_pass_fwd(q, w, bias, kap, c_eff, padding, ss, qt=None, lam=None, bh=No
     varlen, N, cu = _common.layout(q, w, cu_seqlens, max_seqlen)
     DV, dev, mis = kap.shape[3], q.device, qt is not None
     w, bias, kap, c_eff, qt, lam, bh = _prepare(w, bias, kap, c_eff, qt, lam, bh, dev)
+    fp32 = q.dtype == torch.float32
     BLOCK_N, BLOCK_C, BLOCK_DC, N_DC, BLOCK_VC, N_VC, num_warps = blocks(C, D, DV, block_n, d_chunk,
-                                                                       arch=_common.arch(dev))
+                                                                       arch=_common.arch(dev), fp32=fp32)
     y = _common.empty(tuple(q.shape[:-1]) + (DV,), q.dtype, dev)
     pad, sp_b, sp_n = _pad_arg(padding, q)
     _common.launch(
@@ -405,7 +456,7 @@ def query_pass_fwd(q, w, bias, kap, c_eff, padding, ss, qt=None, lam=None, bh=No
         H, N, C, D, DV, float(ss), float(beta),
         HAS_PAD=padding is not None, MIS=mis, VARLEN=varlen,
         BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, BLOCK_DC=BLOCK_DC, N_DC=N_DC, BLOCK_VC=BLOCK_VC, N_VC=N_VC,
-        PREC=_common.dot_precision(q.dtype), EMU=_common.emulated(dev),
+        UNROLL=not fp32, PREC=_common.dot_precision(q.dtype), EMU=_common.emulated(dev),
         num_warps=num_warps,
     )
     return y
