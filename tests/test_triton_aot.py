@@ -45,16 +45,23 @@ Fails on:
   query backward's cure) did not help (448-488 bytes); chunking D would read k and v
   once per chunk; left to a later change. The lean path's own kernels (landmarks, the
   small C-sized steps; CI configurations) spill nothing or up to 16 bytes. In float32
-  (``tl.dot`` without tensor cores at the default "highest" precision) the forward
-  kernels spill at most main configurations on both architectures (query forward
-  0.2-7.9 KB, key forward up to 10 KB, ptxas often giving them 32 registers):
-  ``--main`` lists them (30 failures, none in a half dtype, none in a backward kernel);
-  CI compiles bfloat16 only;
+  (``tl.dot`` without tensor cores at the default "highest" precision: FMAs whose
+  operands each thread holds whole, its rows x K and K x its columns) the forward
+  kernels spilled at most main configurations on both architectures (query forward
+  0.2-7.9 KB, key forward up to 10 KB, ptxas often falling back to 32 registers; 30
+  failures of ``--main``). Their float32 launches now take smaller blocks (``blocks``
+  of each pass: 16 keys a block and at least 8 warps in the key forward; chunks of 16
+  walked in a loop, 32-64 query rows and 8 warps in the query forward): stack 0-24
+  bytes on both architectures, both layouts, every main configuration; the half-dtype
+  launches are unchanged (the same figures). CI compiles the float32 forward kernels at
+  the two ends (``CI_FP32_FWD``);
 - a grid axis other than 0, or a grid beyond axis 0's limit (2**31 - 1) at B*H = 70000.
 
 A compile takes 10-30 s on CI's two cores, so CI compiles the two ends of the main
 configurations (``CI``: D = C = 64 and D = C = 128, bfloat16) for both architectures,
-with the variants that hold the most state (values, norm term, MIS, padding);
+with the variants that hold the most state (values, norm term, MIS, padding), and at the
+same two ends the float32 forward kernels alone (``CI_FP32_FWD``: about a minute more;
+the float32 backward kernels, long to compile, are left to ``--main``);
 ``.ci/triton_aot_check.py --main`` runs all main configurations (``MAIN``, every dtype)
 and without ``--main`` the whole matrix (D in {64, 128, 256}, C in {16, 64, 128, 256},
 every dtype and variant), by hand, also with Triton 3.6 (the GPU machine's version).
@@ -98,6 +105,8 @@ B_, H_, L_ = 8, 12, 8192
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MAIN = [(D, C, dt) for D in (64, 128) for C in (16, 64, 128) for dt in ("bf16", "fp16", "fp32")]
 CI = [(64, 64, "bf16"), (128, 128, "bf16")]   # the main configurations' two ends, in CI
+CI_FP32_FWD = [(64, 64, "fp32"), (128, 128, "fp32")]   # the same ends in float32, forward kernels only
+FWD_KERNELS = ("_key_fwd_kernel", "_query_fwd_kernel")
 FULL = [(D, C, dt) for D in (64, 128, 256) for C in (16, 64, 128, 256) for dt in DTYPES]
 GQA_KEY = [(D, 512, dt) for D in (64, 128) for dt in DTYPES]   # key pass of G = 8 query heads x C = 64
 PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.uint8: "*u8",
@@ -379,6 +388,22 @@ def test_key_dkv_kernel_within_budget():
 
 
 @pytest.mark.skipif(not _has_nvidia_backend(), reason="Triton without its NVIDIA backend (ptxas, cuobjdump)")
+def test_float32_forward_within_budget():
+    # the forward kernels with float32 inputs at the default precision ("ieee": FMA
+    # products, no tensor cores), both layouts, both architectures
+    assert torch.get_float32_matmul_precision() == "highest"
+    jobs = {key: job for key, job in jobs_for(CI_FP32_FWD, (80, 90), full=False).items()
+            if job[0][1] in FWD_KERNELS}
+    results = run_jobs(jobs)
+    print("\n" + table(results))
+    # two configurations, two kernels, two layouts, two architectures
+    assert len(results) == 2 * 2 * 2 * 2
+    assert all(consts["PREC"] == "ieee" for _, _, consts in results)
+    bad = problems(results)
+    assert not bad, "\n".join(bad)
+
+
+@pytest.mark.skipif(not _has_nvidia_backend(), reason="Triton without its NVIDIA backend (ptxas, cuobjdump)")
 def test_main_configs_compile_within_budget():
     results = run_jobs(jobs_for(CI, (80, 90), full=False, lean_configs=CI))
     print("\n" + table(results))
@@ -464,6 +489,31 @@ def test_launch_parameters_follow_the_target():
     rec = capture(64, 64, 64, torch.float32, B=1, H=2, L=256, full=False, arch=90)
     q90f = {kernel.__name__: k for kernel, _, _, k in rec}["_query_bwd_kernel"]
     assert (q90f["BLOCK_DC"], q90f["NJ"]) == (32, 2)
+
+
+def test_float32_forward_blocks():
+    # the forward kernels' float32 launches take their own blocks (FMA products, see above):
+    # the key forward 16 keys a block and 8 warps at least, the query forward its head-dim
+    # chunks of 16 in a loop (UNROLL False), 64 query rows up to C = 64 and 32 at C = 128,
+    # 8 warps; the half-dtype launches keep theirs (chunks unrolled)
+    def launches(C, D, dtype, arch):
+        rec = capture(C, D, D, dtype, B=1, H=2, L=256, full=False, arch=arch, layouts=("padded",))
+        return {kernel.__name__: k for kernel, _, _, k in rec}
+
+    for arch in (80, 90):
+        for D in (64, 128):
+            for C, block_n in ((16, 64), (64, 64), (128, 32)):
+                f32, bf16 = launches(C, D, torch.float32, arch), launches(C, D, torch.bfloat16, arch)
+                q, k = f32["_query_fwd_kernel"], f32["_key_fwd_kernel"]
+                assert (q["BLOCK_N"], q["BLOCK_DC"], q["BLOCK_VC"], q["N_DC"], q["UNROLL"], q["num_warps"]) == \
+                    (block_n, 16, 16, D // 16, False, 8), (arch, D, C, q)
+                assert k["BLOCK_M"] == 16 and k["num_warps"] >= 8, (arch, D, C, k)
+                qh, kh = bf16["_query_fwd_kernel"], bf16["_key_fwd_kernel"]
+                tile = C * D
+                assert qh["UNROLL"] and qh["BLOCK_DC"] == min(D, 64 if C <= 64 else 32), (arch, D, C, qh)
+                assert qh["BLOCK_N"] == (64 if tile <= 32 * 64 else 32 if tile <= 64 * 64 else 16), (arch, D, C, qh)
+                assert kh["BLOCK_M"] == (64 if tile <= 64 * 64 else 32), (arch, D, C, kh)
+                assert kh["num_warps"] == (4 if tile <= 64 * 64 else 8), (arch, D, C, kh)
 
 
 def test_spill_bound_on_both_archs():
