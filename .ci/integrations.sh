@@ -53,7 +53,7 @@ built=1
   || built=0
 cd "$work/run"
 if [ "$built" = 1 ]; then
-  "$ROOT/.venv-timm/bin/python" -m lara_kernels.info | head -20
+  "$ROOT/.venv-timm/bin/python" -m lara_kernels.info   # whole: a pipe to head fails under pipefail
 else
   # setup.py compiles with -std=c++17 and torch >= 2.14 needs C++20: until setup.py picks
   # the standard from torch's, the timm tests run on the backends that need no extension.

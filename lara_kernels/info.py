@@ -11,6 +11,7 @@ backend computes the function of docs/math.md.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 from typing import List, Tuple
@@ -115,4 +116,11 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except BrokenPipeError:
+        # The reader closed the pipe (`... | head`): no traceback. Point stdout at devnull so
+        # that the interpreter's final flush does not raise again, and exit as a truncated
+        # writer does (nonzero: the output is incomplete).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)

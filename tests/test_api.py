@@ -179,3 +179,20 @@ def test_info_runs_and_lists_backends():
     assert "torch" in out.stdout and "_C" in out.stdout
     for name in dispatch.backends():
         assert f"  {name}" in out.stdout
+
+
+def test_info_into_a_closed_pipe_prints_no_traceback():
+    """``python -m lara_kernels.info | head -3`` where the reader has gone: the report's
+    writes fail with EPIPE. That is not a crash: exit status 1 (output cut short), no traceback.
+    The read end is closed before the child starts, so every write fails, deterministically."""
+    import os
+
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "lara_kernels.info"], stdout=w,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(w)
+    assert proc.returncode == 1, (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
