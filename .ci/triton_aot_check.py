@@ -14,8 +14,8 @@ each packed specialization next to the padded one) and every failed requirement
 bound at D, C <= 128 on sm_80 and sm_90, the known spills of SPILL_KNOWN above their own
 bounds); exits 1 when there is one. ``--main``: the main configurations only (D in
 {64, 128}, C in {16, 64, 128}, every dtype; both layouts, the variants holding the most
-state), 0 failures with Triton 3.9; CI (tests/test_triton_aot.py) compiles two of them,
-D = C = 64 and 128, every kernel in bfloat16 and the forward kernels in float32.
+state); CI (tests/test_triton_aot.py) compiles two of them, D = C = 64 and 128, every
+kernel in bfloat16 and the forward kernels in float32.
 """
 
 from __future__ import annotations
