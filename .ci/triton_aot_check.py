@@ -15,7 +15,7 @@ bound at D, C <= 128 on sm_80 and sm_90, the known spills of SPILL_KNOWN above t
 bounds); exits 1 when there is one. ``--main``: the main configurations only (D in
 {64, 128}, C in {16, 64, 128}, every dtype; both layouts, the variants holding the most
 state); CI (tests/test_triton_aot.py) compiles two of them, D = C = 64 and 128, every
-kernel in bfloat16 and the forward kernels in float32.
+kernel in bfloat16, and in float32 the forward kernels and the key backward at C = D = 128.
 """
 
 from __future__ import annotations

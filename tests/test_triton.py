@@ -257,6 +257,25 @@ def test_key_pass_direct(subtract_norm, cfg):
 
 
 @interp
+def test_key_pass_float32_backward_c_blocks():
+    # float32 at C = D = 128 with the default blocks: the forward holds the 128 rows in one
+    # program, the backward takes C blocks of 64 (dw programs per block, then the dk/dv kernel)
+    C, M, D, DV = 128, 40, 128, 128
+    assert kp.blocks(C, D, DV)[0] == 128 and kp.blocks(C, D, DV, bwd=True, fp32=True)[0] == 64
+    w, k, v = _dir_inputs(23, 1, 1, C, M, D, DV)
+    pad = _kpm(1, M, seed=24)
+    ss = D ** -0.25
+    Z, kap = kp.key_pass_fwd(w, k, v, pad, ss, True)
+    ins = [x.double().requires_grad_() for x in (w, k, v)]
+    Zr, kr = _passes_torch.key_pass(*ins, pad, ss, True)
+    g = torch.Generator().manual_seed(25)
+    dZ, dkap = torch.randn(Zr.shape, generator=g), torch.randn(kr.shape, generator=g)
+    ref = torch.autograd.grad((Zr * dZ).sum() + (kr * dkap).sum(), ins)
+    got = kp.key_pass_bwd(w, k, v, pad, ss, True, Z, kap, dZ, dkap)
+    assert_close([rel_rms(Z, Zr), rel_rms(kap, kr)] + [rel_rms(a, b) for a, b in zip(got, ref)])
+
+
+@interp
 @pytest.mark.parametrize("padded", [False, True])
 def test_query_normalizer_direct(padded):
     Bn, C, N, D = 2, 9, 53, 20

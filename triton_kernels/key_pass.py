@@ -416,7 +416,7 @@ def blocks(C, D, DV, block_m=None, bwd=False, block_c=None, arch=None, dkv=False
     """(BLOCK_C, BLOCK_M, BLOCK_D, BLOCK_DV, num_warps, num_stages) of the forward (or
     the backward, or with ``dkv`` the backward's dk/dv kernel of several C blocks) key
     kernel for compute capability ``arch`` (``_common.arch``; None: the newest) and
-    inputs in float32 (``fp32``, forward only) or a half dtype. All C rows are in one
+    inputs in float32 (``fp32``) or a half dtype. All C rows are in one
     program up to C x max(D, Dv) = 128 x 128 (one read of k and v per pass); the key
     block and the warps shrink and grow with the C x head-dim tiles held in registers;
     the backward holds about twice the forward's state, so twice the warps."""
@@ -432,7 +432,12 @@ def blocks(C, D, DV, block_m=None, bwd=False, block_c=None, arch=None, dkv=False
         # sm_90 at D = 64, C = 512 and D = 128, C = 256 / 512 (bf16, AOT check); blocks of
         # 4096 / wide rows spill up to 670 bytes with 4 warps, 392 with 8
         return min(BLOCK_C, max(16, 2048 // wide)), 32, BLOCK_D, BLOCK_DV, 4, 1
-    BLOCK_C = block_c if block_c is not None else min(BLOCK_C, max(16, 128 * 128 // wide))
+    # The float32 backward (FMA products, see below) holds at most 64 x 128: at C = D = 128
+    # in one program ptxas gave it 32-64 registers and a 2.7-5.3 KB stack on sm_90 (it
+    # varied with the padding variant); in C blocks of 64 rows (the dw programs on the grid,
+    # dk and dv in _key_bwd_dkv_kernel) it fits (AOT check, SPILL_KNOWN's comment).
+    rows = (64 * 128 if fp32 and bwd else 128 * 128) // wide
+    BLOCK_C = block_c if block_c is not None else min(BLOCK_C, max(16, rows))
     tile = BLOCK_C * wide
     fp32 = fp32 and not bwd
     if block_m is None:   # the backward holds dw (C x D, float32) besides: 16 keys a block
@@ -552,8 +557,8 @@ def key_pass_bwd_split(w, k, v, padding, ss, subtract_norm, Z, kap, dZ, dkap, cu
         dkap = torch.zeros_like(kap) if dkap is None else _f32(dkap)
     else:
         kap = dkap = Z
-    BLOCK_C, BLOCK_M, BLOCK_D, BLOCK_DV, num_warps, num_stages = blocks(C, D, DV, block_m, bwd=True,
-                                                                        block_c=block_c, arch=_common.arch(dev))
+    BLOCK_C, BLOCK_M, BLOCK_D, BLOCK_DV, num_warps, num_stages = blocks(
+        C, D, DV, block_m, bwd=True, block_c=block_c, arch=_common.arch(dev), fp32=k.dtype == torch.float32)
     S, per_split = _common.num_splits(_common.cdiv(M, BLOCK_M), B * H, dev, BWD_PER_SM, splits)
 
     NCB = _common.cdiv(C, BLOCK_C)
