@@ -2,7 +2,8 @@
 
 The kernels are kept verbatim; only the launch syntax ``k<<<g, t, smem, stream>>>(args)`` becomes
 ``emu_launch(k, g, t, smem, stream, args)``, the device-only branch of passes_kernel.h is enabled,
-and the bindings' is_cuda() checks are disabled (the emulated tensors live on the CPU).
+and the bindings' is_cuda() checks (binding.h, landmarks_cuda.cpp) are disabled (the emulated
+tensors live on the CPU).
 """
 
 import pathlib
@@ -29,17 +30,16 @@ def generate(repo: pathlib.Path, out: pathlib.Path) -> None:
         assert n > 0, f"{f}: no kernel launch found"
         s = s.replace(">>>(", ", ")
         write(f"cuda/{f[:-3]}_emu.cpp", '#include "emu.h"\n' + s)
-    b = (src / "cuda/passes_cuda.cpp").read_text()
-    assert "TORCH_CHECK(t.is_cuda()" in b, "passes_cuda.cpp: is_cuda() check not found"
-    write("cuda/passes_cuda.cpp", b.replace("TORCH_CHECK(t.is_cuda()", "TORCH_CHECK(true || t.is_cuda()"))
+    b = (src / "cuda/binding.h").read_text()
+    assert "TORCH_CHECK(t.is_cuda()" in b, "binding.h: is_cuda() check not found"
+    write("cuda/binding.h", b.replace("TORCH_CHECK(t.is_cuda()", "TORCH_CHECK(true || t.is_cuda()"))
+    write("cuda/passes_cuda.cpp", (src / "cuda/passes_cuda.cpp").read_text())
     b = (src / "cuda/landmarks_cuda.cpp").read_text()
     for t in ("x", "grad"):
         assert f"TORCH_CHECK({t}.is_cuda()" in b, f"landmarks_cuda.cpp: {t}.is_cuda() check not found"
         b = b.replace(f"TORCH_CHECK({t}.is_cuda()", f"TORCH_CHECK(true || {t}.is_cuda()")
     write("cuda/landmarks_cuda.cpp", b)
-    b = (src / "cuda/fused_cuda.cpp").read_text()
-    assert "TORCH_CHECK(t.is_cuda()" in b, "fused_cuda.cpp: is_cuda() check not found"
-    write("cuda/fused_cuda.cpp", b.replace("TORCH_CHECK(t.is_cuda()", "TORCH_CHECK(true || t.is_cuda()"))
+    write("cuda/fused_cuda.cpp", (src / "cuda/fused_cuda.cpp").read_text())
     ops = (src / "lara_ops.cpp").read_text()
     write("lara_ops_checks.cpp", ops[: ops.index("TORCH_LIBRARY(lara_kernels")])
     write("lara_ops.h", (src / "lara_ops.h").read_text())

@@ -28,31 +28,18 @@
 #include <vector>
 
 #include "../lara_ops.h"
+#include "binding.h"
 #include "fused_kernel.h"
 #include "passes_kernel.h"
 
 namespace lara {
 namespace {
 
+using binding::check_cuda;
+using binding::check_launch;
+using binding::stream_of;
+using binding::kernel_dtype;
 using cuda::DType;
-
-DType kdtype(at::ScalarType t) {
-  switch (t) {
-    case at::kDouble: return DType::kFloat64;
-    case at::kFloat: return DType::kFloat32;
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
-    default: TORCH_CHECK(false, "lara_kernels (CUDA): unsupported dtype ", t);
-  }
-}
-
-void check_cuda(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got ", t.device());
-}
-
-void check_launch(const char* op, cudaError_t err) {
-  TORCH_CHECK(err == cudaSuccess, op, " launch failed: ", cudaGetErrorString(err));
-}
 
 // The call's sizes (the shared checks' WholeArgs) and the kernels' view of it.
 struct Setup : WholeArgs {
@@ -70,7 +57,7 @@ Setup setup(const char* op, const Tensor& q, const Tensor& k, const Tensor& v, c
   check_cuda_pass_dims(op, s.D, s.DV, s.C);
 
   cuda::FusedProblem& f = s.fp;
-  f.dtype = kdtype(q.scalar_type());
+  f.dtype = kernel_dtype(q.scalar_type());
   f.e.B = s.B;
   f.e.N = s.N;
   f.e.M = s.M;
@@ -92,8 +79,6 @@ Setup setup(const char* op, const Tensor& q, const Tensor& k, const Tensor& v, c
   return s;
 }
 
-cudaStream_t stream_of(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.get_device()).stream(); }
-
 cuda::Long long_of(const at::Tensor& t) {
   cuda::Long l;
   l.p = t.data_ptr();
@@ -105,7 +90,7 @@ cuda::Small4 small4_of(const OptTensor& t) {
   cuda::Small4 s;
   if (!t.has_value()) return s;
   s.p = t->data_ptr();
-  s.dtype = kdtype(t->scalar_type());
+  s.dtype = kernel_dtype(t->scalar_type());
   for (int i = 0; i < 4; ++i) s.s[i] = t->stride(i);
   return s;
 }
@@ -161,7 +146,7 @@ void* field(const at::Tensor& state, int64_t off) {
 cuda::KeyPassProblem key_problem(const Setup& s, const void* w, int64_t w_heads, const at::Tensor& k,
                                  const at::Tensor* v, const OptTensor& pad, bool subtract_norm, bool keys) {
   cuda::KeyPassProblem p;
-  p.dtype = kdtype(k.scalar_type());
+  p.dtype = kernel_dtype(k.scalar_type());
   p.w = w;
   p.k = k.data_ptr();
   long_strides(k, p.sk);
@@ -192,7 +177,7 @@ cuda::QueryPassProblem query_problem(const Setup& s, const at::Tensor& q, const 
                                      const OptTensor& qpm, double beta) {
   cuda::QueryPassProblem p;
   const cuda::StateOffsets& o = s.fp.so;
-  p.dtype = kdtype(q.scalar_type());
+  p.dtype = kernel_dtype(q.scalar_type());
   p.q = q.data_ptr();
   long_strides(q, p.sq);
   p.w = field(state, o.w);
@@ -351,7 +336,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lara_bwd_cuda(
   at::Tensor qdw = new_output({S * rows * D}, opts), qdb = new_output({S * rows}, opts);
   at::Tensor qdkap = new_output({S * rows * DV}, opts), qdqt = new_output({Sm * rows * D}, opts);
   at::Tensor qdlam = new_output({Sm * rows}, opts), qdbh = new_output({Sm * rows}, opts);
-  check_launch(op, cuda::query_pass_backward(qp, qplan, kdtype(dy.scalar_type()), dy.data_ptr(), sdy, dq.data_ptr(),
+  check_launch(op, cuda::query_pass_backward(qp, qplan, kernel_dtype(dy.scalar_type()), dy.data_ptr(), sdy, dq.data_ptr(),
                                              sdq, qdw.data_ptr(), qdb.data_ptr(), qdkap.data_ptr(), qdqt.data_ptr(),
                                              qdlam.data_ptr(), qdbh.data_ptr(), stream));
   // their sums: dbias, dlam, dbh, E of the key pass, dkap
@@ -398,12 +383,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lara_bwd_cuda(
   if (q_landmarks.has_value()) {
     dqlm = new_output(q_landmarks->sizes(), q_landmarks->options());
     fg.dqlm = dqlm.data_ptr();
-    fg.qlm_dtype = kdtype(q_landmarks->scalar_type());
+    fg.qlm_dtype = kernel_dtype(q_landmarks->scalar_type());
   }
   if (k_landmarks.has_value()) {
     dklm = new_output(k_landmarks->sizes(), k_landmarks->options());
     fg.dklm = dklm.data_ptr();
-    fg.klm_dtype = kdtype(k_landmarks->scalar_type());
+    fg.klm_dtype = kernel_dtype(k_landmarks->scalar_type());
   }
   check_launch(op, cuda::fused_final(f, fg, stream));
   return {dq, kg.dk, kg.dv, dqlm, dklm};

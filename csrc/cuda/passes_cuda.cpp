@@ -21,32 +21,18 @@
 #include <vector>
 
 #include "../lara_ops.h"
+#include "binding.h"
 #include "passes_kernel.h"
 
 namespace lara {
 namespace {
 
+using binding::check_cuda;
+using binding::check_launch;
+using binding::kernel_dtype;
+using binding::stream_of;
+
 static_assert(kMaxDim <= cuda::kMaxWidth, "the shared checks let through sizes the CUDA passes do not take");
-
-cudaStream_t stream_of(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.get_device()).stream(); }
-
-cuda::DType kernel_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kDouble: return cuda::DType::kFloat64;
-    case at::kFloat: return cuda::DType::kFloat32;
-    case at::kHalf: return cuda::DType::kFloat16;
-    case at::kBFloat16: return cuda::DType::kBFloat16;
-    default: TORCH_CHECK(false, "lara_kernels (CUDA): unsupported dtype ", t);
-  }
-}
-
-void check_cuda(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.is_cuda(), op, " (CUDA): ", name, " must be a CUDA tensor, got ", t.device());
-}
-
-void check_launch(const char* op, cudaError_t err) {
-  TORCH_CHECK(err == cudaSuccess, op, " (CUDA) launch failed: ", cudaGetErrorString(err));
-}
 
 // The layout of a call: B, and the long axis's extent for the grids (L of the padded
 // layout, max_seqlen of the packed one); cu is null in the padded layout.
