@@ -412,11 +412,12 @@ def _key_bwd_dkv_kernel(
                  rnd(dk_acc, DK.dtype.element_ty, EMU), mask=m_in[:, None] & d_ok[None, :])
 
 
-def blocks(C, D, DV, block_m=None, bwd=False, block_c=None, arch=None, dkv=False, fp32=False):
+def blocks(C, D, DV, block_m=None, bwd=False, block_c=None, arch=None, dkv=False, fp32=False, prec="ieee"):
     """(BLOCK_C, BLOCK_M, BLOCK_D, BLOCK_DV, num_warps, num_stages) of the forward (or
     the backward, or with ``dkv`` the backward's dk/dv kernel of several C blocks) key
     kernel for compute capability ``arch`` (``_common.arch``; None: the newest) and
-    inputs in float32 (``fp32``) or a half dtype. All C rows are in one
+    inputs in float32 (``fp32``, products of precision ``prec``: ``_common.dot_precision``)
+    or a half dtype. All C rows are in one
     program up to C x max(D, Dv) = 128 x 128 (one read of k and v per pass); the key
     block and the warps shrink and grow with the C x head-dim tiles held in registers;
     the backward holds about twice the forward's state, so twice the warps."""
@@ -431,12 +432,21 @@ def blocks(C, D, DV, block_m=None, bwd=False, block_c=None, arch=None, dkv=False
         # C blocks of 2048 / wide rows, 32 keys, 4 warps: stack <= 152 bytes on sm_80 and
         # sm_90 at D = 64, C = 512 and D = 128, C = 256 / 512 (bf16, AOT check); blocks of
         # 4096 / wide rows spill up to 670 bytes with 4 warps, 392 with 8
+        # float32 with "tf32x3" products (three tensor-core products each): 16 keys, and 8
+        # warps on sm_90 (D = C = 128: 96-296 bytes on both; 32 keys: 488-552)
+        if fp32 and prec == "tf32x3":
+            return min(BLOCK_C, max(16, 2048 // wide)), 16, BLOCK_D, BLOCK_DV, (4 if arch and arch < 90 else 8), 1
         return min(BLOCK_C, max(16, 2048 // wide)), 32, BLOCK_D, BLOCK_DV, 4, 1
-    # The float32 backward (FMA products, see below) holds at most 64 x 128: at C = D = 128
-    # in one program ptxas gave it 32-64 registers and a 2.7-5.3 KB stack on sm_90 (it
-    # varied with the padding variant); in C blocks of 64 rows (the dw programs on the grid,
-    # dk and dv in _key_bwd_dkv_kernel) it fits (AOT check, SPILL_KNOWN's comment).
-    rows = (64 * 128 if fp32 and bwd else 128 * 128) // wide
+    # The float32 backward holds at most 64 x 128 rows x head dim with FMA products ("ieee",
+    # see below) and 32 x 128 with tensor-core ones ("tf32", "tf32x3"): at C = D = 128 in
+    # one program ptxas gave it 32-64 registers and a 2.7-5.3 KB stack on sm_90 ("ieee"; it
+    # varied with the padding variant), and "tf32x3" in blocks of 64 rows up to 7.2 KB on
+    # sm_80. In these C blocks (the dw programs on the grid, dk and dv in
+    # _key_bwd_dkv_kernel) they fit: 0-240 bytes (AOT check, tests/test_triton_aot.py).
+    if fp32 and bwd:
+        rows = (64 if prec == "ieee" else 32) * 128 // wide
+    else:
+        rows = 128 * 128 // wide
     BLOCK_C = block_c if block_c is not None else min(BLOCK_C, max(16, rows))
     tile = BLOCK_C * wide
     fp32 = fp32 and not bwd
@@ -453,7 +463,7 @@ def blocks(C, D, DV, block_m=None, bwd=False, block_c=None, arch=None, dkv=False
         # up to 10 KB on sm_80 and 7.8 KB on sm_90, ptxas falling back to 32 registers);
         # past the main sizes (D = 256, C = 256, the 512 rows of grouped-query attention)
         # 0-344 (before: up to 9.9 KB). With "tf32x3" products C = D = 128 still spills on
-        # sm_80 (496 bytes; not checked: the AOT check compiles the default precision).
+        # sm_80 (464-496 bytes; by hand, not in CI), "tf32" 0-8 bytes.
         num_warps = max(num_warps, 16 if BLOCK_C > 128 else 8)
     if bwd:
         num_warps = min(2 * num_warps, 16)
@@ -557,8 +567,10 @@ def key_pass_bwd_split(w, k, v, padding, ss, subtract_norm, Z, kap, dZ, dkap, cu
         dkap = torch.zeros_like(kap) if dkap is None else _f32(dkap)
     else:
         kap = dkap = Z
+    prec = _common.dot_precision(k.dtype)
+    fp32 = k.dtype == torch.float32
     BLOCK_C, BLOCK_M, BLOCK_D, BLOCK_DV, num_warps, num_stages = blocks(
-        C, D, DV, block_m, bwd=True, block_c=block_c, arch=_common.arch(dev), fp32=k.dtype == torch.float32)
+        C, D, DV, block_m, bwd=True, block_c=block_c, arch=_common.arch(dev), fp32=fp32, prec=prec)
     S, per_split = _common.num_splits(_common.cdiv(M, BLOCK_M), B * H, dev, BWD_PER_SM, splits)
 
     NCB = _common.cdiv(C, BLOCK_C)
@@ -570,8 +582,7 @@ def key_pass_bwd_split(w, k, v, padding, ss, subtract_norm, Z, kap, dZ, dkap, cu
     common = (*long_strides(k, varlen), *long_strides(vt, varlen), sp_b, sp_m,
               *long_strides(dk, varlen), *long_strides(dv, varlen))
     flags = dict(HAS_V=has_v, HAS_PAD=padding is not None, SUB_NORM=bool(subtract_norm), VARLEN=varlen,
-                 BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, PREC=_common.dot_precision(k.dtype),
-                 EMU=_common.emulated(dev))
+                 BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, PREC=prec, EMU=_common.emulated(dev))
     # dw partials (and, with one C block, dk and dv): program (bh, split, C block)
     _common.launch(
         _key_bwd_kernel, (S * NCB * B * H,), dev,
@@ -582,7 +593,8 @@ def key_pass_bwd_split(w, k, v, padding, ss, subtract_norm, Z, kap, dZ, dkap, cu
     )
     if NCB > 1:   # dk, dv: program (bh, split) over every C block of each key block
         # (its own blocks: ``block_c`` and ``block_m`` choose the dw programs' only)
-        BLOCK_C, BLOCK_M, _, _, num_warps, num_stages = blocks(C, D, DV, arch=_common.arch(dev), dkv=True)
+        BLOCK_C, BLOCK_M, _, _, num_warps, num_stages = blocks(C, D, DV, arch=_common.arch(dev), dkv=True,
+                                                               fp32=fp32, prec=prec)
         S2, per_split2 = _common.num_splits(_common.cdiv(M, BLOCK_M), B * H, dev, DKV_PER_SM, splits)
         _common.launch(
             _key_bwd_dkv_kernel, (S2 * B * H,), dev,
