@@ -434,9 +434,9 @@ def blocks(C, D, DV, block_m=None, bwd=False, block_c=None, arch=None, dkv=False
         # 4096 / wide rows spill up to 670 bytes with 4 warps, 392 with 8
         # float32 with "tf32x3" products (three tensor-core products each): 16 keys, and 8
         # warps on sm_90 (D = C = 128: 96-296 bytes on both; 32 keys: 488-552)
-        if fp32 and prec == "tf32x3":
-            return min(BLOCK_C, max(16, 2048 // wide)), 16, BLOCK_D, BLOCK_DV, (4 if arch and arch < 90 else 8), 1
-        return min(BLOCK_C, max(16, 2048 // wide)), 32, BLOCK_D, BLOCK_DV, 4, 1
+        tf32x3 = fp32 and prec == "tf32x3"
+        num_warps = 8 if tf32x3 and (arch is None or arch >= 90) else 4
+        return min(BLOCK_C, max(16, 2048 // wide)), (16 if tf32x3 else 32), BLOCK_D, BLOCK_DV, num_warps, 1
     # The float32 backward holds at most 64 x 128 rows x head dim with FMA products ("ieee",
     # see below) and 32 x 128 with tensor-core ones ("tf32", "tf32x3"): at C = D = 128 in
     # one program ptxas gave it 32-64 registers and a 2.7-5.3 KB stack on sm_90 ("ieee"; it

@@ -37,8 +37,8 @@ namespace {
 
 using binding::check_cuda;
 using binding::check_launch;
-using binding::stream_of;
 using binding::kernel_dtype;
+using binding::stream_of;
 using cuda::DType;
 
 // The call's sizes (the shared checks' WholeArgs) and the kernels' view of it.
@@ -336,9 +336,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lara_bwd_cuda(
   at::Tensor qdw = new_output({S * rows * D}, opts), qdb = new_output({S * rows}, opts);
   at::Tensor qdkap = new_output({S * rows * DV}, opts), qdqt = new_output({Sm * rows * D}, opts);
   at::Tensor qdlam = new_output({Sm * rows}, opts), qdbh = new_output({Sm * rows}, opts);
-  check_launch(op, cuda::query_pass_backward(qp, qplan, kernel_dtype(dy.scalar_type()), dy.data_ptr(), sdy, dq.data_ptr(),
-                                             sdq, qdw.data_ptr(), qdb.data_ptr(), qdkap.data_ptr(), qdqt.data_ptr(),
-                                             qdlam.data_ptr(), qdbh.data_ptr(), stream));
+  check_launch(op, cuda::query_pass_backward(qp, qplan, kernel_dtype(dy.scalar_type()), dy.data_ptr(), sdy,
+                                             dq.data_ptr(), sdq, qdw.data_ptr(), qdb.data_ptr(), qdkap.data_ptr(),
+                                             qdqt.data_ptr(), qdlam.data_ptr(), qdbh.data_ptr(), stream));
   // their sums: dbias, dlam, dbh, E of the key pass, dkap
   at::Tensor sums = new_output({rows * (4 + DV)}, opts);
   check_launch(op, cuda::fused_bwd_sums(f, state.data_ptr(), parts(qdb, S), parts(qdkap, S), parts(qdlam, Sm),
